@@ -1,0 +1,1 @@
+"""Preprocessing and model loading shared by the node and training: the one source of truth."""
