@@ -1,3 +1,3 @@
-"""covid_plugin: a DICOM node that runs chest X-ray and chest CT COVID-19 models (research use only)."""
+"""covid_plugin: a DICOM node running chest X-ray and CT COVID-19 models (research use only)."""
 
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Code:
-    """A coded concept (value, scheme designator, meaning), e.g. ("840539006", "SCT", "COVID-19")."""
+    """A coded concept, e.g. Code("840539006", "SCT", "COVID-19")."""
 
     value: str
     scheme: str

@@ -1,0 +1,163 @@
+"""The `covid-plugin` console script."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from covid_plugin.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("covid_plugin")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "ae_title": getattr(args, "ae_title", None),
+        "port": getattr(args, "port", None),
+        "data_dir": getattr(args, "data_dir", None),
+        "metrics_port": getattr(args, "metrics_port", None),
+    }
+    return load_settings(args.config, overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
+    from covid_plugin.service import Node
+
+    node = Node(settings)
+    node.start()
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    log.info("stopping")
+    node.stop()
+    return 0
+
+
+def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.jobs import JobQueue
+
+    for job in JobQueue(Database(settings.db_path)).all():
+        print(f"{job.id:6d}  {job.state:9s} {job.modality:3s} {job.calling_ae:16s} "
+              f"{job.series_uid}  {job.reason or ''}")
+    return 0
+
+
+def _outbox(settings: Settings):
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.outbox import Outbox
+
+    o = settings.outbox
+    return Outbox(Database(settings.db_path), o.max_attempts, o.backoff_base_s, o.backoff_max_s)
+
+
+def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
+    for item in _outbox(settings).list(args.state):
+        print(f"{item.id:6d}  {item.state:7s} tries={item.attempts} job={item.job_id} "
+              f"{item.dest_ae}@{item.dest_host}:{item.dest_port} {item.sop_instance_uid}  "
+              f"{item.last_error or ''}")
+    return 0
+
+
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.ids and not args.all:
+        print("name outbox item ids, or --all for every dead item", file=sys.stderr)
+        return 2
+    n = _outbox(settings).retry(None if args.all else args.ids)
+    print(f"{n} dead item(s) queued again")
+    return 0
+
+
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    """Checks the store and the listener (C-ECHO) from outside the running node."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.jobs import JobQueue
+
+    report: dict = {"ae_title": settings.ae_title}
+    try:
+        db = Database(settings.db_path)
+        report["jobs"] = JobQueue(db).counts()
+        report["outbox"] = _outbox(settings).counts()
+        report["store"] = True
+    except Exception as exc:  # report the failure, as a health check must
+        report["store"] = False
+        report["store_error"] = str(exc)
+    ae = AE(ae_title="COVID_HEALTH")
+    ae.add_requested_context(Verification)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    assoc = ae.associate(host, settings.port, ae_title=settings.ae_title)
+    report["echo"] = False
+    if assoc.is_established:
+        status = assoc.send_c_echo()
+        report["echo"] = getattr(status, "Status", None) == 0
+        assoc.release()
+    report["ok"] = report["store"] and report["echo"]
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="covid-plugin", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML or JSON config file (env COVID_PLUGIN_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    listen = sub.add_parser("listen", help="run the DICOM node")
+    listen.add_argument("--ae-title")
+    listen.add_argument("--port", type=int)
+    listen.add_argument("--data-dir", type=Path)
+    listen.add_argument("--metrics-port", type=int)
+    listen.set_defaults(func=cmd_listen)
+
+    jobs = sub.add_parser("jobs", help="list jobs and their states")
+    jobs.add_argument("--data-dir", type=Path)
+    jobs.set_defaults(func=cmd_jobs)
+
+    outbox = sub.add_parser("outbox", help="list outbox items")
+    outbox.add_argument("--state", choices=["pending", "sent", "dead"])
+    outbox.add_argument("--data-dir", type=Path)
+    outbox.set_defaults(func=cmd_outbox)
+
+    retry = sub.add_parser("retry", help="re-send dead outbox items")
+    retry.add_argument("ids", nargs="*", type=int)
+    retry.add_argument("--all", action="store_true")
+    retry.add_argument("--data-dir", type=Path)
+    retry.set_defaults(func=cmd_retry)
+
+    health = sub.add_parser("health", help="check the store and C-ECHO the node")
+    health.add_argument("--port", type=int)
+    health.add_argument("--data-dir", type=Path)
+    health.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"covid-plugin: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_level)
+    return args.func(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""One typed configuration: embedded defaults, then a TOML/JSON file, then COVID_PLUGIN_*
+environment variables, then command-line flags; validated once at start so that a bad value
+stops the node with a message naming the key, not a traceback an hour later on the first study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "COVID_PLUGIN_"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Peer(_Strict):
+    """A DICOM node we send results to."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class TlsSettings(_Strict):
+    """TLS for the listener: a server certificate, and optionally required client certificates."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None  # when set, clients must present a certificate signed by it
+
+
+class SelectionSettings(_Strict):
+    """Which completed series become jobs; everything else is recorded as rejected, with why."""
+
+    modalities: list[str] = ["CR", "DX", "CT"]
+    chest_keywords: list[str] = ["CHEST", "THORAX", "LUNG", "THX", "PULM", "TORAX", "THORAKS"]
+    accept_unknown_body_part: bool = True  # many CT series carry no BodyPartExamined
+    min_ct_slices: int = Field(default=20, ge=2)
+
+
+class OutboxSettings(_Strict):
+    """How hard we try to deliver a result before it goes to the dead letter state."""
+
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_base_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+
+
+class Settings(_Strict):
+    """Everything the node reads at start."""
+
+    ae_title: str = Field(default="COVID_PLUGIN", min_length=1, max_length=16)
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    data_dir: Path = Path("var")
+    allowed_callers: list[str] = []  # empty: any calling AE title is accepted
+    unsupported_sop_classes: Literal["refuse", "discard"] = "refuse"
+    max_pdu: int = Field(default=4 * 1024 * 1024, ge=0)
+    tls: TlsSettings = TlsSettings()
+    quiet_period_s: float = Field(default=10.0, ge=0)
+    selection: SelectionSettings = SelectionSettings()
+    # calling AE title -> where its results go back ("return address"); used when no
+    # destination is configured for all results
+    return_addresses: dict[str, Peer] = {}
+    destinations: list[Peer] = []
+    outbox: OutboxSettings = OutboxSettings()
+    models_dir: Path = Path(__file__).resolve().parent.parent / "models"
+    pipelines: str = "covid_plugin.pipelines:default_pipelines"
+    device: str = "auto"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    log_level: str = "INFO"
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_is_ascii(cls, value: str) -> str:
+        if not value.isascii() or "\\" in value:
+            raise ValueError("AE title must be ASCII without backslash")
+        return value.strip()
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _strip_callers(cls, value: list[str]) -> list[str]:
+        return [v.strip() for v in value]
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "covid_plugin.sqlite"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    return tomllib.loads(text)
+
+
+def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
+    """COVID_PLUGIN_PORT=104, COVID_PLUGIN_TLS__ENABLED=true; values may be JSON (lists, dicts)."""
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build Settings from file, environment and flags (later ones win)."""
+    environ = dict(os.environ) if environ is None else environ
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(environ[ENV_PREFIX + "CONFIG"])
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = _read_file(config_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from exc
+    data = _merge(data, _from_environment(environ))
+    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc

@@ -1,0 +1,1 @@
+"""DICOM networking only: the listener (scp.py) and the exporter (scu.py)."""

@@ -1,0 +1,192 @@
+"""The listener: a pynetdicom AE answering C-ECHO and C-STORE for chest CR/DX/CT.
+
+Network threads only parse headers, write bytes and rows; they acknowledge an instance only
+after the spool says it is durable and indexed. Everything heavy runs on the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections import defaultdict
+
+from pydicom import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from covid_plugin.config import Settings, TlsSettings
+from covid_plugin.instance import InvalidInstance, read_header
+from covid_plugin.observability import Metrics
+from covid_plugin.store.spool import Spool
+
+log = logging.getLogger(__name__)
+
+PROCESSED_SOP_CLASSES = [
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+]
+
+# accepted as received: we store the sender's bytes and decode later, on the worker
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+STATUS_OUT_OF_RESOURCES = 0xA700
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+def _ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file:
+        ctx.load_verify_locations(str(tls.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class StorageSCP:
+    """The AE, its handlers, and which series are still being delivered."""
+
+    def __init__(self, settings: Settings, spool: Spool, metrics: Metrics) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.metrics = metrics
+        self._active: dict[int, set[str]] = defaultdict(set)  # association id -> series UIDs
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = self.settings.max_pdu
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.maximum_associations = 16
+        ae.add_supported_context(Verification)
+        processed = set(PROCESSED_SOP_CLASSES)
+        for sop_class in PROCESSED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        if self.settings.unsupported_sop_classes == "discard":
+            for cx in AllStoragePresentationContexts:
+                if cx.abstract_syntax not in processed:
+                    ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        if self.settings.allowed_callers:
+            ae.require_calling_aet = self.settings.allowed_callers
+        return ae
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_ended),
+        ]
+        ssl_context = _ssl_context(self.settings.tls) if self.settings.tls.enabled else None
+        self._server = self.ae.start_server(
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
+            ssl_context=ssl_context,
+        )
+        log.info("listening as %s on %s:%d%s", self.settings.ae_title, self.settings.host,
+                 self.port, " (TLS)" if ssl_context else "")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def active_series(self) -> set[str]:
+        """Series that an open association has delivered to: not complete yet."""
+        with self._lock:
+            return set().union(*self._active.values()) if self._active else set()
+
+    # --- event handlers (pynetdicom threads) ---
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        log.info("association from %s (%s:%s) accepted", assoc.requestor.ae_title,
+                 assoc.requestor.address, assoc.requestor.port)
+        refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        if refused:
+            log.info("refused %d presentation context(s) from %s, SOP class not processed: %s",
+                     len(refused), assoc.requestor.ae_title, ", ".join(refused))
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
+                    event.assoc.requestor.address)
+
+    def _on_ended(self, event: evt.Event) -> None:
+        with self._lock:
+            self._active.pop(id(event.assoc), None)
+
+    def _on_store(self, event: evt.Event) -> Dataset | int:
+        calling = event.assoc.requestor.ae_title
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        sop_class = event.request.AffectedSOPClassUID
+        if sop_class not in PROCESSED_SOP_CLASSES:
+            self.metrics.discarded.inc()
+            log.info("discarded %s from %s: SOP class %s is not processed", sop_uid, calling,
+                     getattr(sop_class, "name", sop_class))
+            return 0x0000
+        data = event.encoded_dataset()
+        try:
+            header = read_header(data, sop_uid)
+        except InvalidInstance as exc:
+            self.metrics.rejected.labels(reason="invalid").inc()
+            log.warning("refused instance %s from %s: %s", sop_uid, calling, exc.reason)
+            self.spool.reject(data, exc.reason, calling, sop_uid)
+            return _status(exc.status, exc.reason)
+        with self._lock:
+            self._active[id(event.assoc)].add(header.series_uid)
+        try:
+            stored = self.spool.store(header, data, calling)
+        except OSError as exc:
+            self.metrics.rejected.labels(reason="out_of_resources").inc()
+            log.error("could not store %s from %s: %s", sop_uid, calling, exc)
+            return _status(STATUS_OUT_OF_RESOURCES, f"out of resources: {exc.strerror or exc}")
+        if stored.is_new:
+            self.metrics.received.labels(modality=header.modality or "unknown").inc()
+            log.debug("stored %s (series %s) from %s", sop_uid, header.series_uid, calling)
+        else:
+            self.metrics.duplicates.inc()
+            log.info("instance %s from %s already held; kept once", sop_uid, calling)
+        return 0x0000

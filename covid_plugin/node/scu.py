@@ -1,0 +1,126 @@
+"""Export: result files from the outbox to their destinations by C-STORE.
+
+One association per destination per round; each file is sent as written (no re-encoding).
+Failures go back to the outbox, which decides the backoff and the dead letter. A STOW-RS
+sender would be a second class with the same `deliver` method.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE
+
+from covid_plugin.observability import Metrics
+from covid_plugin.store.outbox import Outbox, OutboxItem
+
+log = logging.getLogger(__name__)
+
+
+def _context_of(path: Path) -> tuple[str, str]:
+    meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+
+
+class DicomSender:
+    """Sends files to one DICOM peer; returns, per outbox item, None on success or the error."""
+
+    def __init__(self, calling_ae: str, timeout_s: float = 30.0) -> None:
+        self.calling_ae = calling_ae
+        self.timeout_s = timeout_s
+
+    def deliver(self, items: list[OutboxItem]) -> dict[int, str | None]:
+        first = items[0]
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        contexts: dict[str, set[str]] = defaultdict(set)
+        results: dict[int, str | None] = {}
+        sendable: list[OutboxItem] = []
+        for item in items:
+            try:
+                sop_class, syntax = _context_of(item.path)
+            except (OSError, ValueError, AttributeError) as exc:
+                results[item.id] = f"result file unreadable: {exc}"
+                continue
+            contexts[sop_class].add(syntax)
+            sendable.append(item)
+        for sop_class, syntaxes in contexts.items():
+            ae.add_requested_context(sop_class, sorted(syntaxes))
+        if not sendable:
+            return results
+        assoc = ae.associate(first.dest_host, first.dest_port, ae_title=first.dest_ae)
+        if not assoc.is_established:
+            error = f"association with {first.dest_ae}@{first.dest_host}:{first.dest_port} failed"
+            return results | {item.id: error for item in sendable}
+        try:
+            for item in sendable:
+                if not assoc.is_established:
+                    results[item.id] = "association ended before this file was sent"
+                    continue
+                status = assoc.send_c_store(item.path)
+                code = getattr(status, "Status", None)
+                if code is None:
+                    results[item.id] = "no response from destination"
+                elif code in (0x0000, 0xB000, 0xB007, 0xB006):
+                    results[item.id] = None
+                else:
+                    comment = getattr(status, "ErrorComment", "")
+                    results[item.id] = f"destination answered 0x{code:04X} {comment}".strip()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return results
+
+
+class OutboxSender:
+    """A thread that drains the outbox: due items, grouped by destination."""
+
+    def __init__(self, outbox: Outbox, sender: DicomSender, metrics: Metrics,
+                 poll_interval_s: float) -> None:
+        self.outbox = outbox
+        self.sender = sender
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def send_due(self) -> int:
+        """One round; returns how many items were delivered."""
+        groups: dict[tuple[str, str, int], list[OutboxItem]] = defaultdict(list)
+        for item in self.outbox.due():
+            groups[(item.dest_ae, item.dest_host, item.dest_port)].append(item)
+        delivered = 0
+        for (ae_title, host, port), items in groups.items():
+            for item_id, error in self.sender.deliver(items).items():
+                if error is None:
+                    self.outbox.mark_sent(item_id)
+                    self.metrics.exported.inc()
+                    delivered += 1
+                    continue
+                self.metrics.export_failures.inc()
+                state = self.outbox.mark_failed(item_id, error)
+                log.warning("export of outbox item %d to %s@%s:%d failed (%s): %s",
+                            item_id, ae_title, host, port, state, error)
+        return delivered
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send_due()
+            except Exception:  # keep exporting whatever one round's problem was
+                log.exception("outbox round failed")
+            self._stop.wait(self.poll_interval_s)

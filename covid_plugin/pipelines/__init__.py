@@ -1,0 +1,13 @@
+"""Pipelines: a loaded series -> Findings. The worker picks one by modality."""
+
+from __future__ import annotations
+
+from covid_plugin.config import Settings
+
+
+def default_pipelines(settings: Settings) -> list:
+    """The shipped pipelines: chest X-ray (CR/DX) and chest CT."""
+    from covid_plugin.pipelines.ct import CtPipeline
+    from covid_plugin.pipelines.cxr import CxrPipeline
+
+    return [CxrPipeline(), CtPipeline()]

@@ -1,0 +1,95 @@
+"""The running node: store, listener, worker, outbox sender and health endpoint, wired once."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from covid_plugin.config import Settings
+from covid_plugin.node.scp import StorageSCP
+from covid_plugin.node.scu import DicomSender, OutboxSender
+from covid_plugin.observability import HealthServer, Metrics
+from covid_plugin.store.db import Database
+from covid_plugin.store.jobs import JobQueue
+from covid_plugin.store.outbox import Outbox
+from covid_plugin.store.spool import Spool
+from covid_plugin.worker import Pipeline, Worker, Writer
+
+log = logging.getLogger(__name__)
+
+
+def load_object(path: str) -> Any:
+    """'package.module:attribute' -> the attribute (how the config names the pipelines)."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def default_writer() -> Writer:
+    from covid_plugin.outputs import write_all
+
+    return write_all
+
+
+class Node:
+    """Start order follows the data path backwards, so nothing is received before it can flow."""
+
+    def __init__(self, settings: Settings, pipelines: list[Pipeline] | None = None,
+                 writer: Writer | None = None) -> None:
+        self.settings = settings
+        self.db = Database(settings.db_path)
+        self.spool = Spool(settings.spool_dir, self.db)
+        self.jobs = JobQueue(self.db)
+        self.outbox = Outbox(self.db, settings.outbox.max_attempts,
+                             settings.outbox.backoff_base_s, settings.outbox.backoff_max_s)
+        self.metrics = Metrics()
+        self.metrics.add_state_gauges(self._state_counts)
+        self.scp = StorageSCP(settings, self.spool, self.metrics)
+        if pipelines is None:
+            pipelines = load_object(settings.pipelines)(settings)
+        self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,
+                             writer or default_writer(), self.scp.active_series)
+        self.sender = OutboxSender(self.outbox, DicomSender(settings.ae_title), self.metrics,
+                                   settings.outbox.poll_interval_s)
+        self.health_server: HealthServer | None = None
+
+    def _state_counts(self) -> dict[str, dict[str, int]]:
+        return {"jobs": self.jobs.counts(), "outbox": self.outbox.counts()}
+
+    def health(self) -> dict[str, Any]:
+        try:
+            counts = self._state_counts()
+            store_ok = True
+        except Exception as exc:  # report, do not raise, from a health check
+            counts, store_ok = {"error": str(exc)}, False
+        report = {
+            "ok": store_ok and self.worker.is_alive() and self.sender.is_alive(),
+            "ae_title": self.settings.ae_title,
+            "store": store_ok,
+            "worker_alive": self.worker.is_alive(),
+            "sender_alive": self.sender.is_alive(),
+            "counts": counts,
+        }
+        return report
+
+    def start(self) -> None:
+        recovered = self.spool.recover()
+        requeued = self.jobs.requeue_interrupted()
+        if recovered or requeued:
+            log.info("start-up recovery: %d instances indexed, %d jobs re-queued",
+                     recovered, requeued)
+        self.sender.start()
+        self.worker.start()
+        self.scp.start()
+        if self.settings.metrics_port is not None:
+            self.health_server = HealthServer("127.0.0.1", self.settings.metrics_port,
+                                              self.metrics, self.health)
+            self.health_server.start()
+            log.info("metrics and health on http://127.0.0.1:%d/", self.health_server.port)
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.worker.stop()
+        self.sender.stop()
+        if self.health_server is not None:
+            self.health_server.stop()

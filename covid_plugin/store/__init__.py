@@ -1,0 +1,1 @@
+"""Durable state: the only code that touches SQLite or the spool directory."""

@@ -1,0 +1,108 @@
+"""The persisted outbox: result files waiting for a destination, with retries and a dead letter.
+
+Backoff doubles after each failed attempt (capped); after `max_attempts` the item is 'dead'
+until someone runs `covid-plugin retry`, so a destination that is down for a weekend loses
+nothing and does not make the node hammer it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from covid_plugin.store.db import Database, now
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    job_id: int | None
+    path: Path
+    sop_instance_uid: str
+    dest_ae: str
+    dest_host: str
+    dest_port: int
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+
+
+def _item(row) -> OutboxItem:
+    return OutboxItem(
+        id=row["id"], job_id=row["job_id"], path=Path(row["path"]),
+        sop_instance_uid=row["sop_instance_uid"], dest_ae=row["dest_ae"],
+        dest_host=row["dest_host"], dest_port=row["dest_port"], state=row["state"],
+        attempts=row["attempts"], next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+    )
+
+
+class Outbox:
+    def __init__(self, db: Database, max_attempts: int, backoff_base_s: float,
+                 backoff_max_s: float) -> None:
+        self.db = db
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+
+    def due(self, limit: int = 100) -> list[OutboxItem]:
+        rows = self.db.connection().execute(
+            "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
+            "ORDER BY id LIMIT ?",
+            (now(), limit),
+        ).fetchall()
+        return [_item(r) for r in rows]
+
+    def mark_sent(self, item_id: int) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, last_error = NULL, "
+                "updated_at = ? WHERE id = ?",
+                (now(), item_id),
+            )
+
+    def mark_failed(self, item_id: int, error: str) -> str:
+        """Record a failed attempt; returns the new state ('pending' or 'dead')."""
+        t = now()
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT attempts FROM outbox WHERE id = ?", (item_id,)).fetchone()
+            attempts = row["attempts"] + 1
+            state = "dead" if attempts >= self.max_attempts else "pending"
+            delay = min(self.backoff_base_s * 2 ** (attempts - 1), self.backoff_max_s)
+            conn.execute(
+                "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, next_attempt_at = ?, "
+                "updated_at = ? WHERE id = ?",
+                (state, attempts, error[:500], t + delay, t, item_id),
+            )
+        return state
+
+    def list(self, state: str | None = None) -> list[OutboxItem]:
+        sql, args = "SELECT * FROM outbox", ()
+        if state:
+            sql, args = sql + " WHERE state = ?", (state,)
+        rows = self.db.connection().execute(sql + " ORDER BY id", args).fetchall()
+        return [_item(r) for r in rows]
+
+    def retry(self, item_ids: list[int] | None = None) -> int:
+        """Send dead items again (all of them, or those named), with a fresh attempt count."""
+        t = now()
+        with self.db.transaction() as conn:
+            if item_ids:
+                marks = ",".join("?" * len(item_ids))
+                return conn.execute(
+                    "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                    f"updated_at = ? WHERE state = 'dead' AND id IN ({marks})",
+                    (t, t, *item_ids),
+                ).rowcount
+            return conn.execute(
+                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                "updated_at = ? WHERE state = 'dead'",
+                (t, t),
+            ).rowcount
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.connection().execute(
+            "SELECT state, COUNT(*) AS n FROM outbox GROUP BY state"
+        ).fetchall()
+        return {r["state"]: r["n"] for r in rows}

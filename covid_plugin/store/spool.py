@@ -1,0 +1,158 @@
+"""The spool: received instances as files, each durable before the sender hears success.
+
+Write order: bytes to a temporary file, fsync, rename into place, fsync the directory, then one
+transaction that indexes the instance, updates its series and opens a job. Only after that
+commit does the listener acknowledge. A crash between rename and commit leaves a file the
+sender will send again (it got no success) and that start-up recovery indexes anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
+from covid_plugin.store.db import Database, now
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    sop_instance_uid: str
+    path: Path
+    is_new: bool
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Files under `root`, indexed in `db`."""
+
+    def __init__(self, root: Path, db: Database) -> None:
+        self.root = root
+        self.db = db
+        self._tmp = root / "tmp"
+        self._rejected = root / "rejected"
+        for folder in (self.root, self._tmp, self._rejected):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, header: InstanceHeader) -> Path:
+        return self.root / header.study_uid / header.series_uid / f"{header.sop_instance_uid}.dcm"
+
+    def _write_durably(self, data: bytes, final: Path) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+
+    def contains(self, sop_instance_uid: str) -> bool:
+        row = self.db.connection().execute(
+            "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        return row is not None
+
+    def store(self, header: InstanceHeader, data: bytes, calling_ae: str) -> StoredInstance:
+        """Make one instance durable and indexed; a SOP Instance UID already held is kept once.
+
+        Raises OSError when the disk cannot take it (the caller answers 'out of resources').
+        """
+        final = self.path_for(header)
+        if self.contains(header.sop_instance_uid):
+            return StoredInstance(header.sop_instance_uid, final, is_new=False)
+        self._write_durably(data, final)
+        is_new = self._index(header, final, len(data), calling_ae)
+        return StoredInstance(header.sop_instance_uid, final, is_new)
+
+    def _index(self, header: InstanceHeader, path: Path, size: int, calling_ae: str) -> bool:
+        t = now()
+        with self.db.transaction() as conn:
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, series_uid, "
+                "study_uid, transfer_syntax, path, size, calling_ae, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (header.sop_instance_uid, header.sop_class_uid, header.series_uid,
+                 header.study_uid, header.transfer_syntax, str(path), size, calling_ae, t),
+            ).rowcount
+            if not inserted:
+                return False
+            conn.execute(
+                "INSERT INTO series (series_uid, study_uid, modality, sop_class_uid, body_part, "
+                "description, image_type, calling_ae, n_instances, first_at, last_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) "
+                "ON CONFLICT(series_uid) DO UPDATE SET n_instances = n_instances + 1, "
+                "last_at = excluded.last_at",
+                (header.series_uid, header.study_uid, header.modality, header.sop_class_uid,
+                 header.body_part,
+                 header.description, header.image_type, calling_ae, t, t),
+            )
+            # one open ('received') job per series; instances arriving after a series was
+            # queued open a new job, so late slices are not silently ignored
+            conn.execute(
+                "INSERT OR IGNORE INTO jobs (series_uid, state, created_at, updated_at) "
+                "VALUES (?, 'received', ?, ?)",
+                (header.series_uid, t, t),
+            )
+        return True
+
+    def reject(self, data: bytes, reason: str, calling_ae: str, sop_uid: str | None) -> Path | None:
+        """Keep a refused dataset for inspection and record why; never raises."""
+        path: Path | None = self._rejected / f"{uuid.uuid4().hex}.dcm"
+        try:
+            path.write_bytes(data)
+        except OSError:
+            path = None
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO rejected_instances (sop_instance_uid, calling_ae, reason, path, "
+                    "received_at) VALUES (?, ?, ?, ?, ?)",
+                    (sop_uid, calling_ae, reason, str(path) if path else None, now()),
+                )
+        except Exception:  # the rejection is already logged by the caller; stay up
+            log.exception("could not record rejected instance %s", sop_uid)
+        return path
+
+    def recover(self) -> int:
+        """At start: drop partial temp files and index spooled files the index lacks."""
+        for part in self._tmp.glob("*.part"):
+            part.unlink(missing_ok=True)
+        recovered = 0
+        for path in self.root.glob("*/*/*.dcm"):
+            if self.contains(path.stem):
+                continue
+            data = path.read_bytes()
+            try:
+                header = read_header(data)
+            except InvalidInstance as exc:
+                log.warning("spooled file %s unreadable at recovery: %s", path.name, exc.reason)
+                continue
+            if self._index(header, path, len(data), calling_ae="RECOVERED"):
+                recovered += 1
+        if recovered:
+            log.info("recovered %d spooled instances missing from the index", recovered)
+        return recovered
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        rows = self.db.connection().execute(
+            "SELECT path FROM instances WHERE series_uid = ? ORDER BY received_at",
+            (series_uid,),
+        ).fetchall()
+        return [Path(r["path"]) for r in rows]

@@ -1,0 +1,176 @@
+"""The worker: completes series, runs queued jobs through a pipeline, hands results to the outbox.
+
+It is the only place where pixel data is decoded and models run, on its own thread, so that
+the listener keeps answering while a CT is being segmented. A job killed half-way is run again
+from the start at the next start-up (its partial result files are discarded first).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom import Dataset
+
+from covid_plugin.config import Peer, Settings
+from covid_plugin.findings import Findings
+from covid_plugin.observability import Metrics
+from covid_plugin.series import is_complete, rejection_reason
+from covid_plugin.store.jobs import Delivery, Job, JobQueue
+from covid_plugin.store.spool import Spool
+from covid_plugin.volume import LoadedSeries, SeriesError, load_series_files
+
+log = logging.getLogger(__name__)
+
+
+class SeriesSkipped(Exception):
+    """A pipeline declines a series it cannot honestly process (a lateral film, say)."""
+
+
+class Pipeline(Protocol):
+    """What the worker needs of a pipeline; pipelines/ holds the real ones."""
+
+    name: str
+    modalities: tuple[str, ...]
+
+    def load_models(self, models_dir: Path, device: str) -> Any: ...
+
+    def run(self, series: LoadedSeries, models: Any) -> Findings: ...
+
+
+Writer = Callable[[Findings, LoadedSeries], list[Dataset]]
+
+
+def destinations_for(settings: Settings, calling_ae: str) -> list[Peer]:
+    """Configured destinations, else the calling PACS's return address."""
+    if settings.destinations:
+        return list(settings.destinations)
+    peer = settings.return_addresses.get(calling_ae)
+    return [peer] if peer else []
+
+
+def save_durably(datasets: list[Dataset], folder: Path) -> list[tuple[Path, str]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for ds in datasets:
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        saved.append((path, str(ds.SOPInstanceUID)))
+    return saved
+
+
+class Worker:
+    """Series tracker + job runner, one thread."""
+
+    def __init__(self, settings: Settings, spool: Spool, jobs: JobQueue, metrics: Metrics,
+                 pipelines: list[Pipeline], writer: Writer,
+                 active_series: Callable[[], set[str]]) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.jobs = jobs
+        self.metrics = metrics
+        self.writer = writer
+        self.active_series = active_series
+        self._pipelines = {m: p for p in pipelines for m in p.modalities}
+        self._models: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close_complete_series(self) -> int:
+        """Queue or reject every series that has gone quiet; returns how many were closed."""
+        active, t, closed = self.active_series(), time.time(), 0
+        for series in self.jobs.open_series():
+            if not is_complete(series, t, self.settings.quiet_period_s, active):
+                continue
+            reason = rejection_reason(series, self.settings.selection)
+            if reason is None and series.modality not in self._pipelines:
+                reason = f"no pipeline for modality {series.modality}"
+            self.jobs.close(series.job_id, reason)
+            closed += 1
+            if reason:
+                self.metrics.series_rejected.inc()
+                log.info("series %s from %s rejected: %s", series.series_uid,
+                         series.calling_ae, reason)
+            else:
+                log.info("series %s from %s queued (%d instances)", series.series_uid,
+                         series.calling_ae, series.n_instances)
+        return closed
+
+    def run_one(self) -> bool:
+        """Run the oldest queued job, if any; returns whether there was one."""
+        job = self.jobs.claim()
+        if job is None:
+            return False
+        started = time.monotonic()
+        try:
+            outcome = self._process(job)
+        except Exception as exc:  # one bad job must not stop the others
+            log.exception("job %d (series %s) failed", job.id, job.series_uid)
+            self.jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
+            self.metrics.jobs.labels(outcome="failed").inc()
+            return True
+        self.metrics.jobs.labels(outcome=outcome).inc()
+        log.info("job %d (series %s) %s in %.2f s", job.id, job.series_uid, outcome,
+                 time.monotonic() - started)
+        return True
+
+    def _models_for(self, pipeline: Pipeline) -> Any:
+        if pipeline.name not in self._models:
+            self._models[pipeline.name] = pipeline.load_models(
+                self.settings.models_dir, self.settings.device)
+        return self._models[pipeline.name]
+
+    def _process(self, job: Job) -> str:
+        pipeline = self._pipelines[job.modality]
+        paths = self.spool.instance_paths(job.series_uid)
+        try:
+            series = load_series_files(paths)
+        except SeriesError as exc:
+            self.jobs.fail(job.id, f"series cannot be loaded: {exc.reason}")
+            return "failed"
+        try:
+            findings = pipeline.run(series, self._models_for(pipeline))
+        except SeriesSkipped as exc:
+            self.jobs.skip(job.id, f"skipped by the {pipeline.name} pipeline: {exc}")
+            return "skipped"
+        folder = self.settings.results_dir / str(job.id)
+        shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted earlier run
+        saved = save_durably(self.writer(findings, series), folder)
+        deliveries = [
+            Delivery(path, uid, peer.ae_title, peer.host, peer.port)
+            for peer in destinations_for(self.settings, job.calling_ae)
+            for path, uid in saved
+        ]
+        if not deliveries:
+            log.warning("job %d: no destination configured for %s; results kept in %s",
+                        job.id, job.calling_ae, folder)
+        self.jobs.finish(job.id, deliveries)
+        return "done"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.close_complete_series()
+                if self.run_one():
+                    continue
+            except Exception:  # the store was busy or broken for a moment: try again
+                log.exception("worker round failed")
+            self._stop.wait(0.2)

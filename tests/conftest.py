@@ -1,0 +1,242 @@
+"""Shared fixtures: real data by path, ephemeral ports, and real peers started and stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("COVID_PLUGIN_DATA", REPO.parent / "shared" / "data"))
+RIDER_CT = DATA / "dicom" / "tcia-rider-pilot_0117_chest-ct-nsclc"
+CHEST_CR = DATA / "dicom" / "nema-wg04_RG1_chest-cr" / "RG1_J2KI.dcm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def echo(port: int, called: str = "COVID_PLUGIN", calling: str = "TESTSCU") -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return getattr(status, "Status", None) == 0
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def rider_files(n: int | None = None) -> list[Path]:
+    files = sorted(RIDER_CT.glob("*.dcm"))
+    return files[:n] if n else files
+
+
+class NodeProcess:
+    """`covid-plugin listen` as a child process with its own config, stopped by PID."""
+
+    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.config = {"port": free_port(), "data_dir": str(workdir / "var"),
+                       "quiet_period_s": 1.0, "log_level": "INFO"} | config
+        self.port = self.config["port"]
+        self.config_path = workdir / "node.json"
+        self.config_path.write_text(json.dumps(self.config))
+        self.log_path = workdir / "node.log"
+        self.env = os.environ | {"PYTHONPATH": str(REPO)} | (env or {})
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, preexec_fn=None) -> NodeProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "covid_plugin.cli", "--config", str(self.config_path),
+             "listen"],
+            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
+        )
+        wait_for(lambda: self._alive_or_raise() and echo(self.port, self.config.get(
+            "ae_title", "COVID_PLUGIN")), timeout=60, what="node to answer C-ECHO")
+        return self
+
+    def _alive_or_raise(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited early:\n{self.log_path.read_text()[-3000:]}")
+        return True
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "covid_plugin.cli", "--config", str(self.config_path), *args],
+            cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator:
+    nodes: list[NodeProcess] = []
+
+    def make(config: dict | None = None, env: dict[str, str] | None = None) -> NodeProcess:
+        node = NodeProcess(tmp_path, {"pipelines": "tests.pipelines_for_tests:pipelines"}
+                           | (config or {}), env)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+class StoreSCP:
+    """DCMTK storescp as the PACS that receives our results."""
+
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS") -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.proc: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> StoreSCP:
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "--accept-all",
+             "-uf", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: echo(self.port, self.ae_title), timeout=20, what="storescp")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("*.dcm"))
+
+
+@pytest.fixture
+def storescp_factory(tmp_path: Path) -> Iterator:
+    peers: list[StoreSCP] = []
+
+    def make(port: int | None = None) -> StoreSCP:
+        peer = StoreSCP(tmp_path / f"pacs{len(peers)}", port)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.stop()
+
+
+class Orthanc:
+    """Debian's Orthanc on ephemeral ports, its storage in a temporary folder."""
+
+    def __init__(self, workdir: Path, node_port: int, node_aet: str = "COVID_PLUGIN") -> None:
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.ae_title = "ORTHANC"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "orthanc.json"
+        self.config.write_text(json.dumps({
+            "Name": "test-pacs", "StorageDirectory": str(workdir / "db"),
+            "IndexDirectory": str(workdir / "db"), "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port, "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomModalities": {"covid": [node_aet, "127.0.0.1", node_port]},
+            "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
+            "StableAge": 1,
+        }))
+        self.log_path = workdir / "orthanc.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Orthanc:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(["Orthanc", str(self.config)], stdout=log,
+                                     stderr=subprocess.STDOUT)
+        wait_for(self._up, timeout=30, what="Orthanc HTTP")
+        return self
+
+    def _up(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/system", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    def upload(self, path: Path) -> dict:
+        reply = requests.post(f"{self.url}/instances", data=path.read_bytes(), timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+    def get(self, route: str):
+        reply = requests.get(f"{self.url}{route}", timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+    def post(self, route: str, body) -> dict:
+        reply = requests.post(f"{self.url}{route}", json=body, timeout=600)
+        reply.raise_for_status()
+        return reply.json()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator:
+    if shutil.which("Orthanc") is None:
+        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
+    peers: list[Orthanc] = []
+
+    def make(node_port: int) -> Orthanc:
+        peer = Orthanc(tmp_path / f"orthanc{len(peers)}", node_port)
+        peers.append(peer)
+        return peer.start()
+
+    yield make
+    for peer in peers:
+        peer.stop()
