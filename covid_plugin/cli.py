@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from covid_plugin.config import ConfigError, Settings, load_settings
@@ -31,6 +32,9 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # highdicom's person-name warning quotes the patient's name: it must never reach a log
+    warnings.filterwarnings("ignore", message=".*intended person name.*")
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:

@@ -153,7 +153,7 @@ class StoreSCP:
             self.proc.wait(10)
 
     def files(self) -> list[Path]:
-        return sorted(self.folder.glob("*.dcm"))
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
 
 
 @pytest.fixture
