@@ -12,6 +12,7 @@ MODELS = {
     "ct-lesion": "training.ct_lesion",
     "ct-lung": "training.ct_lung",
     "ct-cls": "training.ct_cls",
+    "cxr-lung": "training.cxr_lungs",
 }
 
 
