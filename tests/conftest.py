@@ -1,4 +1,4 @@
-"""Shared fixtures: real data by path, ephemeral ports, and real peers started and stopped by PID."""
+"""Shared fixtures: real data by path, ephemeral ports, real peers started and stopped by PID."""
 
 from __future__ import annotations
 
@@ -66,12 +66,17 @@ class NodeProcess:
                        "quiet_period_s": 1.0, "log_level": "INFO"} | config
         self.port = self.config["port"]
         self.config_path = workdir / "node.json"
-        self.config_path.write_text(json.dumps(self.config))
+        self.configure()
         self.log_path = workdir / "node.log"
         self.env = os.environ | {"PYTHONPATH": str(REPO)} | (env or {})
         self.proc: subprocess.Popen | None = None
 
-    def start(self, preexec_fn=None) -> NodeProcess:
+    def configure(self, **changes) -> None:
+        self.config |= changes
+        self.config_path.write_text(json.dumps(self.config))
+
+    def start(self, preexec_fn=None, ready=None) -> NodeProcess:
+        """Start and wait until `ready()` (default: a plain C-ECHO succeeds)."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "covid_plugin.cli", "--config", str(self.config_path),
@@ -79,8 +84,8 @@ class NodeProcess:
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
         )
-        wait_for(lambda: self._alive_or_raise() and echo(self.port, self.config.get(
-            "ae_title", "COVID_PLUGIN")), timeout=60, what="node to answer C-ECHO")
+        ready = ready or (lambda: echo(self.port, self.config.get("ae_title", "COVID_PLUGIN")))
+        wait_for(lambda: self._alive_or_raise() and ready(), timeout=60, what="node ready")
         return self
 
     def _alive_or_raise(self) -> bool:

@@ -8,8 +8,8 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import generate_uid
 import pytest
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
