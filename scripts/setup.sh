@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything a fresh Debian machine needs: the DICOM tools the tests use, then a virtual
+# environment with torch 2.13.0 (CPU build, on disk here) before anything that depends on it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=0
+for tool in storescu dciodvfy Orthanc; do
+  command -v "$tool" >/dev/null 2>&1 || need_apt=1
+done
+if [ "$need_apt" = 1 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null
+  # the package starts a system Orthanc on 4242/8042; the tests start their own
+  $SUDO service orthanc stop >/dev/null 2>&1 || true
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e '.[train,dev]'
