@@ -117,6 +117,24 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from covid_plugin.oneshot import run_folder
+    from covid_plugin.summary import format_table
+
+    rows = run_folder(args.folder, args.out, settings)
+    print(format_table(rows))
+    return 0 if all(row.outcome != "failed" for row in rows) else 1
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    import tempfile
+
+    from covid_plugin.demo import REPO, run_demo
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="covid-plugin-demo-"))
+    return run_demo(args.samples or REPO / "dicom_samples", workdir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covid-plugin", description=__doc__)
     parser.add_argument("--config", type=Path, default=None,
@@ -129,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--data-dir", type=Path)
     listen.add_argument("--metrics-port", type=int)
     listen.set_defaults(func=cmd_listen)
+
+    run = sub.add_parser("run", help="run the pipelines on a folder of DICOM files")
+    run.add_argument("folder", type=Path)
+    run.add_argument("--out", type=Path, required=True)
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="node + local PACS peer + dicom_samples/, end to end")
+    demo.add_argument("--samples", type=Path, help="default: dicom_samples/")
+    demo.add_argument("--workdir", type=Path, help="default: a new temporary folder")
+    demo.set_defaults(func=cmd_demo)
 
     jobs = sub.add_parser("jobs", help="list jobs and their states")
     jobs.add_argument("--data-dir", type=Path)

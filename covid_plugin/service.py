@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from covid_plugin.config import Settings
+from covid_plugin.findings import Findings
 from covid_plugin.node.scp import StorageSCP
 from covid_plugin.node.scu import DicomSender, OutboxSender
 from covid_plugin.observability import HealthServer, Metrics
 from covid_plugin.store.db import Database
-from covid_plugin.store.jobs import JobQueue
+from covid_plugin.store.jobs import Job, JobQueue
 from covid_plugin.store.outbox import Outbox
 from covid_plugin.store.spool import Spool
 from covid_plugin.worker import Pipeline, Worker, Writer
@@ -35,7 +38,8 @@ class Node:
     """Start order follows the data path backwards, so nothing is received before it can flow."""
 
     def __init__(self, settings: Settings, pipelines: list[Pipeline] | None = None,
-                 writer: Writer | None = None) -> None:
+                 writer: Writer | None = None,
+                 on_result: Callable[[Job, Findings, list[Path]], None] | None = None) -> None:
         self.settings = settings
         self.db = Database(settings.db_path)
         self.spool = Spool(settings.spool_dir, self.db)
@@ -48,7 +52,7 @@ class Node:
         if pipelines is None:
             pipelines = load_object(settings.pipelines)(settings)
         self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,
-                             writer or default_writer(), self.scp.active_series)
+                             writer or default_writer(), self.scp.active_series, on_result)
         self.sender = OutboxSender(self.outbox, DicomSender(settings.ae_title), self.metrics,
                                    settings.outbox.poll_interval_s)
         self.health_server: HealthServer | None = None

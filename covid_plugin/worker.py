@@ -72,13 +72,15 @@ class Worker:
 
     def __init__(self, settings: Settings, spool: Spool, jobs: JobQueue, metrics: Metrics,
                  pipelines: list[Pipeline], writer: Writer,
-                 active_series: Callable[[], set[str]]) -> None:
+                 active_series: Callable[[], set[str]],
+                 on_result: Callable[[Job, Findings, list[Path]], None] | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.jobs = jobs
         self.metrics = metrics
         self.writer = writer
         self.active_series = active_series
+        self.on_result = on_result  # the demo prints findings; the node itself needs none
         self._pipelines = {m: p for p in pipelines for m in p.modalities}
         self._models: dict[str, Any] = {}
         self._stop = threading.Event()
@@ -163,6 +165,8 @@ class Worker:
             log.warning("job %d: no destination configured for %s; results kept in %s",
                         job.id, job.calling_ae, folder)
         self.jobs.finish(job.id, deliveries)
+        if self.on_result is not None:
+            self.on_result(job, findings, [path for path, _ in saved])
         return "done"
 
     def _run(self) -> None:

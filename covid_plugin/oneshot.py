@@ -1,0 +1,73 @@
+"""`covid-plugin run DIR --out OUT`: the node's pipeline on a folder, without the network.
+
+The same selection rules, loader, pipelines and writers as the node, so a folder run is a
+faithful preview of what the node would send back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from covid_plugin.config import Settings
+from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
+from covid_plugin.series import rejection_reason
+from covid_plugin.service import default_writer, load_object
+from covid_plugin.store.jobs import SeriesRecord
+from covid_plugin.summary import ResultRow
+from covid_plugin.volume import SeriesError, load_series_files
+from covid_plugin.worker import SeriesSkipped, save_durably
+
+log = logging.getLogger(__name__)
+
+
+def group_series(folder: Path) -> dict[str, list[tuple[Path, InstanceHeader]]]:
+    groups: dict[str, list[tuple[Path, InstanceHeader]]] = defaultdict(list)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            header = read_header(path.read_bytes())
+        except InvalidInstance as exc:
+            log.info("skipping %s: %s", path.name, exc.reason)
+            continue
+        groups[header.series_uid].append((path, header))
+    return groups
+
+
+def _record(header: InstanceHeader, n: int) -> SeriesRecord:
+    return SeriesRecord(0, header.series_uid, header.study_uid, header.modality,
+                        header.sop_class_uid, header.body_part, header.description,
+                        header.image_type, "", n, time.time())
+
+
+def run_folder(folder: Path, out: Path, settings: Settings) -> list[ResultRow]:
+    pipelines = {m: p for p in load_object(settings.pipelines)(settings) for m in p.modalities}
+    writer = default_writer()
+    models: dict[str, object] = {}
+    rows = []
+    for series_uid, members in group_series(folder).items():
+        header = members[0][1]
+        row = ResultRow(series_uid, header.modality, "rejected", n_files=len(members))
+        rows.append(row)
+        reason = rejection_reason(_record(header, len(members)), settings.selection)
+        pipeline = pipelines.get(header.modality)
+        if reason or pipeline is None:
+            row.reason = reason or f"no pipeline for modality {header.modality}"
+            continue
+        try:
+            series = load_series_files([p for p, _ in members])
+            if pipeline.name not in models:
+                models[pipeline.name] = pipeline.load_models(settings.models_dir,
+                                                             settings.device)
+            findings = pipeline.run(series, models[pipeline.name])
+        except SeriesError as exc:
+            row.outcome, row.reason = "failed", f"series cannot be loaded: {exc.reason}"
+            continue
+        except SeriesSkipped as exc:
+            row.outcome, row.reason = "skipped", str(exc)
+            continue
+        saved = save_durably(writer(findings, series), out / series_uid)
+        row.outcome, row.findings = "done", findings
+        row.reason = f"{len(saved)} objects in {out / series_uid}"
+    return rows
