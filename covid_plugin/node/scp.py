@@ -7,6 +7,7 @@ after the spool says it is durable and indexed. Everything heavy runs on the wor
 from __future__ import annotations
 
 import logging
+import sqlite3
 import ssl
 import threading
 from collections import defaultdict
@@ -179,10 +180,11 @@ class StorageSCP:
             self._active[id(event.assoc)].add(header.series_uid)
         try:
             stored = self.spool.store(header, data, calling)
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:  # disk full, write error, index unwritable
             self.metrics.rejected.labels(reason="out_of_resources").inc()
             log.error("could not store %s from %s: %s", sop_uid, calling, exc)
-            return _status(STATUS_OUT_OF_RESOURCES, f"out of resources: {exc.strerror or exc}")
+            detail = getattr(exc, "strerror", None) or str(exc)
+            return _status(STATUS_OUT_OF_RESOURCES, f"out of resources: {detail}")
         if stored.is_new:
             self.metrics.received.labels(modality=header.modality or "unknown").inc()
             log.debug("stored %s (series %s) from %s", sop_uid, header.series_uid, calling)
