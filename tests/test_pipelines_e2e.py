@@ -1,0 +1,117 @@
+"""The shipped pipelines end to end: samples in, SR + SEG + SC out, valid and filed by Orthanc."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.conftest import REPO, wait_for
+from tests.dicom_validators import dciodvfy_errors, dsrdump, requires_dciodvfy, requires_dsrdump
+
+SAMPLES = REPO / "dicom_samples"
+CT_COVID = SAMPLES / "ct-covid_covid-ct-md-P002"
+CXR_COVID = SAMPLES / "cxr-covid_hannover-PA"
+
+SOP_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SOP_SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+SOP_SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture(scope="module")
+def run_output(tmp_path_factory) -> tuple[Path, str]:
+    """`covid-plugin run` over every sample (one model load, shared by the tests below)."""
+    out = tmp_path_factory.mktemp("run")
+    result = subprocess.run(
+        [sys.executable, "-m", "covid_plugin.cli", "run", str(SAMPLES), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result.stdout
+
+
+def _objects(folder: Path) -> dict[str, pydicom.Dataset]:
+    return {str(ds.SOPClassUID): ds for ds in map(pydicom.dcmread, folder.glob("*.dcm"))}
+
+
+def test_run_prints_a_row_per_series_with_findings(run_output):
+    out, table = run_output
+    assert table.count(" done ") == 5, table
+    assert "involved" in table and "COVID" in table.upper()
+    assert "Research use only" in table
+    assert len(list(out.iterdir())) == 5
+
+
+@requires_dciodvfy
+@requires_dsrdump
+def test_ct_outputs_are_valid_and_reference_the_source(run_output):
+    out, _ = run_output
+    series_uid = pydicom.dcmread(next(CT_COVID.glob("*.dcm"))).SeriesInstanceUID
+    objects = _objects(out / series_uid)
+    assert set(objects) == {SOP_SR, SOP_SEG, SOP_SC}
+    for path in (out / series_uid).glob("*.dcm"):
+        assert dciodvfy_errors(path) == [], path.name
+    seg = objects[SOP_SEG]
+    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    assert labels[:2] == ["Right lung", "Left lung"]
+    sources = {ds.SOPInstanceUID for ds in map(pydicom.dcmread, CT_COVID.glob("*.dcm"))}
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+        for ref in frame.DerivationImageSequence[0].SourceImageSequence
+    }
+    assert referenced and referenced <= sources
+    sr_path = next(p for p in (out / series_uid).glob("*.dcm")
+                   if pydicom.dcmread(p).SOPClassUID == SOP_SR)
+    text = dsrdump(sr_path)
+    for concept in ("Imaging Measurement Report", "Volume", "Percent of lung volume involved",
+                    "COVID-19", "Research use only"):
+        assert concept in text, concept
+    assert all(ds.StudyInstanceUID == seg.StudyInstanceUID for ds in objects.values())
+
+
+@requires_dciodvfy
+def test_cxr_outputs_are_valid(run_output):
+    out, _ = run_output
+    series_uid = pydicom.dcmread(next(CXR_COVID.glob("*.dcm"))).SeriesInstanceUID
+    paths = list((out / series_uid).glob("*.dcm"))
+    assert {str(pydicom.dcmread(p).SOPClassUID) for p in paths} >= {SOP_SR, SOP_SC}
+    for path in paths:
+        assert dciodvfy_errors(path) == [], path.name
+
+
+def test_lateral_film_is_skipped_with_the_reason(tmp_path):
+    ds = pydicom.dcmread(next(CXR_COVID.glob("*.dcm")))
+    ds.ViewPosition = "LL"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ds.save_as(folder / "lateral.dcm")
+    result = subprocess.run(
+        [sys.executable, "-m", "covid_plugin.cli", "run", str(folder), "--out",
+         str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert "skipped" in result.stdout and "lateral view (ViewPosition LL)" in result.stdout
+
+
+def test_orthanc_sends_a_ct_study_and_files_sr_seg_sc(node_factory, orthanc_factory):
+    node = node_factory({"pipelines": "covid_plugin.pipelines:default_pipelines"})
+    orthanc = orthanc_factory(node.port)
+    node.configure(return_addresses={orthanc.ae_title: {
+        "ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}})
+    node.start()
+    for path in sorted(CT_COVID.glob("*.dcm")):
+        orthanc.upload(path)
+    study = orthanc.get("/studies")[0]
+    source_series = orthanc.get(f"/studies/{study}")["Series"]
+    orthanc.post("/modalities/covid/store", {"Resources": [study], "Synchronous": True})
+
+    def new_series() -> list[str]:
+        return [s for s in orthanc.get(f"/studies/{study}")["Series"] if s not in source_series]
+
+    found = wait_for(lambda: len(new_series()) == 3 and new_series(), timeout=300,
+                     what="SR, SEG and SC filed under the source study")
+    modalities = sorted(orthanc.get(f"/series/{s}")["MainDicomTags"]["Modality"] for s in found)
+    assert modalities == ["OT", "SEG", "SR"]
