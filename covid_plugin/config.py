@@ -77,6 +77,7 @@ class Settings(_Strict):
     pipelines: str = "covid_plugin.pipelines:default_pipelines"
     device: str = "auto"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a Prometheus on another host scrape
     log_level: str = "INFO"
 
     @field_validator("ae_title")

@@ -86,10 +86,12 @@ class Node:
         self.worker.start()
         self.scp.start()
         if self.settings.metrics_port is not None:
-            self.health_server = HealthServer("127.0.0.1", self.settings.metrics_port,
+            self.health_server = HealthServer(self.settings.metrics_host,
+                                              self.settings.metrics_port,
                                               self.metrics, self.health)
             self.health_server.start()
-            log.info("metrics and health on http://127.0.0.1:%d/", self.health_server.port)
+            log.info("metrics and health on http://%s:%d/", self.settings.metrics_host,
+                     self.health_server.port)
 
     def stop(self) -> None:
         self.scp.stop()

@@ -1,14 +1,29 @@
 """A received series -> one array with geometry, ready for a pipeline.
 
-(The loader is being written; LoadedSeries is the contract pipelines and writers rely on.)
+The loader is the one place where DICOM pixel semantics are resolved (rescale to Hounsfield
+units, slice order along the normal, VOI and MONOCHROME1 for radiographs), so that pipelines
+only ever see arrays in known units. Bad series raise `SeriesError` with a reason the worker
+records; nothing here crashes on a malformed header.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from os import PathLike
 
 import numpy as np
+import pydicom
 from pydicom import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+
+logger = logging.getLogger(__name__)
+
+PROJECTION_MODALITIES = ("CR", "DX")
+GAP_FACTOR = 1.5  # a step this much larger than the median step is a missing slice
+ORIENTATION_TOLERANCE = 1e-3
+PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 @dataclass
@@ -33,3 +48,256 @@ class LoadedSeries:
     frame_numbers: list[int] | None = None
     orientation: tuple[float, ...] | None = None  # ImageOrientationPatient (6 values) for CT
     positions: list[tuple[float, float, float]] | None = None  # ImagePositionPatient per frame
+
+
+class SeriesError(ValueError):
+    """A series that cannot become a volume; `reason` is what the worker records."""
+
+    def __init__(self, reason: str, series_uid: str | None) -> None:
+        super().__init__(f"series {series_uid}: {reason}")
+        self.reason = reason
+        self.series_uid = series_uid
+
+
+@dataclass
+class _Frame:
+    """Where one 2D frame lives: its dataset, its frame index and its geometry."""
+
+    dataset: Dataset
+    index: int | None  # 0-based frame index for multi-frame objects, None for single frames
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    rescale: Dataset  # the item holding RescaleSlope/Intercept for this frame
+
+
+def load_series_files(
+    paths: Iterable[str | PathLike[str]], expected_modality: str | None = None
+) -> LoadedSeries:
+    """Read files and load them as one series (see `load_series`)."""
+    return load_series([pydicom.dcmread(p) for p in paths], expected_modality)
+
+
+def load_series(datasets: Sequence[Dataset], expected_modality: str | None = None) -> LoadedSeries:
+    """Turn the instances of one series into a LoadedSeries.
+
+    Pixel data are removed from the datasets once decoded, so that a long CT is held once
+    (as float32) rather than three times (encoded, decoded, converted); the headers stay for
+    the writers' references.
+    """
+    if not datasets:
+        raise SeriesError("no instances", None)
+    series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
+    if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) > 1:
+        raise SeriesError("instances from more than one series", series_uid)
+    modality = str(datasets[0].get("Modality", ""))
+    if expected_modality is not None and modality != expected_modality:
+        raise SeriesError(f"modality {modality!r}, expected {expected_modality!r}", series_uid)
+    datasets = _unique_instances(datasets)
+    for ds in datasets:
+        if not any(k in ds for k in PIXEL_DATA_KEYWORDS):
+            raise SeriesError(f"instance {ds.get('SOPInstanceUID')} has no pixel data", series_uid)
+    if len({(ds.get("Rows"), ds.get("Columns")) for ds in datasets}) > 1:
+        raise SeriesError("instances differ in rows/columns", series_uid)
+    if modality == "CT":
+        return _load_ct(datasets, series_uid)
+    if modality in PROJECTION_MODALITIES:
+        return _load_projection(datasets, series_uid)
+    raise SeriesError(f"unsupported modality {modality!r}", series_uid)
+
+
+def _unique_instances(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Drop repeated SOP Instance UIDs: a re-sent instance is one instance, not two slices."""
+    seen: set[str] = set()
+    unique = []
+    for ds in datasets:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid and uid in seen:
+            logger.info("dropping repeated instance %s", uid)
+            continue
+        seen.add(uid)
+        unique.append(ds)
+    return unique
+
+
+def _load_ct(datasets: list[Dataset], series_uid: str) -> LoadedSeries:
+    frames = [frame for ds in datasets for frame in _ct_frames(ds, series_uid)]
+    if len(frames) < 2:
+        raise SeriesError("CT series with a single slice", series_uid)
+    orientation = frames[0].orientation
+    if any(not np.allclose(f.orientation, orientation, atol=ORIENTATION_TOLERANCE) for f in frames):
+        raise SeriesError("slices with different orientations", series_uid)
+    normal = np.cross(orientation[:3], orientation[3:])
+    distances = np.array([float(np.dot(f.position, normal)) for f in frames])
+    order = np.argsort(distances, kind="stable")
+    steps = np.diff(distances[order])
+    if np.any(steps < ORIENTATION_TOLERANCE):
+        raise SeriesError("two or more slices at the same position", series_uid)
+    median_step = float(np.median(steps))
+    if np.any(steps > GAP_FACTOR * median_step):
+        raise SeriesError(
+            f"gap in slice positions: step {steps.max():.2f} mm, median {median_step:.2f} mm",
+            series_uid,
+        )
+    frames = [frames[i] for i in order]
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    array = np.empty((len(frames), rows, cols), dtype=np.float32)
+    for i, frame in enumerate(frames):
+        stored = pixel_array(frame.dataset, index=frame.index)
+        array[i] = apply_modality_lut(stored, frame.rescale)
+    multi_frame = any(f.index is not None for f in frames)
+    ordered_datasets = (
+        _distinct([f.dataset for f in frames]) if multi_frame else [f.dataset for f in frames]
+    )
+    _drop_pixel_data(datasets)
+    row_spacing, col_spacing = frames[0].pixel_spacing
+    return LoadedSeries(
+        modality="CT",
+        series_instance_uid=series_uid,
+        study_instance_uid=str(datasets[0].get("StudyInstanceUID", "")),
+        array=array,
+        spacing=(median_step, row_spacing, col_spacing),
+        datasets=ordered_datasets,
+        frame_numbers=[(f.index or 0) + 1 for f in frames] if multi_frame else None,
+        orientation=tuple(float(v) for v in orientation),
+        positions=[tuple(float(v) for v in f.position) for f in frames],
+    )
+
+
+def _ct_frames(ds: Dataset, series_uid: str) -> list[_Frame]:
+    """The frames of one CT object, from classic attributes or from functional groups."""
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        _require(
+            ds, ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"), series_uid
+        )
+        return [
+            _Frame(
+                dataset=ds,
+                index=None,
+                position=np.asarray(ds.ImagePositionPatient, dtype=float),
+                orientation=np.asarray(ds.ImageOrientationPatient, dtype=float),
+                pixel_spacing=_pair(ds.PixelSpacing),
+                rescale=ds,
+            )
+        ]
+    shared = (
+        ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    )
+    frames = []
+    for index, per_frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        groups = (per_frame, shared)
+        frames.append(
+            _Frame(
+                dataset=ds,
+                index=index,
+                position=np.asarray(
+                    _group(groups, "PlanePositionSequence", series_uid).ImagePositionPatient,
+                    dtype=float,
+                ),
+                orientation=np.asarray(
+                    _group(groups, "PlaneOrientationSequence", series_uid).ImageOrientationPatient,
+                    dtype=float,
+                ),
+                pixel_spacing=_pair(
+                    _group(groups, "PixelMeasuresSequence", series_uid).PixelSpacing
+                ),
+                rescale=_group(groups, "PixelValueTransformationSequence", series_uid),
+            )
+        )
+    return frames
+
+
+def _group(groups: Sequence[Dataset | None], keyword: str, series_uid: str) -> Dataset:
+    """A functional group macro of one frame: per-frame first, then shared (PS3.3 C.7.6.16)."""
+    for source in groups:
+        if source is not None and keyword in source:
+            return source[keyword].value[0]
+    raise SeriesError(f"a frame has no {keyword}", series_uid)
+
+
+def _load_projection(datasets: list[Dataset], series_uid: str) -> LoadedSeries:
+    """A radiograph as displayed: modality LUT, VOI (LUT or window), MONOCHROME1 inverted."""
+    if len(datasets) != 1:
+        raise SeriesError(
+            f"{len(datasets)} radiographs in one series; load them one at a time", series_uid
+        )
+    ds = datasets[0]
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise SeriesError("multi-frame radiograph", series_uid)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise SeriesError("colour radiograph", series_uid)
+    image = apply_modality_lut(pixel_array(ds), ds).astype(np.float64)
+    low, high = _display_range(ds)
+    if _has_voi(ds):
+        image = apply_voi_lut(image, ds)
+        low, high = (float(v) for v in apply_voi_lut(np.array([low, high]), ds))
+        low, high = min(low, high), max(low, high)
+    if high <= low:
+        low, high = float(image.min()), float(image.max())
+    scaled = np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    spacing = _projection_spacing(ds)
+    if spacing is None:
+        logger.warning("series %s: no usable pixel spacing; using 1 mm", series_uid)
+        spacing = (1.0, 1.0)
+    _drop_pixel_data(datasets)
+    return LoadedSeries(
+        modality=str(ds.Modality),
+        series_instance_uid=series_uid,
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        array=scaled[np.newaxis],
+        spacing=(0.0, *spacing),
+        datasets=[ds],
+    )
+
+
+def _projection_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """PixelSpacing, else ImagerPixelSpacing; zeros (seen in real CR headers) count as absent."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        values = ds.get(keyword)
+        if values and len(values) == 2 and all(float(v) > 0 for v in values):
+            return _pair(values)
+    return None
+
+
+def _display_range(ds: Dataset) -> tuple[float, float]:
+    """Range of values after the modality LUT, from the stored bit depth (not the image)."""
+    bits = int(ds.get("BitsStored", 16))
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1])
+    else:
+        stored = np.array([0, 2**bits - 1])
+    low, high = (float(v) for v in apply_modality_lut(stored, ds))
+    return min(low, high), max(low, high)
+
+
+def _has_voi(ds: Dataset) -> bool:
+    return "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+
+
+def _require(ds: Dataset, keywords: Sequence[str], series_uid: str) -> None:
+    missing = [k for k in keywords if k not in ds or ds[k].value in (None, "")]
+    if missing:
+        raise SeriesError(
+            f"instance {ds.get('SOPInstanceUID')} lacks {', '.join(missing)}", series_uid
+        )
+
+
+def _pair(values: Sequence[float]) -> tuple[float, float]:
+    return float(values[0]), float(values[1])
+
+
+def _distinct(datasets: Iterable[Dataset]) -> list[Dataset]:
+    """Datasets in first-seen order, each once (a multi-frame object contributes many frames)."""
+    unique: dict[int, Dataset] = {}
+    for ds in datasets:
+        unique.setdefault(id(ds), ds)
+    return list(unique.values())
+
+
+def _drop_pixel_data(datasets: Iterable[Dataset]) -> None:
+    for ds in datasets:
+        for keyword in PIXEL_DATA_KEYWORDS:
+            if keyword in ds:
+                delattr(ds, keyword)

@@ -14,12 +14,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from covid_plugin.volume import SeriesError, load_series, load_series_files
 from tests.conftest import CHEST_CR, DATA, rider_files
+from tests.dicom_validators import DCIODVFY, dciodvfy_errors
 
 CORNERSTONE = DATA / "dicom" / "cornerstone_ctimage_chest-ct-transfer-syntaxes"
 ENHANCED_CT = DATA / "dicom" / "nema-mfct_CT0012_enhanced-ct-multiframe"
 COVID_CT = DATA / "ct_hu" / "dicom" / "covid-ct-md_P002"
 LOCALIZER = DATA / "dicom" / "gdcm-marotech_chest-ct-localizer" / "MAROTECH_CT_JP2Lossy.dcm"
-LOSSLESS_SYNTAXES = ("4.57", "4.70", "4.80", "4.90", "1.2.5", "1.2.1.99")
+LOSSLESS_SYNTAXES = ("1.2.4.57", "1.2.4.70", "1.2.4.80", "1.2.4.90", "1.2.5", "1.2.1.99")
 
 
 def read_all(paths: list[Path]) -> list[pydicom.Dataset]:
@@ -87,9 +88,9 @@ def test_lossless_transfer_syntaxes_decode_identically() -> None:
 def test_lossy_jpeg_decodes_close_to_lossless() -> None:
     (lossy,) = CORNERSTONE.glob("*_1.2.840.10008.1.2.4.51.dcm")
     (lossless,) = CORNERSTONE.glob("*_1.2.840.10008.1.2.4.70.dcm")
-    difference = load_series(two_slice_series(lossy)).array - load_series(
-        two_slice_series(lossless)
-    ).array
+    difference = (
+        load_series(two_slice_series(lossy)).array - load_series(two_slice_series(lossless)).array
+    )
     assert np.abs(difference).mean() < 20
 
 
@@ -204,3 +205,29 @@ def test_600_slice_ct_stays_within_memory_budget() -> None:
         tracemalloc.stop()
     assert series.array.shape == (600, 512, 512)
     assert peak < 800 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "dicom_samples"
+
+
+@pytest.mark.parametrize(
+    ("folder", "modality", "frames"),
+    [
+        ("ct-covid_covid-ct-md-P002", "CT", 30),
+        ("ct-normal_covid-ct-md-normal002", "CT", 30),
+        ("cxr-covid_hannover-PA", "CR", 1),
+        ("cxr-covid_hannover-AP", "CR", 1),
+        ("cxr-normal_nih-cxr14-PA", "CR", 1),
+    ],
+)
+def test_dicom_samples_load_and_are_valid(folder: str, modality: str, frames: int) -> None:
+    paths = sorted((SAMPLES / folder).glob("*.dcm"))
+    series = load_series_files(paths, expected_modality=modality)
+    assert series.array.shape[0] == frames
+    if modality == "CT":
+        assert series.spacing[0] == pytest.approx(2.0)
+        assert series.array.min() == -1024
+    else:
+        assert series.array.min() >= 0 and series.array.max() == pytest.approx(1.0, abs=0.05)
+    if DCIODVFY is not None:
+        assert dciodvfy_errors(paths[0]) == []
