@@ -17,8 +17,7 @@ from covid_plugin.series import rejection_reason
 from covid_plugin.service import default_writer, load_object
 from covid_plugin.store.jobs import SeriesRecord
 from covid_plugin.summary import ResultRow
-from covid_plugin.volume import SeriesError, load_series_files
-from covid_plugin.worker import SeriesSkipped, save_durably
+from covid_plugin.worker import analyse, save_durably
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +54,15 @@ def run_folder(folder: Path, out: Path, settings: Settings) -> list[ResultRow]:
         if reason or pipeline is None:
             row.reason = reason or f"no pipeline for modality {header.modality}"
             continue
-        try:
-            series = load_series_files([p for p, _ in members])
-            if pipeline.name not in models:
-                models[pipeline.name] = pipeline.load_models(settings.models_dir,
-                                                             settings.device)
-            findings = pipeline.run(series, models[pipeline.name])
-        except SeriesError as exc:
-            row.outcome, row.reason = "failed", f"series cannot be loaded: {exc.reason}"
+        if pipeline.name not in models:
+            models[pipeline.name] = pipeline.load_models(settings.models_dir, settings.device)
+        outcome = analyse(pipeline, models[pipeline.name], [p for p, _ in members], writer)
+        if not outcome.results:
+            row.outcome = "skipped" if outcome.skipped == len(outcome.problems) else "failed"
+            row.reason = outcome.note or ""
             continue
-        except SeriesSkipped as exc:
-            row.outcome, row.reason = "skipped", str(exc)
-            continue
-        saved = save_durably(writer(findings, series), out / series_uid)
-        row.outcome, row.findings = "done", findings
+        datasets = [ds for _, objects in outcome.results for ds in objects]
+        saved = save_durably(datasets, out / series_uid)
+        row.outcome, row.findings = "done", outcome.results[-1][0]
         row.reason = f"{len(saved)} objects in {out / series_uid}"
     return rows

@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from pydicom import Dataset
 from covid_plugin.config import Peer, Settings
 from covid_plugin.findings import Findings
 from covid_plugin.observability import Metrics
+from covid_plugin.outputs import OutputError
 from covid_plugin.series import is_complete, rejection_reason
 from covid_plugin.store.jobs import Delivery, Job, JobQueue
 from covid_plugin.store.spool import Spool
@@ -65,6 +67,41 @@ def save_durably(datasets: list[Dataset], folder: Path) -> list[tuple[Path, str]
             os.fsync(fh.fileno())
         saved.append((path, str(ds.SOPInstanceUID)))
     return saved
+
+
+@dataclass
+class Analysis:
+    """What came of running one pipeline over one series' files."""
+
+    results: list[tuple[Findings, list[Dataset]]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    @property
+    def note(self) -> str | None:
+        return "; ".join(dict.fromkeys(self.problems)) or None
+
+
+def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer) -> Analysis:
+    """Load, run and write; a radiograph pipeline sees each film on its own.
+
+    Problems with the input are collected as reasons, not raised: the caller records them.
+    """
+    units = [[p] for p in paths] if getattr(pipeline, "per_instance", False) else [paths]
+    out = Analysis()
+    for unit in units:
+        try:
+            series = load_series_files(unit)
+            findings = pipeline.run(series, models)
+            out.results.append((findings, writer(findings, series)))
+        except SeriesError as exc:
+            out.problems.append(f"series cannot be loaded: {exc.reason}")
+        except SeriesSkipped as exc:
+            out.skipped += 1
+            out.problems.append(f"skipped by the {pipeline.name} pipeline: {exc}")
+        except OutputError as exc:
+            out.problems.append(f"results cannot be encoded: {exc.reason}")
+    return out
 
 
 class Worker:
@@ -142,20 +179,18 @@ class Worker:
 
     def _process(self, job: Job) -> str:
         pipeline = self._pipelines[job.modality]
-        paths = self.spool.instance_paths(job.series_uid)
-        try:
-            series = load_series_files(paths)
-        except SeriesError as exc:
-            self.jobs.fail(job.id, f"series cannot be loaded: {exc.reason}")
+        outcome = analyse(pipeline, self._models_for(pipeline),
+                          self.spool.instance_paths(job.series_uid), self.writer)
+        results, note = outcome.results, outcome.note
+        if not results:
+            if outcome.skipped == len(outcome.problems):
+                self.jobs.skip(job.id, note or "skipped")
+                return "skipped"
+            self.jobs.fail(job.id, note or "no result")
             return "failed"
-        try:
-            findings = pipeline.run(series, self._models_for(pipeline))
-        except SeriesSkipped as exc:
-            self.jobs.skip(job.id, f"skipped by the {pipeline.name} pipeline: {exc}")
-            return "skipped"
         folder = self.settings.results_dir / str(job.id)
         shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted earlier run
-        saved = save_durably(self.writer(findings, series), folder)
+        saved = save_durably([ds for _, datasets in results for ds in datasets], folder)
         deliveries = [
             Delivery(path, uid, peer.ae_title, peer.host, peer.port)
             for peer in destinations_for(self.settings, job.calling_ae)
@@ -164,9 +199,10 @@ class Worker:
         if not deliveries:
             log.warning("job %d: no destination configured for %s; results kept in %s",
                         job.id, job.calling_ae, folder)
-        self.jobs.finish(job.id, deliveries)
+        self.jobs.finish(job.id, deliveries, note)
         if self.on_result is not None:
-            self.on_result(job, findings, [path for path, _ in saved])
+            for findings, _ in results:
+                self.on_result(job, findings, [path for path, _ in saved])
         return "done"
 
     def _run(self) -> None:

@@ -67,7 +67,7 @@ def test_ct_outputs_are_valid_and_reference_the_source(run_output):
     sr_path = next(p for p in (out / series_uid).glob("*.dcm")
                    if pydicom.dcmread(p).SOPClassUID == SOP_SR)
     text = dsrdump(sr_path)
-    for concept in ("Imaging Measurement Report", "Volume", "Percent of lung volume involved",
+    for concept in ("Imaging Measurement Report", "Volume", "Extent",
                     "COVID-19", "Research use only"):
         assert concept in text, concept
     assert all(ds.StudyInstanceUID == seg.StudyInstanceUID for ds in objects.values())

@@ -1,7 +1,7 @@
 """Clinical concepts the pipelines put into Findings (SNOMED CT, DICOM, UCUM).
 
-One standard concept was not found for "percent of a lung's volume involved by lesions", so it
-uses a private coding scheme (99COVIDPLUGIN), as DICOM PS3.16 allows, and says so in its meaning.
+The percent of a lung involved by lesions is an "Extent" (SCT 260858005) in percent, with the
+lung as finding site and the lesion segment as its subject.
 """
 
 from __future__ import annotations
@@ -18,6 +18,6 @@ GROUND_GLASS = Code("112120", "DCM", "Ground glass opacity")
 CONSOLIDATION = Code("95436008", "SCT", "Lung consolidation")
 
 VOLUME = Code("118565006", "SCT", "Volume")
-PERCENT_INVOLVED = Code("CVP001", "99COVIDPLUGIN", "Percent of lung volume involved by lesions")
+PERCENT_INVOLVED = Code("260858005", "SCT", "Extent")
 MILLILITER = Code("mL", "UCUM", "milliliter")
 PERCENT = Code("%", "UCUM", "percent")

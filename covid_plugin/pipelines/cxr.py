@@ -27,6 +27,7 @@ MIN_REGION_FRACTION = 0.01  # of the lungs: below this the outline is noise, not
 class CxrPipeline:
     name = "cxr"
     modalities = ("CR", "DX")
+    per_instance = True  # a CR/DX series may hold several films (PA and lateral, say)
 
     def load_models(self, models_dir: Path, device: str) -> dict[str, Any]:
         return {

@@ -1,0 +1,42 @@
+"""Coded concepts the writers add on their own (the findings bring the clinical ones).
+
+Kept in one place so that the SR, the SEG and the tests agree on every code; values are from
+SNOMED CT (SCT), DICOM (DCM) and UCUM as published in PS3.16.
+"""
+
+from __future__ import annotations
+
+from highdicom.sr import CodedConcept
+from pydicom.sr.codedict import codes
+
+from covid_plugin.findings import Code
+
+CT_OF_CHEST = CodedConcept("169069000", "SCT", "Computed tomography of chest")
+CHEST_RADIOGRAPH = CodedConcept("399208008", "SCT", "Plain X-ray of chest")
+PROBABILITY = CodedConcept("122157", "DCM", "Probability")
+FINDING = codes.DCM.Finding
+COMMENT = codes.DCM.Comment
+NO_UNITS = CodedConcept("1", "UCUM", "no units")
+DEVICE = codes.DCM.Device
+AI_FAMILY = codes.cid7162.ArtificialIntelligence
+RULE_BASED_FAMILY = codes.cid7162.MorphologicalOperations
+RULE_BASED_SHA256 = "rule-based"  # what ModelSpec.info() reports for a model without weights
+
+# Anatomy segments (lungs) are drawn as contours, not as lesions, and do not pick the key slice.
+ANATOMY_CATEGORIES = frozenset({"123037004", "91723000"})  # Anatomical Structure (old and new)
+
+INTENDED_USE = (
+    "Research use only; not for diagnosis. Results were produced automatically by a model that "
+    "has not been cleared or approved for clinical use and must be reviewed by a qualified "
+    "reader together with the images."
+)
+
+
+def coded(code: Code) -> CodedConcept:
+    """A findings Code as the concept highdicom takes."""
+    return CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def procedure_reported(kind: str) -> CodedConcept:
+    """The procedure TID 1500 reports on, from the pipeline kind ("ct" or "cxr")."""
+    return CT_OF_CHEST if kind == "ct" else CHEST_RADIOGRAPH
