@@ -36,7 +36,11 @@ class SeriesSkipped(Exception):
 
 
 class Pipeline(Protocol):
-    """What the worker needs of a pipeline; pipelines/ holds the real ones."""
+    """What the worker needs of a pipeline; pipelines/ holds the real ones.
+
+    A pipeline may set `per_instance = True` to see each instance of a series on its own
+    (radiographs: one series can hold a PA and a lateral film).
+    """
 
     name: str
     modalities: tuple[str, ...]
