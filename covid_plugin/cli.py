@@ -11,6 +11,8 @@ import threading
 import warnings
 from pathlib import Path
 
+import pydicom
+
 from covid_plugin.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("covid_plugin")
@@ -33,8 +35,11 @@ def _setup_logging(level: str) -> None:
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
-    # highdicom's person-name warning quotes the patient's name: it must never reach a log
+    # highdicom's person-name warning and pydicom's value-validation warnings quote values
+    # such as the patient's name: they must never reach a log
     warnings.filterwarnings("ignore", message=".*intended person name.*")
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:

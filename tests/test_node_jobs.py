@@ -162,3 +162,21 @@ def test_health_command_and_metrics_endpoint(node_factory):
     node.stop()
     assert node.cli("health").returncode == 1
     assert not echo(node.port)
+
+
+def test_logs_never_carry_patient_names_or_ids(node_factory, storescp_factory):
+    pacs = storescp_factory().start()
+    node = node_factory({"destinations": [
+        {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}]}).start()
+    datasets = [pydicom.dcmread(f) for f in rider_files(21)]
+    for ds in datasets:
+        ds.PatientName = "Doe^Jane^Q"
+        ds.PatientID = "MRN-SECRET-4711"
+    broken = datasets.pop()
+    del broken.SeriesInstanceUID  # a refused instance is logged too
+    assert send(node.port, datasets + [broken]) == [0] * 20 + [0xA900]
+    wait_for(lambda: job_states(node) == ["done"], timeout=60, what="job done")
+    wait_for(lambda: len(pacs.files()) == 2, timeout=30, what="results")
+    log = node.log()
+    assert "refused instance" in log and "job 1" in log
+    assert "Doe" not in log and "Jane" not in log and "SECRET" not in log
