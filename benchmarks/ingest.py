@@ -2,7 +2,8 @@
 
 (a) DCMTK storescp writing to disk, (b) pynetdicom's storescp, (c) this node (durable spool:
 fsync + index commit before every acknowledgement). The sender is DCMTK storescu for all three,
-with TCP_NODELAY=1 for the DCMTK tools. Prints files/s and the ratio node/storescp, and writes
+with TCP_NODELAY=1 for the DCMTK tools. Prints files/s and the ratio node/storescp, then the
+same files over several concurrent associations (storescp vs node), and writes
 benchmarks/results/ingest.json.
 
     python benchmarks/ingest.py [--count 300] [--repeats 3]
@@ -62,8 +63,23 @@ def send(port: int, files: list[Path], called: str) -> float:
     return elapsed
 
 
+def send_parallel(port: int, files: list[Path], called: str, associations: int) -> float:
+    """The same files split over several storescu processes at once (several modalities)."""
+    chunks = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", f"BENCH{i}", "-aec", called, "127.0.0.1",
+                               str(port), *map(str, chunk)], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i, chunk in enumerate(chunks)]
+    failed = [p for p in procs if p.wait() != 0]
+    elapsed = time.perf_counter() - started
+    if failed:
+        raise RuntimeError(f"{len(failed)} storescu to {called} failed")
+    return elapsed
+
+
 def run_peer(command: list[str], port: int, called: str, files: list[Path], out: Path,
-             repeats: int) -> list[float]:
+             repeats: int, associations: int = 1) -> list[float]:
     times = []
     for _ in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
@@ -72,7 +88,8 @@ def run_peer(command: list[str], port: int, called: str, files: list[Path], out:
                                 stderr=subprocess.DEVNULL)
         try:
             wait_for(lambda: echo(port, called), timeout=30, what=called)
-            times.append(send(port, files, called))
+            times.append(send(port, files, called) if associations == 1
+                         else send_parallel(port, files, called, associations))
             wait_for(lambda: len(list(out.rglob("*"))) >= len(files), timeout=30,
                      what="all files written")
         finally:
@@ -81,16 +98,17 @@ def run_peer(command: list[str], port: int, called: str, files: list[Path], out:
     return times
 
 
-def run_node(files: list[Path], work: Path, repeats: int) -> list[float]:
+def run_node(files: list[Path], work: Path, repeats: int, associations: int = 1) -> list[float]:
     times = []
     for i in range(repeats):
-        folder = work / f"node{i}"
+        folder = work / f"node{associations}_{i}"
         folder.mkdir(parents=True)
         node = NodeProcess(folder, {"quiet_period_s": 3600, "log_level": "WARNING",
                                     "pipelines": "tests.pipelines_for_tests:pipelines"})
         node.start()
         try:
-            times.append(send(node.port, files, "COVID_PLUGIN"))
+            times.append(send(node.port, files, "COVID_PLUGIN") if associations == 1
+                         else send_parallel(node.port, files, "COVID_PLUGIN", associations))
         finally:
             node.stop()
         held = list((folder / "var" / "spool").glob("*/*/*.dcm"))
@@ -102,6 +120,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--associations", type=int, default=4)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ingest.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +139,15 @@ def main() -> int:
                 p2, "PYSTORESCP", files, work / "pynetdicom", args.repeats),
             "covid_plugin_node": run_node(files, work, args.repeats),
         }
+        # several modalities at once: DCMTK storescp serves one association at a time
+        parallel = {
+            "dcmtk_storescp": run_peer(
+                ["storescp", "-aet", "STORESCP", "-od", str(work / "dcmtk"), str(p1)],
+                p1, "STORESCP", files, work / "dcmtk", args.repeats, args.associations),
+            "covid_plugin_node": run_node(files, work, args.repeats, args.associations),
+        }
     rates = {name: args.count / statistics.median(t) for name, t in results.items()}
+    parallel_rates = {name: args.count / statistics.median(t) for name, t in parallel.items()}
     report = {
         "instances": args.count, "megabytes": round(mb, 1), "repeats": args.repeats,
         "sender": "DCMTK storescu, one association, TCP_NODELAY=1",
@@ -128,6 +155,15 @@ def main() -> int:
         "files_per_s_median": {k: round(v, 1) for k, v in rates.items()},
         "ratio_node_over_dcmtk_storescp": round(
             rates["covid_plugin_node"] / rates["dcmtk_storescp"], 3),
+        "concurrent": {
+            "associations": args.associations,
+            "seconds": {k: [round(x, 3) for x in v] for k, v in parallel.items()},
+            "files_per_s_median": {k: round(v, 1) for k, v in parallel_rates.items()},
+            "ratio_node_over_dcmtk_storescp": round(
+                parallel_rates["covid_plugin_node"] / parallel_rates["dcmtk_storescp"], 3),
+        },
+        "node_durability": "fsync file + rename + fsync directory + WAL commit, per instance",
+        "load_average_at_end": os.getloadavg()[0],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -136,6 +172,10 @@ def main() -> int:
     for name, rate in rates.items():
         print(f"{name:22s} {rate:8.1f} files/s")
     print(f"ratio node / DCMTK storescp: {report['ratio_node_over_dcmtk_storescp']:.2f}")
+    for name, rate in parallel_rates.items():
+        print(f"{name:22s} {rate:8.1f} files/s over {args.associations} associations")
+    print(f"ratio over {args.associations} associations: "
+          f"{report['concurrent']['ratio_node_over_dcmtk_storescp']:.2f}")
     return 0
 
 
