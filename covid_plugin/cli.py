@@ -43,10 +43,15 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
+    from covid_plugin.ml.spec import ModelIntegrityError
     from covid_plugin.service import Node
 
-    node = Node(settings)
-    node.start()
+    try:
+        node = Node(settings)
+        node.start()
+    except (ModelIntegrityError, OSError) as exc:
+        print(f"covid-plugin: cannot start: {exc}", file=sys.stderr)
+        return 1
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())

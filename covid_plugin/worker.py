@@ -128,6 +128,13 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
 
     def start(self) -> None:
+        """Load every model first: a model that cannot load (hash mismatch, missing file)
+        stops the node at start, and the first study waits for no one."""
+        for pipeline in dict.fromkeys(self._pipelines.values()):
+            started = time.monotonic()
+            self._models_for(pipeline)
+            log.info("%s pipeline models loaded in %.1f s", pipeline.name,
+                     time.monotonic() - started)
         self._thread.start()
 
     def stop(self) -> None:

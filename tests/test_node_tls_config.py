@@ -94,3 +94,25 @@ def test_cli_reports_bad_config_and_exits_2(tmp_path: Path):
                              "70000"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "port: Input should be less than or equal to 65535" in result.stderr
+
+
+def test_node_refuses_to_start_with_weights_that_do_not_match_their_spec(tmp_path: Path):
+    import json
+    import shutil
+    import sys
+
+    from tests.conftest import REPO
+
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "models", models)
+    spec_path = models / "ct-lesion" / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    spec["weights_sha256"] = "0" * 64
+    spec_path.write_text(json.dumps(spec))
+    result = subprocess.run(
+        [sys.executable, "-m", "covid_plugin.cli", "listen", "--port", "0", "--data-dir",
+         str(tmp_path / "var")], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={"COVID_PLUGIN_MODELS_DIR": str(models), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    assert "does not match spec.json" in result.stderr and "refusing to load" in result.stderr
