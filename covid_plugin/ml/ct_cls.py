@@ -1,0 +1,86 @@
+"""Series-level COVID-19 score from lesion burden and distribution (a rule, no weights).
+
+With a handful of CT patients, a trained classifier would learn the patients. The rule encodes
+the typical COVID-19 pattern of the RSNA/Fleischner consensus statements instead: ground-glass
+dominant, bilateral, peripheral (subpleural) opacities. Each term maps a measured feature to
+[0, 1] between two thresholds from spec.json:
+
+    score = burden * (w_base + w_bilateral * bilateral + w_peripheral * peripheral + w_ggo * ggo)
+
+`burden` (lesion share of lung volume) gates everything: no lesion, no COVID. The score ranks
+series; it is not a calibrated probability (too few patients to calibrate), the card says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from covid_plugin.ml.ct_lung import LEFT_LUNG, RIGHT_LUNG
+from covid_plugin.ml.spec import ModelSpec, load_spec
+
+
+def _ramp(value: float, low: float, high: float) -> float:
+    """0 at or below `low`, 1 at or above `high`, linear between."""
+    return float(np.clip((value - low) / (high - low), 0.0, 1.0))
+
+
+def lesion_features(
+    lung: np.ndarray, lesion: np.ndarray, spacing: tuple[float, float, float], peripheral_mm: float
+) -> dict[str, float]:
+    """Burden and distribution of lesions inside the lungs (percentages and fractions)."""
+    inside = (lesion > 0) & (lung > 0)
+    lung_voxels = max(int((lung > 0).sum()), 1)
+    per_side = {}
+    for name, value in (("right", RIGHT_LUNG), ("left", LEFT_LUNG)):
+        side = lung == value
+        per_side[name] = float(100 * (inside & side).sum() / max(int(side.sum()), 1))
+    n_lesion = int(inside.sum())
+    peripheral = 0
+    if n_lesion:
+        for i in np.flatnonzero(inside.any(axis=(1, 2))):  # distance to the pleura, per slice
+            depth = ndi.distance_transform_edt(lung[i] > 0, sampling=spacing[1:])
+            peripheral += int((inside[i] & (depth <= peripheral_mm)).sum())
+    ggo = int(((lesion == 1) & (lung > 0)).sum())
+    return {
+        "involvement_percent": float(100 * n_lesion / lung_voxels),
+        "right_percent": per_side["right"],
+        "left_percent": per_side["left"],
+        "peripheral_fraction": peripheral / n_lesion if n_lesion else 0.0,
+        "ggo_fraction": ggo / n_lesion if n_lesion else 0.0,
+    }
+
+
+def rule_score(features: dict[str, float], t: dict[str, float]) -> float:
+    """The COVID-19 score in [0, 1] from the features and the spec's thresholds."""
+    burden = _ramp(features["involvement_percent"], t["burden_low_pct"], t["burden_high_pct"])
+    bilateral = _ramp(
+        min(features["right_percent"], features["left_percent"]),
+        t["side_low_pct"], t["side_high_pct"],
+    )
+    peripheral = _ramp(features["peripheral_fraction"], t["peripheral_low"], t["peripheral_high"])
+    ggo = _ramp(features["ggo_fraction"], t["ggo_low"], t["ggo_high"])
+    pattern = (t["w_base"] + t["w_bilateral"] * bilateral + t["w_peripheral"] * peripheral
+               + t["w_ggo"] * ggo)
+    return float(burden * pattern)
+
+
+class CtClassifier:
+    """COVID-19 vs not for one CT series, from the lung and lesion label maps."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+
+    @classmethod
+    def load(cls, model_dir: Path) -> CtClassifier:
+        return cls(load_spec(model_dir))
+
+    def features(self, lung: np.ndarray, lesion: np.ndarray, spacing) -> dict[str, float]:
+        return lesion_features(lung, lesion, tuple(spacing), self.spec.thresholds["peripheral_mm"])
+
+    def predict(self, lung: np.ndarray, lesion: np.ndarray, spacing) -> dict[str, float]:
+        """{"covid": score, "non_covid": 1 - score}; spec.thresholds["decision"] decides."""
+        score = rule_score(self.features(lung, lesion, spacing), self.spec.thresholds)
+        return {"covid": score, "non_covid": 1.0 - score}

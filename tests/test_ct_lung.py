@@ -1,0 +1,68 @@
+"""Lung extraction from HU on real series: two lungs, right lung on image left, plausible volume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covid_plugin.ml.ct_lung import LEFT_LUNG, RIGHT_LUNG, lung_volumes_ml, segment_lungs
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+
+
+def _series(name: str, every: int = 1):
+    from training.ct_series import load_hu_series
+
+    series = load_hu_series(DATA, [name])[0]
+    return series.hu[::every], (series.spacing[0] * every, *series.spacing[1:])
+
+
+def _check_lungs(labels: np.ndarray, spacing: tuple[float, float, float], slices: int) -> None:
+    assert labels.dtype == np.uint8
+    assert set(np.unique(labels)) == {0, RIGHT_LUNG, LEFT_LUNG}
+    volumes = lung_volumes_ml(labels, spacing)
+    per_mm = volumes["total_ml"] / (slices * spacing[0])
+    assert 5.0 < per_mm < 40.0  # adult mid/lower chest: 50-400 cm2 of lung per axial slice
+    assert min(volumes["right_ml"], volumes["left_ml"]) > 0.25 * volumes["total_ml"] / 2
+    right_cols = np.nonzero(labels == RIGHT_LUNG)[2].mean()
+    left_cols = np.nonzero(labels == LEFT_LUNG)[2].mean()
+    assert right_cols < labels.shape[2] / 2 < left_cols  # patient right is on image left
+
+
+def test_two_lungs_on_a_real_series():
+    hu, spacing = _series("tcia-lung-pet-ct-dx_Lung_Dx-A0002")
+    labels = segment_lungs(hu, spacing)
+    assert labels.shape == hu.shape
+    _check_lungs(labels, spacing, hu.shape[0])
+    # the lungs are air-filled: most labelled voxels are well below soft tissue
+    assert np.median(hu[labels > 0]) < -600
+
+
+def test_lung_cut_by_the_reconstruction_circle_is_kept():
+    # RIDER: the field of view cuts the chest wall, the lungs touch the padding (-3024 HU)
+    hu, spacing = _series("tcia-rider-pilot_0117_chest-ct-nsclc", every=6)
+    assert hu.min() < -2000
+    labels = segment_lungs(hu, spacing)
+    _check_lungs(labels, spacing, hu.shape[0])
+    # every slice holds both lungs (the lower slices are where the circle cuts the right lung)
+    assert all((labels[i] == RIGHT_LUNG).any() and (labels[i] == LEFT_LUNG).any()
+               for i in range(hu.shape[0]))
+
+
+def test_dense_consolidation_enclosed_by_lung_stays_lung():
+    hu, spacing = _series("covid-ct-md_normal002", every=10)
+    labels = segment_lungs(hu, spacing)
+    rows, cols = np.nonzero(labels[1] == RIGHT_LUNG)
+    r, c = int(rows.mean()), int(cols.mean())
+    hu = hu.copy()
+    hu[1, r - 6 : r + 6, c - 6 : c + 6] = 40.0  # a 7 mm soft-tissue blob inside the right lung
+    filled = segment_lungs(hu, spacing)
+    assert (filled[1, r - 6 : r + 6, c - 6 : c + 6] == RIGHT_LUNG).all()
+
+
+def test_rejects_a_2d_image():
+    with pytest.raises(ValueError):
+        segment_lungs(np.zeros((64, 64), np.float32), (1.0, 1.0, 1.0))

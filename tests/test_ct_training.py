@@ -1,0 +1,106 @@
+"""`python -m training train|evaluate ct-*` on a handful of real slices (few steps, no accuracy)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covid_plugin.ml.ct_cls import CtClassifier
+from covid_plugin.ml.ct_lesion import LesionSegmenter
+from covid_plugin.ml.ct_lung import segment_lungs
+from covid_plugin.ml.spec import ModelIntegrityError, load_spec
+from training.__main__ import main
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+
+
+@pytest.fixture(scope="module")
+def lesion_model(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ct")
+    out = root / "ct-lesion"
+    args = ["train", "ct-lesion", "--data", str(DATA), "--out", str(out), "--device", "cpu",
+            "--max-steps", "2", "--limit", "2", "--cache", str(root / "cache"),
+            "--batch-size", "2", "--checkpoint-every", "1"]
+    assert main(args) == 0
+    return out
+
+
+def test_lesion_training_writes_a_loadable_model(lesion_model):
+    spec = load_spec(lesion_model)
+    assert spec.weights_sha256 and (lesion_model / spec.weights).stat().st_size < 25e6
+    assert spec.intensity["lower_hu"] < -700 < 0 < spec.intensity["upper_hu"]
+    assert {lbl.key: lbl.value for lbl in spec.labels}["consolidation"] == "95436008"
+    assert (lesion_model / "window_calibration.json").is_file()
+
+
+def test_lesion_inference_on_a_real_series_stays_inside_the_lungs(lesion_model):
+    from training.ct_series import load_hu_series
+
+    series = load_hu_series(DATA, ["tcia-lung-pet-ct-dx_Lung_Dx-A0002"])[0]
+    hu = series.hu[::4]
+    lung = segment_lungs(hu, series.spacing)
+    lesion = LesionSegmenter.load(lesion_model).predict(hu, lung)
+    assert lesion.shape == hu.shape and lesion.dtype == np.uint8
+    assert set(np.unique(lesion)) <= {0, 1, 2}
+    assert not lesion[lung == 0].any()
+
+
+def test_resume_continues_from_the_checkpoint(lesion_model):
+    cache = lesion_model.parent / "cache"
+    assert torch.load(cache / "last.ckpt", weights_only=False)["step"] == 2
+    args = ["train", "ct-lesion", "--data", str(DATA), "--out", str(lesion_model), "--resume",
+            "--max-steps", "3", "--limit", "2", "--cache", str(cache), "--batch-size", "2",
+            "--checkpoint-every", "1"]
+    assert main(args) == 0
+    assert torch.load(cache / "last.ckpt", weights_only=False)["step"] == 3
+
+
+def test_tampered_weights_are_refused(lesion_model, tmp_path):
+    copy = tmp_path / "tampered"
+    shutil.copytree(lesion_model, copy)
+    weights = copy / load_spec(copy).weights
+    content = bytearray(weights.read_bytes())
+    content[-1] ^= 0xFF
+    weights.write_bytes(bytes(content))
+    with pytest.raises(ModelIntegrityError):
+        LesionSegmenter.load(copy)
+
+
+def test_lesion_evaluate_writes_dice_and_iou(lesion_model):
+    assert main(["evaluate", "ct-lesion", "--data", str(DATA), "--out", str(lesion_model),
+                 "--limit", "1"]) == 0
+    metrics = json.loads((lesion_model / "metrics.json").read_text())
+    test = metrics["test_slices_8bit"]
+    assert test["n_slices"] == 1 and "patient" in test["note"]
+    assert set(test["dice_pooled"]) >= {"ggo", "consolidation", "lesion"}
+    assert set(test["iou_mean_per_slice"]) == {"ggo", "consolidation", "lesion"}
+    assert (lesion_model / "card.md").read_text().startswith("# ct-lesion")
+
+
+def test_ct_cls_train_and_evaluate_per_patient(lesion_model, tmp_path):
+    out = tmp_path / "ct-classifier"
+    assert main(["train", "ct-cls", "--data", str(DATA), "--out", str(out)]) == 0
+    assert CtClassifier.load(out).spec.label("covid").value == "840539006"
+    assert main(["evaluate", "ct-cls", "--data", str(DATA), "--out", str(out), "--limit", "2",
+                 "--lesion-model", str(lesion_model)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_patients"] == 2 and metrics["n_covid"] == 1
+    assert all(0.0 <= r["score"] <= 1.0 for r in metrics["per_patient"].values())
+    assert (out / "roc_per_patient.png").is_file()
+
+
+def test_ct_lung_train_writes_rule_spec_and_checks(tmp_path):
+    out = tmp_path / "ct-lung"
+    assert main(["train", "ct-lung", "--data", str(DATA), "--out", str(out), "--limit", "1"]) == 0
+    spec = load_spec(out)
+    assert spec.weights is None
+    assert [lbl.value for lbl in spec.labels] == ["3341006", "44029006", "39607008"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["all_two_lungs"] and metrics["all_plausible"]
+    assert (out / "overlay_lungs.png").is_file()

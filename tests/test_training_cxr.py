@@ -1,0 +1,98 @@
+"""The CXR training loop, splits and metrics, on a handful of real images (no accuracy claims)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covid_plugin.ml.cxr import CxrClassifier
+from covid_plugin.ml.spec import load_spec
+from training.__main__ import main
+from training.cxr import augment, balanced_weights, checkpoint_path
+from training.data import Item, leakage_groups, make_split
+from training.metrics import bootstrap_auc, expected_calibration_error, macro_f1
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "cxr" / "manifest.csv").is_file(),
+                                reason="shared/data not present")
+
+
+def item(path: str, source: str, patient: str, label: str) -> Item:
+    return Item(path, source, patient, label, "PA", "no", "CC0-1.0")
+
+
+def test_near_duplicates_join_patients_into_one_group() -> None:
+    items = [item("a", "s", "p1", "covid"), item("b", "s", "p2", "covid"),
+             item("c", "s", "p1", "covid"), item("d", "s", "p3", "covid")]
+    groups = leakage_groups(items, [("b", "c"), ("x", "d")])  # "x" is not in the manifest
+    assert groups[0] == groups[1] == groups[2]
+    assert groups[3] != groups[0]
+
+
+def test_split_keeps_groups_whole_and_the_held_out_source_out_of_training() -> None:
+    rng = np.random.default_rng(0)
+    items = [item(f"i{k}", src, f"{src}:{k // 3}", lbl)
+             for k, (src, lbl) in enumerate(
+                 [("kermany", "normal"), ("ieee8023", "covid"), ("hannover", "covid"),
+                  ("nih_cxr14", "normal")][int(j)] for j in rng.integers(0, 4, 420))]
+    pairs = [("i0", "i200"), ("i5", "i301")]  # near-duplicates across patients
+    groups = leakage_groups(items, pairs)
+    split = make_split(items, groups, seed=0, holdout_sources=["hannover"])
+    parts = [split.train, split.val, split.test, split.holdout]
+    assert sum(map(len, parts)) == len(items)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not set(groups[parts[a]]) & set(groups[parts[b]])
+    assert all(items[i].source != "hannover" for i in np.concatenate(parts[:3]))
+    again = make_split(items, groups, seed=0)  # no hold-out: same test patients
+    assert set(split.test) <= set(again.test)
+
+
+def test_balanced_weights_give_each_class_and_source_equal_mass() -> None:
+    items = [item("a", "k", "1", "normal")] * 8 + [item("b", "n", "2", "normal")] * 2 + \
+            [item("c", "h", "3", "covid")] * 5
+    w = balanced_weights(items, np.arange(len(items))).numpy()
+    assert w[:8].sum() == pytest.approx(w[8:10].sum())
+    assert w[:10].sum() == pytest.approx(w[10:].sum())
+
+
+def test_augment_is_reproducible_and_stays_in_range() -> None:
+    x = torch.rand(6, 1, 64, 64)
+    a = augment(x, torch.Generator().manual_seed(3))
+    b = augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x)
+
+
+def test_metrics_behave_on_known_cases() -> None:
+    y = np.array([0, 0, 1, 1, 1, 0])
+    assert bootstrap_auc(y, np.array([.1, .2, .8, .9, .7, .3]), n_boot=50)["auc"] == 1.0
+    assert bootstrap_auc(np.ones(4), np.ones(4))["auc"] is None
+    confident_right = np.eye(3)[[0, 1, 2, 1]]
+    assert expected_calibration_error(np.array([0, 1, 2, 1]), confident_right) == 0.0
+    assert expected_calibration_error(np.array([1, 2, 0, 0]), confident_right) == 1.0
+    assert macro_f1(np.array([0, 0, 2]), np.array([0, 0, 2]), 3) == 1.0
+
+
+@needs_data
+def test_train_a_few_steps_then_resume_and_load(tmp_path: Path) -> None:
+    out, cache = tmp_path / "model", tmp_path / "cache"
+    common = ["--data", str(DATA), "--out", str(out), "--device", "cpu", "--limit", "56",
+              "--cache", str(cache), "--batch-size", "4", "--epoch-samples", "4",
+              "--threads", "1"]
+    assert main(["train", "cxr", *common, "--epochs", "1"]) == 0
+    ckpt = checkpoint_path(cache, out)
+    assert ckpt.is_file() and not list(out.glob("*.ckpt"))
+    assert main(["train", "cxr", *common, "--epochs", "2", "--resume"]) == 0
+    spec = load_spec(out)  # checks the sha256 of the weights it names
+    history = spec.model_extra["training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert (out / spec.weights).stat().st_size < 25 * 2**20
+    assert spec.model_extra["temperature"] > 0
+    assert json.loads((out / "spec.json").read_text())["labels"][2]["value"] == "840539006"
+    pred = CxrClassifier.load(out).predict(np.full((50, 40), 0.5, dtype=np.float32))
+    assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)

@@ -1,0 +1,134 @@
+"""The rule-based CT lung segmentation as a model folder: `python -m training train ct-lung`.
+
+There is nothing to fit (no lung masks exist in the shared data), so `train` writes the spec
+of the rule (covid_plugin/ml/ct_lung.py, weights null) and `evaluate` checks it on every real
+HU series: volumes in mL, both lungs found, left/right on the expected image side, run time,
+and overlay PNGs for the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covid_plugin.ml import ct_lung
+from covid_plugin.ml.ct_lung import lung_volumes_ml, segment_lungs
+from covid_plugin.ml.ct_window import hu_to_unit
+from training.ct_plots import LUNG_COLOURS, overlay, save_grid, tile
+from training.ct_series import SOURCES, load_hu_series
+
+REPO = Path(__file__).resolve().parents[1]
+DISPLAY_WINDOW = (-1350.0, 150.0)  # a lung window for the overlays only
+# plausible adult lung volume per mm of craniocaudal extent through the mid/lower chest (mL/mm)
+PLAUSIBLE_ML_PER_MM = (5.0, 40.0)
+
+
+def spec() -> dict:
+    return {
+        "name": "ct-lung",
+        "version": "1.0.0",
+        "task": "segmentation",
+        "weights": None,
+        "weights_sha256": None,
+        "labels": [
+            {"key": "right_lung", "value": "3341006", "scheme": "SCT", "meaning": "Right lung"},
+            {"key": "left_lung", "value": "44029006", "scheme": "SCT", "meaning": "Left lung"},
+            {"key": "lung", "value": "39607008", "scheme": "SCT", "meaning": "Lung"},
+        ],
+        "input": {
+            "volume": "float32 HU (slices, rows, cols) sorted along the slice normal",
+            "working_grid": "in-plane block mean to about 256 px, labels repeated back",
+            "orientation": "standard axial: patient right on image left",
+        },
+        "intensity": {
+            "kind": "hu_thresholds",
+            "body_hu": ct_lung.BODY_HU,
+            "lung_hu": ct_lung.LUNG_HU,
+            "airway_hu": ct_lung.AIRWAY_HU,
+            "padding_hu": ct_lung.PADDING_HU,
+        },
+        "spacing": None,
+        "thresholds": {
+            "min_lung_ml": ct_lung.MIN_LUNG_ML,
+            "max_airway_ml": ct_lung.MAX_AIRWAY_ML,
+            "closing_mm": ct_lung.CLOSING_MM,
+            "padding_share": ct_lung.PADDING_SHARE,
+        },
+        "output": {"0": "background", "1": "right_lung", "2": "left_lung"},
+        "method": "threshold -> body -> airway removal -> 3D components -> left/right split "
+                  "(eroded seeds + watershed) -> per-slice closing and hole filling "
+                  "(scipy.ndimage, scikit-image); rule-based, nothing trained",
+        "data": {
+            "checked_on": [f"{name}: {licence}" for name, licence in SOURCES.values()],
+            "split": "none (no parameters fitted); every real HU series is a check",
+        },
+    }
+
+
+def train(args: argparse.Namespace) -> int:
+    out = Path(args.out or REPO / "models" / "ct-lung")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec(), indent=2) + "\n")
+    return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-lung")
+    series_list = load_hu_series(data)[: args.limit]
+    results, rows = {}, []
+    for series in series_list:
+        start = time.perf_counter()
+        labels = segment_lungs(series.hu, series.spacing)
+        seconds = time.perf_counter() - start
+        volumes = lung_volumes_ml(labels, series.spacing)
+        extent_mm = series.hu.shape[0] * series.spacing[0]
+        cols = [np.nonzero(labels == v)[2].mean() if (labels == v).any() else None for v in (1, 2)]
+        per_mm = volumes["total_ml"] / extent_mm
+        results[series.name] = {
+            "label": series.label,
+            "slices": int(series.hu.shape[0]),
+            "spacing_mm": list(series.spacing),
+            "craniocaudal_extent_mm": extent_mm,
+            **volumes,
+            "ml_per_mm": per_mm,
+            "plausible": bool(PLAUSIBLE_ML_PER_MM[0] <= per_mm <= PLAUSIBLE_ML_PER_MM[1]),
+            "two_lungs": bool(volumes["right_ml"] > 0 and volumes["left_ml"] > 0),
+            "right_lung_on_image_left": bool(cols[0] is not None and cols[1] is not None
+                                             and cols[0] < cols[1]),
+            "seconds": seconds,
+        }
+        picks = sorted({0, series.hu.shape[0] // 2, series.hu.shape[0] - 1})
+        rows.append([
+            tile(overlay(hu_to_unit(series.hu[i], *DISPLAY_WINDOW), labels[i], LUNG_COLOURS),
+                 220, f"{series.name[-26:]} #{i}")
+            for i in picks
+        ])
+    save_grid(rows, out / "overlay_lungs.png")
+    metrics = {
+        "model": {"name": "ct-lung", "version": "1.0.0", "weights_sha256": None},
+        "note": "no reference lung masks exist here: plausibility checks, not Dice. Partial "
+                "series (14-60 slices) hold part of the lungs, so volumes are per block; "
+                "ml_per_mm compares blocks of different extent",
+        "plausible_ml_per_mm": list(PLAUSIBLE_ML_PER_MM),
+        "per_series": results,
+        "all_plausible": all(r["plausible"] for r in results.values()),
+        "all_two_lungs": all(r["two_lungs"] for r in results.values()),
+        "all_right_on_image_left": all(r["right_lung_on_image_left"] for r in results.values()),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    spec_json = json.loads((out / "spec.json").read_text())
+    spec_json["metrics"] = {
+        key: metrics[key] for key in ("all_plausible", "all_two_lungs", "all_right_on_image_left")
+    }
+    spec_json["metrics"]["on"] = f"{len(results)} real HU series; details in metrics.json"
+    (out / "spec.json").write_text(json.dumps(spec_json, indent=2) + "\n")
+    from training.ct_cards import write_lung_card
+
+    write_lung_card(out, metrics)
+    return 0

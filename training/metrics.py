@@ -1,0 +1,121 @@
+"""Evaluation metrics and plots shared by the training modules.
+
+Bootstrap resampling is over groups (patients) when they are given, because images of one
+patient are not independent and an image-level bootstrap would give intervals that are too
+narrow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    ConfusionMatrixDisplay,
+    RocCurveDisplay,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+
+def bootstrap_auc(
+    y_true: np.ndarray,
+    score: np.ndarray,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float | list[float] | int | None]:
+    """ROC AUC with a percentile 95% CI; None when only one class is present."""
+    y_true = np.asarray(y_true).astype(int)
+    score = np.asarray(score, dtype=float)
+    if len(np.unique(y_true)) < 2:
+        return {"auc": None, "ci95": None, "n_pos": int(y_true.sum()), "n": len(y_true)}
+    auc = float(roc_auc_score(y_true, score))
+    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
+    unique = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in unique]
+    rng = np.random.default_rng(seed)
+    samples: list[float] = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
+        if len(np.unique(y_true[idx])) == 2:
+            samples.append(roc_auc_score(y_true[idx], score[idx]))
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return {
+        "auc": auc, "ci95": [float(lo), float(hi)], "n_pos": int(y_true.sum()), "n": len(y_true)
+    }
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE (Guo et al. 2017), equal-width confidence bins.
+
+    MONAI's CalibrationErrorMetric is class-wise (made for segmentation maps), not the top-label
+    ECE that classifier papers report, hence this short version.
+    """
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def sensitivity_specificity(y_true: np.ndarray, predicted: np.ndarray) -> dict[str, float | None]:
+    """Binary sensitivity and specificity; None where the class is absent."""
+    y_true = np.asarray(y_true).astype(bool)
+    predicted = np.asarray(predicted).astype(bool)
+    pos, neg = y_true.sum(), (~y_true).sum()
+    return {
+        "sensitivity": float((predicted & y_true).sum() / pos) if pos else None,
+        "specificity": float((~predicted & ~y_true).sum() / neg) if neg else None,
+    }
+
+
+def youden_threshold(y_true: np.ndarray, score: np.ndarray) -> float:
+    """The score threshold that maximises sensitivity + specificity (picked on validation)."""
+    fpr, tpr, thresholds = roc_curve(y_true, score)
+    return float(min(thresholds[np.argmax(tpr - fpr)], 1.0))
+
+
+def macro_f1(y_true: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 over the classes present in y_true (absent classes would be zero by fiat)."""
+    present = sorted(set(np.asarray(y_true).tolist()))
+    return float(f1_score(y_true, predicted, labels=present, average="macro", zero_division=0))
+
+
+def plot_roc(
+    curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str, path: Path
+) -> None:
+    """One ROC curve per (name, y_true, score)."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, y_true, score in curves:
+        if len(np.unique(y_true)) == 2:
+            RocCurveDisplay.from_predictions(y_true, score, name=name, ax=ax)
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(
+    y_true: np.ndarray, predicted: np.ndarray, labels: Sequence[str], title: str, path: Path
+) -> None:
+    matrix = confusion_matrix(y_true, predicted, labels=list(range(len(labels))))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ConfusionMatrixDisplay(matrix, display_labels=list(labels)).plot(ax=ax, colorbar=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
