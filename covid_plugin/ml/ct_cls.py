@@ -30,24 +30,30 @@ def _ramp(value: float, low: float, high: float) -> float:
 def lesion_features(
     lung: np.ndarray, lesion: np.ndarray, spacing: tuple[float, float, float], peripheral_mm: float
 ) -> dict[str, float]:
-    """Burden and distribution of lesions inside the lungs (percentages and fractions)."""
-    inside = (lesion > 0) & (lung > 0)
-    lung_voxels = max(int((lung > 0).sum()), 1)
-    per_side = {}
-    for name, value in (("right", RIGHT_LUNG), ("left", LEFT_LUNG)):
-        side = lung == value
-        per_side[name] = float(100 * (inside & side).sum() / max(int(side.sum()), 1))
-    n_lesion = int(inside.sum())
-    peripheral = 0
-    if n_lesion:
-        for i in np.flatnonzero(inside.any(axis=(1, 2))):  # distance to the pleura, per slice
-            depth = ndi.distance_transform_edt(lung[i] > 0, sampling=spacing[1:])
-            peripheral += int((inside[i] & (depth <= peripheral_mm)).sum())
-    ggo = int(((lesion == 1) & (lung > 0)).sum())
+    """Burden and distribution of lesions inside the lungs (percentages and fractions).
+
+    Counted slice by slice: whole-volume boolean temporaries of a 600-slice CT would take
+    150 MB each.
+    """
+    lung_n = {RIGHT_LUNG: 0, LEFT_LUNG: 0}
+    lesion_n = {RIGHT_LUNG: 0, LEFT_LUNG: 0}
+    peripheral = ggo = 0
+    for i in range(lung.shape[0]):
+        in_lung = lung[i] > 0
+        inside = (lesion[i] > 0) & in_lung
+        for value in (RIGHT_LUNG, LEFT_LUNG):
+            side = lung[i] == value
+            lung_n[value] += int(side.sum())
+            lesion_n[value] += int((inside & side).sum())
+        if inside.any():  # distance to the lung border (pleura), in mm, in this slice
+            depth = ndi.distance_transform_edt(in_lung, sampling=spacing[1:])
+            peripheral += int((inside & (depth <= peripheral_mm)).sum())
+            ggo += int((inside & (lesion[i] == 1)).sum())
+    n_lesion = sum(lesion_n.values())
     return {
-        "involvement_percent": float(100 * n_lesion / lung_voxels),
-        "right_percent": per_side["right"],
-        "left_percent": per_side["left"],
+        "involvement_percent": 100 * n_lesion / max(sum(lung_n.values()), 1),
+        "right_percent": 100 * lesion_n[RIGHT_LUNG] / max(lung_n[RIGHT_LUNG], 1),
+        "left_percent": 100 * lesion_n[LEFT_LUNG] / max(lung_n[LEFT_LUNG], 1),
         "peripheral_fraction": peripheral / n_lesion if n_lesion else 0.0,
         "ggo_fraction": ggo / n_lesion if n_lesion else 0.0,
     }

@@ -106,9 +106,10 @@ class Spool:
             # one open ('received') job per series; instances arriving after a series was
             # queued open a new job, so late slices are not silently ignored
             conn.execute(
-                "INSERT OR IGNORE INTO jobs (series_uid, state, created_at, updated_at) "
-                "VALUES (?, 'received', ?, ?)",
-                (header.series_uid, t, t),
+                "INSERT INTO jobs (series_uid, state, created_at, updated_at) "
+                "SELECT ?, 'received', ?, ? WHERE NOT EXISTS "
+                "(SELECT 1 FROM jobs WHERE series_uid = ? AND state = 'received')",
+                (header.series_uid, t, t, header.series_uid),
             )
         return True
 
