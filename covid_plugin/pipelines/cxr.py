@@ -56,7 +56,7 @@ class CxrPipeline:
             ClassProbability(key, spec.label(key).code(), p)
             for key, p in prediction.probabilities.items()
         ]
-        predicted = max(prediction.probabilities, key=prediction.probabilities.get)
+        predicted = decide(prediction.probabilities, spec.thresholds["covid"])
         lung_model = models["lungs"].spec.info()
         masks = [Mask("lungs", "Lungs", codes.ANATOMICAL_STRUCTURE, codes.LUNG, lungs[None],
                       lung_model)]
@@ -68,8 +68,18 @@ class CxrPipeline:
         return Findings(
             kind="cxr",
             series_instance_uid=series.series_instance_uid,
-            classification=Classification(model, probabilities, predicted),
+            classification=Classification(model, probabilities, predicted,
+                                          spec.thresholds["covid"]),
             masks=masks,
             heatmap=heatmap[None],
             models=[model, lung_model],
         )
+
+
+def decide(probabilities: dict[str, float], covid_threshold: float) -> str:
+    """COVID-19 at the shipped operating point (the threshold its sensitivity and specificity
+    were measured at); otherwise the more probable of the other labels."""
+    if probabilities["covid"] >= covid_threshold:
+        return "covid"
+    others = {k: p for k, p in probabilities.items() if k != "covid"}
+    return max(others, key=others.get)
