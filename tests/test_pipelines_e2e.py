@@ -115,3 +115,11 @@ def test_orthanc_sends_a_ct_study_and_files_sr_seg_sc(node_factory, orthanc_fact
                      what="SR, SEG and SC filed under the source study")
     modalities = sorted(orthanc.get(f"/series/{s}")["MainDicomTags"]["Modality"] for s in found)
     assert modalities == ["OT", "SEG", "SR"]
+
+
+def test_covid_is_called_at_the_shipped_threshold_not_by_argmax():
+    from covid_plugin.pipelines.cxr import decide
+
+    probs = {"normal": 0.6, "pneumonia_other": 0.1, "covid": 0.3}
+    assert decide(probs, covid_threshold=0.25) == "covid"
+    assert decide(probs, covid_threshold=0.35) == "normal"
