@@ -12,9 +12,12 @@ import torch
 from covid_plugin.ml.cxr import (
     CLASS_KEYS,
     INPUT_SIZE,
+    MODELS_DIR,
     CxrClassifier,
+    LungCrop,
     build_network,
     prepare,
+    preprocess,
     to_network_input,
     unit_range,
 )
@@ -25,14 +28,21 @@ from training.data import read_grey, read_manifests
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "cxr" / "manifest.csv").is_file(),
                                 reason="shared/data not present")
+LUNG_DIR = MODELS_DIR / "cxr-lung"
+needs_lungs = pytest.mark.skipif(not (LUNG_DIR / "spec.json").is_file(),
+                                 reason="models/cxr-lung not present")
+
+
+def three_geometries() -> list:
+    """One squashed child, one unsquashed adult COVID film, one NIH adult."""
+    items = read_manifests(DATA, ["cxr", "cxr_adult"])
+    return [next(it for it in items if it.source == s) for s in ("kermany", "hannover",
+                                                                   "nih_cxr14")]
 
 
 @needs_data
 def test_training_path_and_inference_path_give_the_same_tensor(tmp_path: Path) -> None:
-    items = read_manifests(DATA, ["cxr", "cxr_adult"])
-    # one squashed child, one unsquashed adult COVID film, one NIH adult: three geometries
-    picks = [next(it for it in items if it.source == s) for s in ("kermany", "hannover",
-                                                                    "nih_cxr14")]
+    picks = three_geometries()
     cached = load_cache(picks, DATA, INPUT_SIZE, tmp_path)
     training = network_batch(cached, np.arange(len(picks)))
     for k, item in enumerate(picks):
@@ -76,7 +86,7 @@ def test_heatmap_scaling_keeps_the_hottest_region_hottest() -> None:
     assert torch.equal(scaled[1], torch.zeros_like(scaled[1]))  # flat map: no NaN, no heat
 
 
-def write_model(folder: Path) -> Path:
+def write_model(folder: Path, lung_crop: dict | None = None) -> Path:
     """A model folder with untrained weights: enough to test loading and the output contract."""
     folder.mkdir()
     torch.manual_seed(0)
@@ -87,6 +97,8 @@ def write_model(folder: Path) -> Path:
         "labels": [{"key": k, "value": "1", "scheme": "SCT", "meaning": k} for k in CLASS_KEYS],
         "input": {"size": INPUT_SIZE}, "thresholds": {"lateral": 0.5}, "temperature": 1.5,
     }
+    if lung_crop is not None:
+        spec["lung_crop"] = lung_crop
     (folder / "spec.json").write_text(json.dumps(spec))
     return folder
 
@@ -100,6 +112,7 @@ def test_classifier_output_contract(tmp_path: Path) -> None:
     assert pred.view in ("frontal", "lateral") and 0.5 <= pred.view_probability <= 1.0
     assert pred.heatmap.shape == image.shape and pred.heatmap.dtype == np.float32
     assert 0.0 <= pred.heatmap.min() and pred.heatmap.max() <= 1.0
+    assert clf.crop is None  # a spec without lung_crop is v1: the whole film, no lung model
 
 
 def test_classifier_refuses_weights_that_do_not_match_the_spec(tmp_path: Path) -> None:
@@ -108,3 +121,77 @@ def test_classifier_refuses_weights_that_do_not_match_the_spec(tmp_path: Path) -
         fh.write(b"tampered")
     with pytest.raises(ModelIntegrityError):
         CxrClassifier.load(folder)
+
+
+def lung_block(margin: float = 0.05) -> dict:
+    return LungCrop.load(LUNG_DIR, margin).describe()
+
+
+@needs_data
+@needs_lungs
+def test_training_path_and_inference_path_give_the_same_tensor_with_the_lung_crop(
+    tmp_path: Path,
+) -> None:
+    """The v2 cache (training) and CxrClassifier.predict (node) feed the network one tensor."""
+    clf = CxrClassifier.load(write_model(tmp_path / "m", lung_block()))
+    assert clf.crop is not None
+    picks = three_geometries()
+    cached = load_cache(picks, DATA, INPUT_SIZE, tmp_path / "cache", clf.crop)
+    training = network_batch(cached, np.arange(len(picks)))
+    seen: list[torch.Tensor] = []
+    hook = clf.network.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        for k, item in enumerate(picks):
+            image = read_grey(DATA / item.path)
+            seen.clear()
+            pred = clf.predict(image)
+            assert torch.equal(training[k], seen[0][0])
+            # the crop changed what the network sees (v1 input differs) ...
+            v1 = to_network_input(torch.from_numpy(prepare(image))[None])[0]
+            assert not torch.equal(v1, training[k])
+            # ... and the heatmap is in the original frame, zero outside the crop
+            r0, r1, c0, c1 = preprocess(image, INPUT_SIZE, clf.crop)[1]
+            assert pred.heatmap.shape == image.shape
+            outside = np.ones(image.shape, bool)
+            outside[r0:r1, c0:c1] = False
+            assert (r1 - r0, c1 - c0) != image.shape and not pred.heatmap[outside].any()
+            assert 0.0 <= pred.heatmap.min() and pred.heatmap.max() <= 1.0
+    finally:
+        hook.remove()
+
+
+@needs_lungs
+def test_classifier_refuses_a_lung_model_other_than_the_one_it_was_trained_with(
+    tmp_path: Path,
+) -> None:
+    block = {**lung_block(), "weights_sha256": "0" * 64}
+    with pytest.raises(ModelIntegrityError, match="lung model"):
+        CxrClassifier.load(write_model(tmp_path / "m", block))
+
+
+class _Segmenter:
+    """Stands in for the lung model: returns a fixed mask."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        return self.mask
+
+
+def stub_crop(mask: np.ndarray, margin: float) -> LungCrop:
+    return LungCrop(_Segmenter(mask), margin)  # type: ignore[arg-type]
+
+
+def test_crop_grows_the_lung_box_by_the_margin_and_ignores_implausible_masks() -> None:
+    image = np.random.default_rng(2).random((200, 100)).astype(np.float32)
+    mask = np.zeros(image.shape, bool)
+    mask[50:150, 20:80] = True
+    out, box = preprocess(image, 64, stub_crop(mask, 0.1))
+    assert box == (30, 170, 10, 90) and out.shape == (64, 64)
+    assert np.array_equal(out, prepare(image[30:170, 10:90], 64))
+    speck = np.zeros(image.shape, bool)
+    speck[5:15, 5:15] = True  # a marker, not lungs: the whole film is used
+    assert preprocess(image, 64, stub_crop(speck, 0.0))[1] == (0, 200, 0, 100)
+    empty = np.zeros(image.shape, bool)  # nothing found: the whole film, never an error
+    assert preprocess(image, 64, stub_crop(empty, 0.1))[1] == (0, 200, 0, 100)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from covid_plugin.ml.cxr import CxrClassifier
+from covid_plugin.ml.cxr import MODELS_DIR, CxrClassifier, preprocess
 from covid_plugin.ml.spec import load_spec
 from training.__main__ import main
-from training.cxr import augment, balanced_weights, checkpoint_path
-from training.data import Item, leakage_groups, make_split
+from training.cxr import augment, balanced_weights, checkpoint_path, load_cache, load_items
+from training.data import Item, leakage_groups, make_split, read_grey
 from training.metrics import bootstrap_auc, expected_calibration_error, macro_f1
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -96,3 +96,32 @@ def test_train_a_few_steps_then_resume_and_load(tmp_path: Path) -> None:
     assert json.loads((out / "spec.json").read_text())["labels"][2]["value"] == "840539006"
     pred = CxrClassifier.load(out).predict(np.full((50, 40), 0.5, dtype=np.float32))
     assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+@needs_data
+@pytest.mark.skipif(not (MODELS_DIR / "cxr-lung" / "spec.json").is_file(),
+                    reason="models/cxr-lung not present")
+def test_lung_crop_training_pins_the_lung_model_and_the_node_crops_identically(
+    tmp_path: Path,
+) -> None:
+    """v2: spec.json names the lung model by sha256, and the loaded classifier crops the
+    cached training images' films to the very same uint8 images."""
+    out, cache = tmp_path / "model", tmp_path / "cache"
+    lungs = MODELS_DIR / "cxr-lung"
+    assert main(["train", "cxr", "--data", str(DATA), "--out", str(out), "--device", "cpu",
+                 "--limit", "28", "--cache", str(cache), "--batch-size", "4",
+                 "--epoch-samples", "4", "--threads", "1", "--epochs", "1",
+                 "--lung-crop", str(lungs), "--lung-margin", "0.05"]) == 0
+    spec = json.loads((out / "spec.json").read_text())
+    lung_spec = load_spec(lungs)
+    assert spec["version"].startswith("2.")
+    assert spec["lung_crop"]["weights_sha256"] == lung_spec.weights_sha256
+    assert spec["lung_crop"]["model"] == "cxr-lung" and spec["lung_crop"]["margin"] == 0.05
+    clf = CxrClassifier.load(out)  # found in models/, although the classifier is in tmp
+    assert clf.crop is not None and clf.crop.margin == 0.05
+    items, _ = load_items(DATA, 28, 0)
+    cached = load_cache(items, DATA, 224, cache, clf.crop)  # the training run's own cache
+    assert len(list(cache.glob("cxr_lung_*.pt"))) == 1
+    for k in (0, len(items) - 1):
+        image = read_grey(DATA / items[k].path)
+        assert np.array_equal(cached[k].numpy(), preprocess(image, 224, clf.crop)[0])

@@ -5,7 +5,9 @@ cache, the early (high-resolution, most expensive) backbone stages are frozen, e
 and drawn by a class- and source-balanced sampler, and every epoch leaves a checkpoint that
 `--resume` continues from. The learning rate decays to zero, so the last epoch is kept: the
 validation split is left for calibration and thresholds, where it matters more. The same
-command runs on a GPU with `--device cuda`.
+command runs on a GPU with `--device cuda`. `--lung-crop models/cxr-lung` (v2) crops every
+film to its lung box before the resize, with the node's own `preprocess`, and records the lung
+model's sha256 in spec.json, so the node crops with exactly the same weights.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from covid_plugin.ml.cxr import (
     FEATURES,
     INPUT_SIZE,
     CxrNet,
+    LungCrop,
     build_network,
-    prepare,
+    preprocess,
     to_network_input,
 )
 from covid_plugin.ml.spec import sha256_of
@@ -71,6 +74,17 @@ def options(extra: Sequence[str]) -> argparse.Namespace:
         help="a source kept out of training entirely (repeatable), e.g. hannover",
     )
     parser.add_argument(
+        "--train-seed", type=int, default=None,
+        help="seed of initialisation, sampling and augmentation only (default: --seed, which "
+             "also fixes the split): repeats a recipe on the same test patients",
+    )
+    parser.add_argument(
+        "--lung-crop", type=Path, default=None,
+        help="a cxr-lung model folder: crop every film to its lung box (v2); default: no crop",
+    )
+    parser.add_argument("--lung-margin", type=float, default=0.05,
+                        help="margin around the lung box, as a fraction of the film's size")
+    parser.add_argument(
         "--holdout-model", type=Path, default=REPO / "runs" / "cxr-holdout-hannover",
         help="evaluate: the model trained without the held-out source",
     )
@@ -101,15 +115,32 @@ def load_items(data: Path, limit: int | None, seed: int) -> tuple[list[Item], np
     return items, groups
 
 
-def load_cache(items: Sequence[Item], data: Path, size: int, cache_dir: Path) -> torch.Tensor:
-    """uint8 (N, size, size) images in item order, built once with the node's `prepare`."""
-    key = hashlib.sha256("\n".join(it.path for it in items).encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"cxr_{size}_{len(items)}_{key}.pt"
+def lung_crop(opts: argparse.Namespace) -> LungCrop | None:
+    """The crop `--lung-crop` asks for, loaded the way the node loads it (sha256-checked)."""
+    if opts.lung_crop is None:
+        return None
+    return LungCrop.load(Path(opts.lung_crop), opts.lung_margin)
+
+
+def load_cache(items: Sequence[Item], data: Path, size: int, cache_dir: Path,
+               crop: LungCrop | None = None) -> torch.Tensor:
+    """uint8 (N, size, size) images in item order, built once with the node's `preprocess`.
+
+    A cropped cache is keyed by the lung model's sha256 and the margin as well, so replacing
+    the lung weights can never feed a stale crop to training or evaluation.
+    """
+    text = "\n".join(it.path for it in items)
+    if crop is not None:
+        text += f"\nlung:{crop.segmenter.spec.weights_sha256}:{crop.margin}"
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
+    tag = "_lung" if crop is not None else ""
+    path = Path(cache_dir) / f"cxr{tag}_{size}_{len(items)}_{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     images = torch.empty((len(items), size, size), dtype=torch.uint8)
     for i, item in enumerate(tqdm(items, desc="cache", unit="img")):
-        images[i] = torch.from_numpy(prepare(read_grey(Path(data) / item.path), size))
+        images[i] = torch.from_numpy(preprocess(read_grey(Path(data) / item.path), size,
+                                                crop)[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(images, path)
     return images
@@ -232,22 +263,24 @@ def predict_logits(
 
 
 def setup(args: argparse.Namespace, opts: argparse.Namespace
-          ) -> tuple[list[Item], Split, torch.Tensor]:
+          ) -> tuple[list[Item], Split, torch.Tensor, LungCrop | None]:
     torch.set_num_threads(opts.threads)
     items, groups = load_items(Path(args.data), args.limit, args.seed)
     split = make_split(items, groups, seed=args.seed, holdout_sources=opts.holdout_source)
-    images = load_cache(items, Path(args.data), opts.size, opts.cache)
-    return items, split, images
+    crop = lung_crop(opts)
+    images = load_cache(items, Path(args.data), opts.size, opts.cache, crop)
+    return items, split, images, crop
 
 
 def train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     opts = options(args.extra)
-    set_determinism(seed=args.seed)
+    train_seed = args.seed if opts.train_seed is None else opts.train_seed
+    set_determinism(seed=train_seed)
     device = pick_device(args.device)
     out = Path(args.out or "models/cxr-classifier")
     out.mkdir(parents=True, exist_ok=True)
-    items, split, images = setup(args, opts)
+    items, split, images, crop = setup(args, opts)
     cls, view = targets(items)
     log.info("train %d val %d test %d held-out %d images on %s", len(split.train),
              len(split.val), len(split.test), len(split.holdout), device)
@@ -268,7 +301,7 @@ def train(args: argparse.Namespace) -> int:
     frontal = int((view[split.train] == 0).sum())
     pos_weight = torch.tensor(min(frontal / max(lateral, 1), 20.0), device=device)
 
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(train_seed)
     weights = balanced_weights(items, split.train)
     ckpt_path = checkpoint_path(opts.cache, out)
     state = {"epoch": 0, "step": 0, "history": []}
@@ -316,7 +349,7 @@ def train(args: argparse.Namespace) -> int:
     net.to("cpu")
     export_model(
         net, items, split, images, out, args=args, opts=opts, history=state["history"],
-        licences=Counter(items[i].licence for i in split.train),
+        licences=Counter(items[i].licence for i in split.train), crop=crop,
     )
     log.info("wrote %s (weights sha256 %s)", out, sha256_of(out / WEIGHTS)[:12])
     return 0

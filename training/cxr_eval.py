@@ -142,13 +142,14 @@ def held_out_source(model_dir: Path, args: argparse.Namespace, opts: argparse.Na
         return None
     items, groups = load_items(Path(args.data), args.limit, args.seed)
     split = make_split(items, groups, seed=args.seed, holdout_sources=sources)
-    images = load_cache(items, Path(args.data), opts.size, opts.cache)
     cls, _ = targets(items)
     patients = patient_index(items)
     positives = [i for i in split.holdout if items[i].source in sources and cls[i] >= 0]
     negatives = [i for i in split.test if cls[i] >= 0 and items[i].label != "covid"]
     idx = np.array(positives + negatives, dtype=int)
     clf = CxrClassifier.load(model_dir)
+    # the held-out-source model's own preprocessing (its crop), not the shipped model's
+    images = load_cache(items, Path(args.data), opts.size, opts.cache, clf.crop)
     probs = calibrated(predict_logits(clf.network, images, idx, torch.device("cpu")),
                        clf.temperature)
     k = CLASS_KEYS.index("covid")
@@ -180,6 +181,8 @@ def plot_heatmaps(clf: CxrClassifier, items: list[Item], test: np.ndarray, data:
                   path: Path) -> None:
     """GradCAM overlays on one held-out film per (source, label), through the node's predict().
 
+With a lung crop, the box the network saw is drawn in green.
+
     Only CC0 / CC BY films are drawn: the card ships in the repository, NC images may not.
     """
     import matplotlib.pyplot as plt
@@ -195,6 +198,10 @@ def plot_heatmaps(clf: CxrClassifier, items: list[Item], test: np.ndarray, data:
         pred = clf.predict(image)
         ax.imshow(image, cmap="gray")
         ax.imshow(pred.heatmap, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        if clf.crop is not None:  # v2: the lung box the network saw (heatmap is 0 outside)
+            r0, r1, c0, c1 = clf.crop.box(image)
+            ax.add_patch(plt.Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False,
+                                       edgecolor="lime", linewidth=1))
         best = max(pred.probabilities, key=pred.probabilities.get)
         ax.set_title(f"{source} / {label}\npredicted {best} {pred.probabilities[best]:.2f}",
                      fontsize=8)
@@ -210,7 +217,7 @@ def run_evaluation(args: argparse.Namespace, opts: argparse.Namespace, out: Path
     shipped_holdout = clf.spec.model_extra["split"]["holdout_sources"]
     items, groups = load_items(Path(args.data), args.limit, args.seed)
     split = make_split(items, groups, seed=args.seed, holdout_sources=shipped_holdout)
-    images = load_cache(items, Path(args.data), opts.size, opts.cache)
+    images = load_cache(items, Path(args.data), opts.size, opts.cache, clf.crop)
     cls, view = targets(items)
     patients = patient_index(items)
     thresholds = dict(clf.spec.thresholds)

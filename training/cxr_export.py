@@ -24,6 +24,7 @@ from covid_plugin.ml.cxr import (
     CLASS_KEYS,
     PERCENTILES,
     CxrNet,
+    LungCrop,
     build_network,
 )
 from covid_plugin.ml.spec import sha256_of
@@ -31,7 +32,8 @@ from training.data import Item, Split
 from training.metrics import youden_threshold
 
 NAME = "cxr-classifier"
-VERSION = "1.0.0"
+VERSION = "1.0.0"  # no lung crop
+VERSION_LUNG_CROP = "2.0.0"  # cropped to the lung box: a different input, hence a major version
 WEIGHTS = "cxr-classifier.pt"
 FP16_TOLERANCE = 1e-3  # max probability change accepted for storing half-precision weights
 
@@ -102,8 +104,13 @@ def export_model(
     opts: argparse.Namespace,
     history: list[dict],
     licences: Counter,
+    crop: LungCrop | None = None,
 ) -> None:
-    """Write the weights and spec.json; evaluate() adds the metrics afterwards."""
+    """Write the weights and spec.json; evaluate() adds the metrics afterwards.
+
+    With a lung crop, spec.json gets a `lung_crop` block naming the lung model and its weights'
+    sha256: the node loads that model itself and refuses other weights.
+    """
     from training.cxr import predict_logits, targets
 
     cls, _ = targets(items)
@@ -125,7 +132,7 @@ def export_model(
 
     spec = {
         "name": NAME,
-        "version": VERSION,
+        "version": VERSION if crop is None else VERSION_LUNG_CROP,
         "task": "classification",
         "weights": WEIGHTS,
         "weights_sha256": sha256_of(out / WEIGHTS),
@@ -138,6 +145,7 @@ def export_model(
             "orientation": "displayed: bones white (MONOCHROME1 inverted by the loader)",
             "quantisation": "uint8 after normalisation and resizing",
         },
+        **({"lung_crop": crop.describe()} if crop is not None else {}),
         "intensity": {"method": "percentile", "lower": PERCENTILES[0], "upper": PERCENTILES[1],
                       "at": "native resolution, before resizing"},
         "thresholds": thresholds,
@@ -161,6 +169,7 @@ def export_model(
         "training": {
             "epochs": opts.epochs, "epoch_samples": opts.epoch_samples,
             "batch_size": opts.batch_size, "lr": opts.lr, "max_steps": args.max_steps,
+            "seed": args.seed if opts.train_seed is None else opts.train_seed,
             "sampler": "class- then source-balanced, with replacement",
             "frozen": "stem + stages 1-4 (blocks 0-7)", "history": history,
             "device": f"{args.device} ({platform.processor() or platform.machine()}, "

@@ -95,7 +95,7 @@ def hu_to_network_input(
 class LesionSegmenter:
     """Loads the lesion UNet from its model folder and labels every slice of a HU volume."""
 
-    def __init__(self, spec: ModelSpec, network: torch.nn.Module, batch_size: int = 16):
+    def __init__(self, spec: ModelSpec, network: torch.nn.Module, batch_size: int = 4):
         self.spec = spec
         self.network = network.eval()
         self.batch_size = batch_size

@@ -6,6 +6,13 @@ so keeping aspect for the other sources would give the network a free "which sou
 Intensity is normalised by percentiles at native resolution (before resizing, so a 12-bit
 DICOM keeps its contrast) and then quantised to 8 bits, which is exactly what the training
 cache stores: the node and the training loop feed the network identical tensors.
+
+From v2 the film may first be cropped to its lung bounding box (plus a margin) found by the
+`cxr-lung` model, when the spec says `"lung_crop": {...}`. The crop removes borders, markers,
+text, shoulders and much of the tube and line hardware that differ between hospitals (and
+between children and adults), so the one-geometry stretch then acts on the chest alone. The
+crop lives here, in `preprocess`, so that the training cache and `CxrClassifier.predict` run
+the very same function; a spec without `lung_crop` gives exactly the v1 behaviour.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from efficientnet_lite_pytorch import EfficientNet
 from monai.visualize import GradCAM
 from torch import nn
 
-from covid_plugin.ml.spec import ModelSpec, load_spec
+from covid_plugin.ml.cxr_lungs import CxrLungSegmenter, lung_bbox
+from covid_plugin.ml.spec import ModelIntegrityError, ModelSpec, load_spec
 
 INPUT_SIZE = 224
 PERCENTILES = (0.5, 99.5)
@@ -30,6 +38,13 @@ BACKBONE = "efficientnet-lite0"
 FEATURES = 1280
 # the layer whose activations and gradients make the class-activation map (7x7 at 224)
 CAM_LAYER = "cam_point"
+# a lung box narrower or shorter than this share of the film is a failed segmentation (a
+# marker, a shoulder blob): the whole film is used instead of zooming into the wrong place
+MIN_CROP_FRACTION = 0.25
+# where a classifier spec's `lung_crop.model` is looked for when it is not a sibling folder
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+Box = tuple[int, int, int, int]  # (r0, r1, c0, c1), end-exclusive, in the original image
 
 
 def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
@@ -48,6 +63,71 @@ def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
         antialias=True, align_corners=False,
     )[0, 0]
     return (resized.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class LungCrop:
+    """The lung model and margin a classifier was trained with (spec.json `lung_crop`)."""
+
+    segmenter: CxrLungSegmenter
+    margin: float
+
+    @classmethod
+    def load(cls, folder: Path, margin: float, expected_sha256: str | None = None) -> LungCrop:
+        """The lung model in `folder`; refused if its weights are not `expected_sha256`.
+
+        The classifier learned on crops made by one particular lung model; other weights give
+        other boxes, hence inputs it never saw, so a mismatch fails loudly at start-up.
+        """
+        segmenter = CxrLungSegmenter.load(Path(folder))
+        if expected_sha256 is not None and segmenter.spec.weights_sha256 != expected_sha256:
+            raise ModelIntegrityError(
+                f"lung model {folder} has weights sha256 {segmenter.spec.weights_sha256}, but "
+                f"the classifier was trained with {expected_sha256}; refusing to load"
+            )
+        return cls(segmenter, float(margin))
+
+    @classmethod
+    def from_spec(cls, block: dict, model_dir: Path) -> LungCrop:
+        """The crop a classifier's spec.json names.
+
+        The lung model is sought beside the classifier first (models/<name>), then in the
+        repository's models/ (so a classifier trained into runs/ still finds it).
+        """
+        name = str(block["model"])
+        candidates = [Path(model_dir).resolve().parent / name, MODELS_DIR / name]
+        folder = next((c for c in candidates if (c / "spec.json").is_file()), candidates[-1])
+        return cls.load(folder, float(block["margin"]), block.get("weights_sha256"))
+
+    def box(self, image: np.ndarray) -> Box:
+        """Lung bounding box grown by the margin; the whole film if the mask is implausible."""
+        rows, cols = image.shape
+        r0, r1, c0, c1 = lung_bbox(self.segmenter.predict(image), self.margin)
+        if r1 - r0 < MIN_CROP_FRACTION * rows or c1 - c0 < MIN_CROP_FRACTION * cols:
+            return 0, rows, 0, cols
+        return r0, r1, c0, c1
+
+    def describe(self) -> dict:
+        """The spec.json block that pins this crop (model name, version, weights, margin)."""
+        spec = self.segmenter.spec
+        return {"model": spec.name, "version": spec.version,
+                "weights_sha256": spec.weights_sha256, "margin": self.margin,
+                "min_crop_fraction": MIN_CROP_FRACTION}
+
+
+def preprocess(image: np.ndarray, size: int = INPUT_SIZE, crop: LungCrop | None = None
+               ) -> tuple[np.ndarray, Box]:
+    """THE preprocessing of training and node: optional lung crop, then `prepare`.
+
+    Returns the uint8 (size, size) network image and the box it was cut from, which the
+    heatmap is pasted back into. The crop comes before the percentiles, so the intensity
+    window is set by the chest, not by black borders or burnt-in text.
+    """
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D grey image, got shape {image.shape}")
+    box = crop.box(image) if crop is not None else (0, image.shape[0], 0, image.shape[1])
+    r0, r1, c0, c1 = box
+    return prepare(image[r0:r1, c0:c1], size), box
 
 
 def to_network_input(images: torch.Tensor) -> torch.Tensor:
@@ -126,9 +206,10 @@ class CxrPrediction:
 class CxrClassifier:
     """Loads a model folder (hash-checked spec + weights) and classifies one radiograph."""
 
-    def __init__(self, spec: ModelSpec, network: CxrNet) -> None:
+    def __init__(self, spec: ModelSpec, network: CxrNet, crop: LungCrop | None = None) -> None:
         self.spec = spec
         self.network = network.eval()
+        self.crop = crop
         self.size = int(spec.input.get("size", INPUT_SIZE))
         self.temperature = float(getattr(spec, "temperature", 1.0))
         self.view_threshold = float(spec.thresholds.get("lateral", 0.5))
@@ -141,20 +222,28 @@ class CxrClassifier:
         network = build_network(int(spec.input.get("size", INPUT_SIZE)))
         state = torch.load(Path(model_dir) / spec.weights, map_location="cpu", weights_only=True)
         network.load_state_dict({k: v.float() for k, v in state.items()})
-        return cls(spec, network)
+        block = (spec.model_extra or {}).get("lung_crop")
+        crop = LungCrop.from_spec(block, Path(model_dir)) if block else None
+        return cls(spec, network, crop)
 
     def predict(self, image: np.ndarray) -> CxrPrediction:
-        """image: float32 (rows, cols) in [0, 1], displayed orientation (bones white)."""
-        x = to_network_input(torch.from_numpy(prepare(image, self.size))[None])
+        """image: float32 (rows, cols) in [0, 1], displayed orientation (bones white).
+
+        The heatmap is in the original image's rows and columns; with a lung crop it covers
+        the crop and is zero outside it (the network never saw the rest).
+        """
+        prepared, (r0, r1, c0, c1) = preprocess(image, self.size, self.crop)
+        x = to_network_input(torch.from_numpy(prepared)[None])
         with torch.no_grad():
             logits = self.network(x)[0]
         probs = torch.softmax(logits[: len(CLASS_KEYS)] / self.temperature, dim=0)
         lateral = float(torch.sigmoid(logits[len(CLASS_KEYS)]))
         is_lateral = lateral >= self.view_threshold
         cam = self.cam(x, class_idx=int(probs.argmax()))  # (1, 1, S, S), min-max scaled
-        heatmap = F.interpolate(
-            torch.as_tensor(cam, dtype=torch.float32), size=image.shape, mode="bilinear",
-            align_corners=False,
+        heatmap = torch.zeros(image.shape, dtype=torch.float32)
+        heatmap[r0:r1, c0:c1] = F.interpolate(
+            torch.as_tensor(cam, dtype=torch.float32), size=(r1 - r0, c1 - c0),
+            mode="bilinear", align_corners=False,
         )[0, 0].clamp(0, 1)
         return CxrPrediction(
             probabilities={k: float(p) for k, p in zip(CLASS_KEYS, probs, strict=True)},
