@@ -123,3 +123,18 @@ def test_covid_is_called_at_the_shipped_threshold_not_by_argmax():
     probs = {"normal": 0.6, "pneumonia_other": 0.1, "covid": 0.3}
     assert decide(probs, covid_threshold=0.25) == "covid"
     assert decide(probs, covid_threshold=0.35) == "normal"
+
+
+def test_ct_without_lungs_is_skipped_with_the_reason(tmp_path):
+    """An abdominal-only block (here: the sample shifted to soft tissue) has no lungs to grade."""
+    import numpy as np
+
+    from covid_plugin.pipelines.ct import CtPipeline
+    from covid_plugin.volume import load_series_files
+    from covid_plugin.worker import SeriesSkipped
+
+    series = load_series_files(sorted(CT_COVID.glob("*.dcm")))
+    series.array = np.full_like(series.array, 40.0)  # soft tissue everywhere: no air, no lung
+    pipeline = CtPipeline()
+    with pytest.raises(SeriesSkipped, match="lungs not found"):
+        pipeline.run(series, pipeline.load_models(REPO / "models", "cpu"))

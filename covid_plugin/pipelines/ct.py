@@ -21,9 +21,11 @@ from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.spec import load_spec
 from covid_plugin.pipelines import codes
 from covid_plugin.volume import LoadedSeries
+from covid_plugin.worker import SeriesSkipped
 
 RIGHT, LEFT = 1, 2  # ct_lung labels
 GGO, CONSOLIDATION = 1, 2  # ct_lesion labels
+MIN_LUNG_ML = 100.0  # a few slices through the lung bases already hold more
 
 
 class CtPipeline:
@@ -40,6 +42,11 @@ class CtPipeline:
     def run(self, series: LoadedSeries, models: dict[str, Any]) -> Findings:
         hu, spacing = series.array, series.spacing
         lung = segment_lungs(hu, spacing)
+        lung_ml = float(np.prod(spacing)) / 1000.0 * int((lung > 0).sum())
+        if lung_ml < MIN_LUNG_ML:
+            # the classifier's score means nothing without lungs to put lesions in
+            raise SeriesSkipped(f"lungs not found ({lung_ml:.0f} mL segmented, needs "
+                                f"{MIN_LUNG_ML:.0f}): not a CT through the chest")
         lesion = models["lesions"].predict(hu, lung)
         classifier: CtClassifier = models["classifier"]
         scores = classifier.predict(lung, lesion, spacing)
