@@ -24,22 +24,31 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from covid_plugin.ml.cxr import CLASS_KEYS, CxrClassifier
 from training.cxr import DEFAULT_CACHE, load_cache, load_items, predict_logits, targets
-from training.cxr_eval import calibrated, patient_index
+from training.cxr_eval import calibrated, patient_index, source_probe
 from training.data import Item, make_split
+from training.metrics import expected_calibration_error
 
 log = logging.getLogger("training.cxr_compare")
 COVID = CLASS_KEYS.index("covid")
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
 
-def probabilities(model_dir: Path, items: list[Item], idx: np.ndarray, data: Path,
-                  cache: Path) -> np.ndarray:
-    """Calibrated class probabilities of `model_dir` for items[idx], through its own crop."""
+def scores(model_dir: Path, items: list[Item], idx: np.ndarray, data: Path, cache: Path
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated class probabilities and pooled features of `model_dir` for items[idx],
+    through the model's own preprocessing (its lung crop, if its spec has one)."""
     clf = CxrClassifier.load(model_dir)
     size = int(clf.spec.input.get("size", 224))
     images = load_cache(items, data, size, cache, clf.crop)
-    return calibrated(predict_logits(clf.network, images, idx, torch.device("cpu")),
-                      clf.temperature)
+    features = predict_logits(clf.network, images, idx, torch.device("cpu"), features=True)
+    with torch.no_grad():
+        logits = clf.network.heads(torch.from_numpy(features)).numpy()
+    return calibrated(logits, clf.temperature), features
+
+
+def probabilities(model_dir: Path, items: list[Item], idx: np.ndarray, data: Path,
+                  cache: Path) -> np.ndarray:
+    return scores(model_dir, items, idx, data, cache)[0]
 
 
 def weighted_macro_f1(y: np.ndarray, probs: np.ndarray, w: np.ndarray) -> float:
@@ -87,15 +96,30 @@ def compare(args: argparse.Namespace) -> dict:
     split = make_split(items, groups, seed=args.seed)
     test = split.test[cls[split.test].numpy() >= 0]
     y = cls[test].numpy()
-    pa = probabilities(args.a, items, test, data, args.cache)
-    pb = probabilities(args.b, items, test, data, args.cache)
+    pa, fa = scores(args.a, items, test, data, args.cache)
+    pb, fb = scores(args.b, items, test, data, args.cache)
     adult = np.array([items[i].paediatric != "yes" for i in test])
+    sources = [items[i].source for i in test]
+    normal = y == CLASS_KEYS.index("normal")
+
+    def probe(features: np.ndarray) -> dict:
+        """The source probe of `evaluate` (no CI: it is a CV accuracy, point estimate)."""
+        return {
+            "all_sources": source_probe(features, sources, patients[test],
+                                        args.seed)["balanced_accuracy"],
+            "normals_nih_vs_kermany": source_probe(
+                features[normal], [s for s, m in zip(sources, normal, strict=True) if m],
+                patients[test][normal], args.seed)["balanced_accuracy"],
+        }
+
     result: dict = {
         "a": str(args.a), "b": str(args.b),
         "method": "paired patient bootstrap (1000), difference b - a, 95% percentile CI",
         "held_out_patients": {
             "macro_f1": paired_bootstrap(weighted_macro_f1, y, pa, pb, patients[test]),
             "covid_auc": paired_bootstrap(weighted_covid_auc, y, pa, pb, patients[test]),
+            "ece": {"a": expected_calibration_error(y, pa), "b": expected_calibration_error(y, pb)},
+            "source_probe_balanced_accuracy": {"a": probe(fa), "b": probe(fb)},
         },
         "adult_only": {
             "macro_f1": paired_bootstrap(weighted_macro_f1, y[adult], pa[adult], pb[adult],
