@@ -9,6 +9,7 @@ records; nothing here crashes on a malformed header.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -24,6 +25,7 @@ PROJECTION_MODALITIES = ("CR", "DX")
 GAP_FACTOR = 1.5  # a step this much larger than the median step is a missing slice
 ORIENTATION_TOLERANCE = 1e-3
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+DEFER_PIXELS_BYTES = 64 * 1024  # elements larger than this (the pixel data) stay on disk
 
 
 @dataclass
@@ -74,8 +76,15 @@ class _Frame:
 def load_series_files(
     paths: Iterable[str | PathLike[str]], expected_modality: str | None = None
 ) -> LoadedSeries:
-    """Read files and load them as one series (see `load_series`)."""
-    return load_series([pydicom.dcmread(p) for p in paths], expected_modality)
+    """Read files and load them as one series (see `load_series`).
+
+    Pixel data are deferred (read from the file when the slice is decoded): reading every
+    file up front held the whole encoded series (half the size of the float32 volume) in
+    memory beside the volume being built.
+    """
+    return load_series(
+        [pydicom.dcmread(p, defer_size=DEFER_PIXELS_BYTES) for p in paths], expected_modality
+    )
 
 
 def load_series(datasets: Sequence[Dataset], expected_modality: str | None = None) -> LoadedSeries:
@@ -142,14 +151,17 @@ def _load_ct(datasets: list[Dataset], series_uid: str) -> LoadedSeries:
     frames = [frames[i] for i in order]
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     array = np.empty((len(frames), rows, cols), dtype=np.float32)
+    frames_left = Counter(id(f.dataset) for f in frames)
     for i, frame in enumerate(frames):
         stored = pixel_array(frame.dataset, index=frame.index)
         array[i] = apply_modality_lut(stored, frame.rescale)
+        frames_left[id(frame.dataset)] -= 1
+        if not frames_left[id(frame.dataset)]:  # decoded: free the encoded copy right away
+            _drop_pixel_data([frame.dataset])
     multi_frame = any(f.index is not None for f in frames)
     ordered_datasets = (
         _distinct([f.dataset for f in frames]) if multi_frame else [f.dataset for f in frames]
     )
-    _drop_pixel_data(datasets)
     row_spacing, col_spacing = frames[0].pixel_spacing
     return LoadedSeries(
         modality="CT",

@@ -70,7 +70,8 @@ def to_network_input(
 
 
 def thorax_box(lung: np.ndarray, margin: float) -> tuple[slice, slice]:
-    """The in-plane box around every lung voxel, widened by `margin` of its size on each side."""
+    """The in-plane box around every lung voxel (`lung` nonzero), widened by `margin` of its size
+    on each side."""
     rows = np.flatnonzero(lung.any(axis=(0, 2)))
     cols = np.flatnonzero(lung.any(axis=(0, 1)))
     if rows.size == 0:
@@ -116,7 +117,8 @@ class LesionSegmenter:
         """
         if lung is None:  # spacing only sets the smallest lung piece kept: assume a typical one
             lung = segment_lungs(hu, TYPICAL_SPACING)
-        box = thorax_box(lung > 0, float(self.spec.input.get("crop_margin", 0.08)))
+        # any() reads labels as lung/not lung: no full-volume boolean copy is needed
+        box = thorax_box(lung, float(self.spec.input.get("crop_margin", 0.08)))
         out = np.zeros(hu.shape, np.uint8)
         crop_rows, crop_cols = box[0].stop - box[0].start, box[1].stop - box[1].start
         for start in range(0, hu.shape[0], self.batch_size):

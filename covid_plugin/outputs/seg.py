@@ -28,6 +28,7 @@ from covid_plugin.volume import LoadedSeries
 # sRGB display colours: anatomy in green, lesions in warm colours, in segment order.
 ANATOMY_COLOUR = (0, 200, 0)
 LESION_COLOURS = ((255, 40, 40), (255, 160, 0), (255, 0, 200), (0, 160, 255))
+OVERLAP_CHECK_FRAMES = 16  # frames per block when checking segments for overlap
 
 
 def segment_colours(masks: list[Mask]) -> list[tuple[int, int, int]]:
@@ -84,7 +85,7 @@ def build_segmentation(
             zip(findings.masks, segment_colours(findings.masks), strict=True), start=1
         )
     ]
-    segmentation = hd.seg.Segmentation(
+    segmentation = _Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -124,7 +125,7 @@ def _frames_to_encode(
         )
     if series.frame_numbers is not None:
         order = np.argsort(series.frame_numbers)
-        return list(series.datasets), _segments_last([mask.array[order] for mask in masks])
+        return list(series.datasets), _segments_last([mask.array for mask in masks], frames=order)
     keep = np.arange(series.array.shape[0])
     if settings.omit_empty_frames:
         occupied = np.zeros(series.array.shape[0], dtype=bool)
@@ -134,16 +135,96 @@ def _frames_to_encode(
             keep = np.flatnonzero(occupied)
         else:
             keep = keep[:1]  # an all-empty result still needs one frame to carry its geometry
-    return [series.datasets[i] for i in keep], _segments_last([mask.array[keep] for mask in masks])
+    return [series.datasets[i] for i in keep], _segments_last(
+        [mask.array for mask in masks], frames=keep
+    )
 
 
-def _segments_last(arrays: list[np.ndarray]) -> np.ndarray:
+def _segments_last(arrays: list[np.ndarray], frames: np.ndarray | None = None) -> np.ndarray:
     """(frames, rows, cols, segments) as highdicom wants it, stored segment by segment.
 
     highdicom sums over the segment axis to detect overlap; with each segment contiguous in
     memory that sum adds whole planes, which is about twice as fast as interleaved segments.
+    Masks that already are the segments of one such buffer (the CT pipeline writes them so),
+    with a contiguous run of `frames`, are passed as a view: no copy at all. Otherwise each
+    mask (only `frames` of it, when given) is copied straight into its place in a new stack:
+    selecting frames first and stacking then held every mask twice.
     """
-    return np.moveaxis(np.stack(arrays, axis=0).astype(bool, copy=False), 0, -1)
+    shared = _shared_stack(arrays)
+    if shared is not None:
+        if frames is None:
+            return np.moveaxis(shared, 0, -1)
+        if np.array_equal(frames, np.arange(frames[0], frames[0] + len(frames))):
+            return np.moveaxis(shared[:, frames[0] : frames[0] + len(frames)], 0, -1)
+    n_frames = arrays[0].shape[0] if frames is None else len(frames)
+    stack = np.empty((len(arrays), n_frames, *arrays[0].shape[1:]), dtype=bool)
+    for segment, array in zip(stack, arrays, strict=True):
+        if frames is None:
+            segment[...] = array
+        else:
+            np.take(array.astype(bool, copy=False), frames, axis=0, out=segment)
+    return np.moveaxis(stack, 0, -1)
+
+
+def _shared_stack(arrays: list[np.ndarray]) -> np.ndarray | None:
+    """The boolean (segments, frames, rows, cols) array whose segments `arrays` are, in order."""
+    base = arrays[0].base
+    if (
+        not isinstance(base, np.ndarray)
+        or base.dtype != np.bool_
+        or base.shape != (len(arrays), *arrays[0].shape)
+        or not base.flags.c_contiguous
+    ):
+        return None
+    start = base.__array_interface__["data"][0]
+    for segment, array in enumerate(arrays):
+        if (
+            array.base is not base
+            or array.dtype != np.bool_
+            or array.shape != base.shape[1:]
+            or array.strides != base.strides[1:]
+            or array.__array_interface__["data"][0] != start + segment * base.strides[0]
+        ):
+            return None
+    return base
+
+
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation with its overlap check run a few frames at a time.
+
+    For a stack of binary segments highdicom decides SegmentsOverlap from the sum over the
+    segment axis, an int64 array eight times the size of one segment (1.2 GB for a 600-slice
+    CT). Checking blocks of frames and combining the answers gives the same value.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(
+        cls,
+        pixel_array: np.ndarray | hd.Volume,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
+        check = super()._check_and_cast_pixel_array
+        if (
+            not isinstance(pixel_array, np.ndarray)
+            or pixel_array.ndim != 4
+            or pixel_array.dtype != np.bool_
+            or segmentation_type != hd.seg.SegmentationTypeValues.BINARY
+        ):
+            return check(pixel_array, segment_numbers, segmentation_type, dtype)
+        overlap = hd.seg.SegmentsOverlapValues.NO
+        for start in range(0, pixel_array.shape[0], OVERLAP_CHECK_FRAMES):
+            _, block = check(
+                pixel_array[start : start + OVERLAP_CHECK_FRAMES],
+                segment_numbers,
+                segmentation_type,
+                dtype,
+            )
+            if block == hd.seg.SegmentsOverlapValues.YES:
+                overlap = block
+                break
+        return pixel_array, overlap
 
 
 def _without_zero_spacing(ds: Dataset) -> Dataset:

@@ -42,7 +42,7 @@ class CtPipeline:
     def run(self, series: LoadedSeries, models: dict[str, Any]) -> Findings:
         hu, spacing = series.array, series.spacing
         lung = segment_lungs(hu, spacing)
-        lung_ml = float(np.prod(spacing)) / 1000.0 * int((lung > 0).sum())
+        lung_ml = float(np.prod(spacing)) / 1000.0 * np.count_nonzero(lung)
         if lung_ml < MIN_LUNG_ML:
             # the classifier's score means nothing without lungs to put lesions in
             raise SeriesSkipped(f"lungs not found ({lung_ml:.0f} mL segmented, needs "
@@ -58,15 +58,33 @@ class CtPipeline:
                          for k, p in scores.items()]
         predicted = "covid" if scores["covid"] >= threshold else "non_covid"
 
+        found = measurements(lung, lesion, spacing)
+        # The four masks are written into one (segments, frames, rows, cols) buffer, which the
+        # SEG writer hands to highdicom as it is instead of stacking copies. Each label map is
+        # first moved into the memory of its first mask and freed, then split there in place,
+        # so a 600-slice CT never holds a label map beside its own two masks (157 MB each);
+        # np.empty pages take memory only when written.
+        stack = np.empty((4, *lung.shape), dtype=bool)
+        lung_right, lung_left, ggo, consolidation = stack
+        labels = lung_right.view(np.uint8)
+        labels[...] = lung
+        del lung
+        np.equal(labels, LEFT, out=lung_left)
+        np.equal(labels, RIGHT, out=lung_right)
+        labels = ggo.view(np.uint8)
+        labels[...] = lesion
+        del lesion
+        np.equal(labels, CONSOLIDATION, out=consolidation)
+        np.equal(labels, GGO, out=ggo)
         masks = [
             Mask("lung_right", "Right lung", codes.ANATOMICAL_STRUCTURE, codes.RIGHT_LUNG,
-                 lung == RIGHT, lung_model),
+                 lung_right, lung_model),
             Mask("lung_left", "Left lung", codes.ANATOMICAL_STRUCTURE, codes.LEFT_LUNG,
-                 lung == LEFT, lung_model),
+                 lung_left, lung_model),
             Mask("ggo", "Ground glass opacity", codes.MORPHOLOGICALLY_ABNORMAL,
-                 codes.GROUND_GLASS, lesion == GGO, lesion_model, anatomic_region=codes.LUNG),
+                 codes.GROUND_GLASS, ggo, lesion_model, anatomic_region=codes.LUNG),
             Mask("consolidation", "Consolidation", codes.MORPHOLOGICALLY_ABNORMAL,
-                 codes.CONSOLIDATION, lesion == CONSOLIDATION, lesion_model,
+                 codes.CONSOLIDATION, consolidation, lesion_model,
                  anatomic_region=codes.LUNG),
         ]
         return Findings(
@@ -74,35 +92,55 @@ class CtPipeline:
             series_instance_uid=series.series_instance_uid,
             classification=Classification(cls_model, probabilities, predicted, threshold),
             masks=masks,
-            measurements=measurements(lung, lesion, spacing),
+            measurements=found,
             models=[lung_model, lesion_model, cls_model],
         )
 
 
 def measurements(lung: np.ndarray, lesion: np.ndarray,
                  spacing: tuple[float, float, float]) -> list[Measurement]:
-    """Volumes in mL per segment, and percent of each lung (and both) involved by lesions."""
+    """Volumes in mL per segment, and percent of each lung (and both) involved by lesions.
+
+    Voxels are counted slice by slice: whole-volume comparisons of a 600-slice CT take 157 MB
+    each, and the percentages alone needed five of them at once.
+    """
+    counts = _voxel_counts(lung, lesion)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     ml = codes.MILLILITER
     out = [
-        Measurement(codes.VOLUME, voxel_ml * int((lung == RIGHT).sum()), ml, "lung_right",
+        Measurement(codes.VOLUME, voxel_ml * counts["lung_right"], ml, "lung_right",
                     codes.RIGHT_LUNG),
-        Measurement(codes.VOLUME, voxel_ml * int((lung == LEFT).sum()), ml, "lung_left",
+        Measurement(codes.VOLUME, voxel_ml * counts["lung_left"], ml, "lung_left",
                     codes.LEFT_LUNG),
-        Measurement(codes.VOLUME, voxel_ml * int((lesion == GGO).sum()), ml, "ggo", codes.LUNG),
-        Measurement(codes.VOLUME, voxel_ml * int((lesion == CONSOLIDATION).sum()), ml,
-                    "consolidation", codes.LUNG),
+        Measurement(codes.VOLUME, voxel_ml * counts["ggo"], ml, "ggo", codes.LUNG),
+        Measurement(codes.VOLUME, voxel_ml * counts["consolidation"], ml, "consolidation",
+                    codes.LUNG),
     ]
-    involved = lesion > 0
-    sides: list[tuple[str, Code, np.ndarray]] = [
-        ("lung_right", codes.RIGHT_LUNG, lung == RIGHT),
-        ("lung_left", codes.LEFT_LUNG, lung == LEFT),
-    ]
-    for key, site, side in sides:
-        total = int(side.sum())
-        percent = 100.0 * int((involved & side).sum()) / total if total else 0.0
+    sides: list[tuple[str, Code]] = [("lung_right", codes.RIGHT_LUNG),
+                                     ("lung_left", codes.LEFT_LUNG)]
+    for key, site in sides:
+        total = counts[key]
+        percent = 100.0 * counts[f"{key}_involved"] / total if total else 0.0
         out.append(Measurement(codes.PERCENT_INVOLVED, percent, codes.PERCENT, key, site))
-    both = int((lung > 0).sum())
-    percent = 100.0 * int((involved & (lung > 0)).sum()) / both if both else 0.0
+    both = counts["lung"]
+    percent = 100.0 * counts["lung_involved"] / both if both else 0.0
     out.append(Measurement(codes.PERCENT_INVOLVED, percent, codes.PERCENT, None, codes.LUNG))
     return out
+
+
+def _voxel_counts(lung: np.ndarray, lesion: np.ndarray) -> dict[str, int]:
+    """Voxels per lung and lesion label, and lesion voxels inside each lung and both."""
+    counts = dict.fromkeys(("lung_right", "lung_left", "ggo", "consolidation", "lung",
+                            "lung_right_involved", "lung_left_involved", "lung_involved"), 0)
+    for lung_slice, lesion_slice in zip(lung, lesion, strict=True):
+        involved = lesion_slice > 0
+        for key, value in (("lung_right", RIGHT), ("lung_left", LEFT)):
+            side = lung_slice == value
+            counts[key] += int(np.count_nonzero(side))
+            counts[f"{key}_involved"] += int(np.count_nonzero(involved & side))
+        counts["ggo"] += int(np.count_nonzero(lesion_slice == GGO))
+        counts["consolidation"] += int(np.count_nonzero(lesion_slice == CONSOLIDATION))
+        in_lung = lung_slice > 0
+        counts["lung"] += int(np.count_nonzero(in_lung))
+        counts["lung_involved"] += int(np.count_nonzero(involved & in_lung))
+    return counts
