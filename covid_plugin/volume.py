@@ -26,15 +26,18 @@ GAP_FACTOR = 1.5  # a step this much larger than the median step is a missing sl
 ORIENTATION_TOLERANCE = 1e-3
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 DEFER_PIXELS_BYTES = 64 * 1024  # elements larger than this (the pixel data) stay on disk
+HU_RANGE = (-32768, 32767)  # int16; real HU span about -3024 to +3071 (+ metal)
 
 
 @dataclass
 class LoadedSeries:
     """One series as the pipelines see it.
 
-    `array` is float32 with shape (frames, rows, cols): Hounsfield units for CT (frames sorted
-    along the slice normal, from the first position to the last), and for CR/DX the displayed
-    image (MONOCHROME1 inverted, VOI applied) scaled to [0, 1], one frame.
+    `array` has shape (frames, rows, cols). For CT it holds Hounsfield units, frames sorted
+    along the slice normal from the first position to the last: int16 when the rescale is
+    integral (every CT seen here; half the memory of float32 for a 600-slice series), else
+    float32. For CR/DX it is float32, the displayed image (MONOCHROME1 inverted, VOI applied)
+    scaled to [0, 1], one frame.
     `datasets` are the source datasets in the same frame order (pixel data may be dropped to
     save memory); a multi-frame source appears once and `frame_numbers` says which frame each
     array frame came from (1-based), else it is None.
@@ -150,11 +153,13 @@ def _load_ct(datasets: list[Dataset], series_uid: str) -> LoadedSeries:
         )
     frames = [frames[i] for i in order]
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
-    array = np.empty((len(frames), rows, cols), dtype=np.float32)
+    dtype = np.int16 if all(_integral_rescale(f.rescale) for f in frames) else np.float32
+    array = np.empty((len(frames), rows, cols), dtype=dtype)
     frames_left = Counter(id(f.dataset) for f in frames)
     for i, frame in enumerate(frames):
         stored = pixel_array(frame.dataset, index=frame.index)
-        array[i] = apply_modality_lut(stored, frame.rescale)
+        hu = apply_modality_lut(stored, frame.rescale)
+        array[i] = np.clip(hu, *HU_RANGE) if dtype == np.int16 else hu
         frames_left[id(frame.dataset)] -= 1
         if not frames_left[id(frame.dataset)]:  # decoded: free the encoded copy right away
             _drop_pixel_data([frame.dataset])
@@ -217,6 +222,13 @@ def _ct_frames(ds: Dataset, series_uid: str) -> list[_Frame]:
             )
         )
     return frames
+
+
+def _integral_rescale(item: Dataset) -> bool:
+    """Integer slope and intercept (every CT seen here): HU are integers and fit int16."""
+    slope = float(item.get("RescaleSlope", 1) or 1)
+    intercept = float(item.get("RescaleIntercept", 0) or 0)
+    return slope.is_integer() and intercept.is_integer()
 
 
 def _group(groups: Sequence[Dataset | None], keyword: str, series_uid: str) -> Dataset:

@@ -8,9 +8,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 
 from tests.conftest import REPO, wait_for
-from tests.dicom_validators import dciodvfy_errors, dsrdump, requires_dciodvfy, requires_dsrdump
+from tests.dicom_validators import (
+    dciodvfy_errors,
+    dsrdump,
+    requires_dciodvfy,
+    requires_dsrdump,
+)
 
 SAMPLES = REPO / "dicom_samples"
 CT_COVID = SAMPLES / "ct-covid_covid-ct-md-P002"
@@ -96,7 +102,8 @@ def test_lateral_film_is_skipped_with_the_reason(tmp_path):
     assert "skipped" in result.stdout and "lateral view (ViewPosition LL)" in result.stdout
 
 
-def test_orthanc_sends_a_ct_study_and_files_sr_seg_sc(node_factory, orthanc_factory):
+@requires_dciodvfy
+def test_orthanc_sends_a_ct_study_and_files_sr_seg_sc(node_factory, orthanc_factory, tmp_path):
     node = node_factory({"pipelines": "covid_plugin.pipelines:default_pipelines"})
     orthanc = orthanc_factory(node.port)
     node.configure(return_addresses={orthanc.ae_title: {
@@ -115,6 +122,13 @@ def test_orthanc_sends_a_ct_study_and_files_sr_seg_sc(node_factory, orthanc_fact
                      what="SR, SEG and SC filed under the source study")
     modalities = sorted(orthanc.get(f"/series/{s}")["MainDicomTags"]["Modality"] for s in found)
     assert modalities == ["OT", "SEG", "SR"]
+    # what the PACS holds is what we validated: fetch each object back and check it
+    for series in found:
+        for instance in orthanc.get(f"/series/{series}")["Instances"]:
+            path = tmp_path / f"{instance}.dcm"
+            path.write_bytes(requests.get(f"{orthanc.url}/instances/{instance}/file",
+                                          timeout=30).content)
+            assert dciodvfy_errors(path) == [], path.name
 
 
 def test_covid_is_called_at_the_shipped_threshold_not_by_argmax():

@@ -174,7 +174,7 @@ def _close_and_fill(mask: np.ndarray, radius_px: int) -> np.ndarray:
 def segment_lungs(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """uint8 labels (slices, rows, cols): 0 background, 1 right lung, 2 left lung.
 
-    `hu` is float32 sorted along the slice normal; `spacing` is (slice, row, col) in mm.
+    `hu` (int16 or float32) is sorted along the slice normal; `spacing` is (slice, row, col) in mm.
     """
     if hu.ndim != 3:
         raise ValueError(f"expected a (slices, rows, cols) volume, got shape {hu.shape}")
