@@ -13,8 +13,9 @@ from pathlib import Path
 
 from covid_plugin.config import Settings
 from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
+from covid_plugin.outputs import write_all
 from covid_plugin.series import rejection_reason
-from covid_plugin.service import default_writer, load_object
+from covid_plugin.service import load_object
 from covid_plugin.store.jobs import SeriesRecord
 from covid_plugin.summary import ResultRow
 from covid_plugin.worker import analyse, save_durably
@@ -42,7 +43,6 @@ def _record(header: InstanceHeader, n: int) -> SeriesRecord:
 
 def run_folder(folder: Path, out: Path, settings: Settings) -> list[ResultRow]:
     pipelines = {m: p for p in load_object(settings.pipelines)(settings) for m in p.modalities}
-    writer = default_writer()
     models: dict[str, object] = {}
     rows = []
     for series_uid, members in group_series(folder).items():
@@ -56,7 +56,7 @@ def run_folder(folder: Path, out: Path, settings: Settings) -> list[ResultRow]:
             continue
         if pipeline.name not in models:
             models[pipeline.name] = pipeline.load_models(settings.models_dir, settings.device)
-        outcome = analyse(pipeline, models[pipeline.name], [p for p, _ in members], writer)
+        outcome = analyse(pipeline, models[pipeline.name], [p for p, _ in members], write_all)
         if not outcome.results:
             row.outcome = "skipped" if outcome.skipped == len(outcome.problems) else "failed"
             row.reason = outcome.note or ""

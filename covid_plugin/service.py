@@ -13,11 +13,12 @@ from covid_plugin.findings import Findings
 from covid_plugin.node.scp import StorageSCP
 from covid_plugin.node.scu import DicomSender, OutboxSender
 from covid_plugin.observability import HealthServer, Metrics
+from covid_plugin.outputs import write_all
 from covid_plugin.store.db import Database
 from covid_plugin.store.jobs import Job, JobQueue
 from covid_plugin.store.outbox import Outbox
 from covid_plugin.store.spool import Spool
-from covid_plugin.worker import Pipeline, Worker, Writer
+from covid_plugin.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,10 @@ def load_object(path: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def default_writer() -> Writer:
-    from covid_plugin.outputs import write_all
-
-    return write_all
-
-
 class Node:
     """Start order follows the data path backwards, so nothing is received before it can flow."""
 
-    def __init__(self, settings: Settings, pipelines: list[Pipeline] | None = None,
-                 writer: Writer | None = None,
+    def __init__(self, settings: Settings,
                  on_result: Callable[[Job, Findings, list[Path]], None] | None = None) -> None:
         self.settings = settings
         self.db = Database(settings.db_path)
@@ -49,10 +43,9 @@ class Node:
         self.metrics = Metrics()
         self.metrics.add_state_gauges(self._state_counts)
         self.scp = StorageSCP(settings, self.spool, self.metrics)
-        if pipelines is None:
-            pipelines = load_object(settings.pipelines)(settings)
+        pipelines = load_object(settings.pipelines)(settings)
         self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,
-                             writer or default_writer(), self.scp.active_series, on_result)
+                             write_all, self.scp.active_series, on_result)
         self.sender = OutboxSender(self.outbox, DicomSender(settings.ae_title), self.metrics,
                                    settings.outbox.poll_interval_s)
         self.health_server: HealthServer | None = None
