@@ -135,6 +135,9 @@ def held_out_source(model_dir: Path, args: argparse.Namespace, opts: argparse.Na
                     out: Path) -> dict | None:
     """COVID-vs-rest on a source the model never saw, against held-out-patient negatives."""
     if not (model_dir / "spec.json").is_file():
+        print(f"held-out-source model {model_dir} is missing, so metrics.json gets no "
+              "held_out_source section; train it first with: python -m training train cxr "
+              f"--data {args.data} --out {model_dir} --holdout-source hannover")
         return None
     spec = load_spec(model_dir)
     sources = spec.model_extra["split"]["holdout_sources"]
