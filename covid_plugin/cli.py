@@ -66,8 +66,29 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     from covid_plugin.store.jobs import JobQueue
 
     for job in JobQueue(Database(settings.db_path)).all():
-        print(f"{job.id:6d}  {job.state:9s} {job.modality:3s} {job.calling_ae:16s} "
-              f"{job.series_uid}  {job.reason or ''}")
+        if args.state and job.state != args.state:
+            continue
+        print(f"{job.id:6d}  {job.state:11s} tries={job.attempts} {job.modality:3s} "
+              f"{job.calling_ae:16s} {job.series_uid}  {job.reason or ''}")
+    return 0
+
+
+def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
+    """Give quarantined or failed jobs a fresh set of attempts."""
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.jobs import JobQueue
+
+    n = JobQueue(Database(settings.db_path)).requeue(args.ids)
+    print(f"{n} job(s) queued again")
+    return 0 if n else 1
+
+
+def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
+    """Apply the retention policy now (or, with --dry-run, say what it would remove)."""
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.retention import purge
+
+    print(purge(settings, Database(settings.db_path), dry_run=args.dry_run).summary())
     return 0
 
 
@@ -101,6 +122,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from covid_plugin.observability import operations_health
     from covid_plugin.store.db import Database
     from covid_plugin.store.jobs import JobQueue
 
@@ -110,6 +132,10 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         report["jobs"] = JobQueue(db).counts()
         report["outbox"] = _outbox(settings).counts()
         report["store"] = True
+        report.update(operations_health(
+            settings.data_dir,
+            [j.id for j in JobQueue(db).stuck(settings.jobs.stuck_after_s)], [],
+            _outbox(settings).backlog()))
     except Exception as exc:  # report the failure, as a health check must
         report["store"] = False
         report["store_error"] = str(exc)
@@ -122,7 +148,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         status = assoc.send_c_echo()
         report["echo"] = getattr(status, "Status", None) == 0
         assoc.release()
-    report["ok"] = report["store"] and report["echo"]
+    report["ok"] = report["store"] and report["echo"] and not report.get("problems")
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 
@@ -169,8 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     jobs = sub.add_parser("jobs", help="list jobs and their states")
+    jobs.add_argument("--state", choices=["received", "queued", "running", "done", "failed",
+                                          "rejected", "quarantined", "superseded"])
     jobs.add_argument("--data-dir", type=Path)
     jobs.set_defaults(func=cmd_jobs)
+
+    requeue = sub.add_parser("requeue", help="run quarantined or failed jobs again")
+    requeue.add_argument("ids", nargs="+", type=int)
+    requeue.add_argument("--data-dir", type=Path)
+    requeue.set_defaults(func=cmd_requeue)
+
+    purge = sub.add_parser("purge", help="remove what the retention policy says has expired")
+    purge.add_argument("--dry-run", action="store_true", help="only say what would go")
+    purge.add_argument("--data-dir", type=Path)
+    purge.set_defaults(func=cmd_purge)
 
     outbox = sub.add_parser("outbox", help="list outbox items")
     outbox.add_argument("--state", choices=["pending", "sent", "dead"])

@@ -55,6 +55,35 @@ class OutboxSettings(_Strict):
     poll_interval_s: float = Field(default=0.5, gt=0)
 
 
+class JobSettings(_Strict):
+    """How often a job is tried, and how long a series may wait for a sender that broke off."""
+
+    # a job claimed this many times without an outcome (the process died: out of memory, a
+    # crash) or failed for lack of disk this many times is quarantined, not tried again
+    max_attempts: int = Field(default=3, ge=1)
+    # a job put back because the node ran out of disk waits this long before the next try
+    retry_after_s: float = Field(default=60.0, gt=0)
+    # a series whose last association was aborted (or cut by a node restart) waits this long
+    # for the sender to send it again, then is recorded as incomplete and not processed
+    incomplete_timeout_s: float = Field(default=3600.0, gt=0)
+    # health reports a job 'running' for longer than this as stuck
+    stuck_after_s: float = Field(default=1800.0, gt=0)
+
+
+class RetentionSettings(_Strict):
+    """How long the node keeps what it holds; null keeps it for ever. Applied every
+    `interval_s` by the running node, and on demand by `covid-plugin purge`."""
+
+    spool_days: float | None = Field(default=7.0, ge=0)  # received instances of ended jobs
+    rejected_days: float | None = Field(default=7.0, ge=0)  # refused instances (patient data)
+    results_days: float | None = Field(default=7.0, ge=0)  # result files no longer to be sent
+    db_days: float | None = Field(default=90.0, ge=0)  # rows of ended jobs and their outbox
+    # a size cap on spool + rejected + results together: past it, the oldest removable
+    # files go first, whatever their age
+    max_total_gb: float | None = Field(default=None, gt=0)
+    interval_s: float = Field(default=3600.0, gt=0)
+
+
 class Settings(_Strict):
     """Everything the node reads at start."""
 
@@ -73,6 +102,8 @@ class Settings(_Strict):
     return_addresses: dict[str, Peer] = {}
     destinations: list[Peer] = []
     outbox: OutboxSettings = OutboxSettings()
+    jobs: JobSettings = JobSettings()
+    retention: RetentionSettings = RetentionSettings()
     models_dir: Path = Path(__file__).resolve().parent.parent / "models"
     pipelines: str = "covid_plugin.pipelines:default_pipelines"
     device: str = "auto"

@@ -12,7 +12,7 @@ from covid_plugin.config import Settings
 from covid_plugin.findings import Findings
 from covid_plugin.node.scp import StorageSCP
 from covid_plugin.node.scu import DicomSender, OutboxSender
-from covid_plugin.observability import HealthServer, Metrics
+from covid_plugin.observability import HealthServer, Metrics, operations_health
 from covid_plugin.outputs import write_all
 from covid_plugin.store.db import Database
 from covid_plugin.store.jobs import Job, JobQueue
@@ -37,7 +37,7 @@ class Node:
         self.settings = settings
         self.db = Database(settings.db_path)
         self.spool = Spool(settings.spool_dir, self.db)
-        self.jobs = JobQueue(self.db)
+        self.jobs = JobQueue(self.db, settings.jobs.max_attempts, settings.jobs.retry_after_s)
         self.outbox = Outbox(self.db, settings.outbox.max_attempts,
                              settings.outbox.backoff_base_s, settings.outbox.backoff_max_s)
         self.metrics = Metrics()
@@ -56,16 +56,23 @@ class Node:
     def health(self) -> dict[str, Any]:
         try:
             counts = self._state_counts()
+            operations = operations_health(
+                self.settings.data_dir,
+                [j.id for j in self.jobs.stuck(self.settings.jobs.stuck_after_s)],
+                self.worker.unrecorded(), self.outbox.backlog())
             store_ok = True
         except Exception as exc:  # report, do not raise, from a health check
             counts, store_ok = {"error": str(exc)}, False
+            operations = {"problems": [f"store unreadable: {exc}"]}
         report = {
-            "ok": store_ok and self.worker.is_alive() and self.sender.is_alive(),
+            "ok": (store_ok and self.worker.is_alive() and self.sender.is_alive()
+                   and not operations["problems"]),
             "ae_title": self.settings.ae_title,
             "store": store_ok,
             "worker_alive": self.worker.is_alive(),
             "sender_alive": self.sender.is_alive(),
             "counts": counts,
+            **operations,
         }
         return report
 

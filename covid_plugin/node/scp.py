@@ -28,6 +28,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from covid_plugin.config import Settings, TlsSettings
 from covid_plugin.instance import InvalidInstance, read_header
 from covid_plugin.observability import Metrics
+from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,9 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_RELEASED, self._on_ended),
-            (evt.EVT_ABORTED, self._on_ended),
-            (evt.EVT_CONN_CLOSE, self._on_ended),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_interrupted),
+            (evt.EVT_CONN_CLOSE, self._on_interrupted),  # after a release: nothing left to do
         ]
         ssl_context = _ssl_context(self.settings.tls) if self.settings.tls.enabled else None
         self._server = self.ae.start_server(
@@ -155,9 +156,32 @@ class StorageSCP:
         log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
                     event.assoc.requestor.address)
 
-    def _on_ended(self, event: evt.Event) -> None:
+    def _on_released(self, event: evt.Event) -> None:
+        self._ended(event.assoc, released=True)
+
+    def _on_interrupted(self, event: evt.Event) -> None:
+        self._ended(event.assoc, released=False)
+
+    def _ended(self, assoc, released: bool) -> None:
+        """Record how the association ended for the series it delivered to, then forget it.
+
+        The record comes first: a series must not look finished to the worker before its
+        abort is written. An aborted or lost association leaves its series incomplete until
+        the sender sends it again (series.py decides).
+        """
         with self._lock:
-            self._active.pop(id(event.assoc), None)
+            series = set(self._active.get(id(assoc), ()))
+        if series:
+            if not released:
+                log.warning("association from %s ended without release; %d series held as "
+                            "possibly incomplete", assoc.requestor.ae_title, len(series))
+            try:
+                JobQueue(self.spool.db).associations_ended(series, released)
+            except Exception:  # the store is unwritable: the quiet period still applies
+                log.exception("could not record the end of an association from %s",
+                              assoc.requestor.ae_title)
+        with self._lock:
+            self._active.pop(id(assoc), None)
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling = event.assoc.requestor.ae_title

@@ -107,8 +107,22 @@ def build_report(
         is_complete=True,
         is_final=False,  # PRELIMINARY: an automatic result nobody has verified
         series_description="AI measurement report (research use only)",
+        previous_versions=_previous_versions(findings),
     )
     return sr
+
+
+def _previous_versions(findings: Findings) -> list[Dataset] | None:
+    """Earlier reports this one replaces, as highdicom's PredecessorDocumentsSequence input."""
+    versions = []
+    for earlier in findings.predecessors:
+        ds = Dataset()
+        ds.StudyInstanceUID = earlier.study_uid
+        ds.SeriesInstanceUID = earlier.series_uid
+        ds.SOPClassUID = earlier.sop_class_uid
+        ds.SOPInstanceUID = earlier.sop_instance_uid
+        versions.append(ds)
+    return versions or None
 
 
 def _observation_context(settings: OutputSettings) -> hd.sr.ObservationContext:
