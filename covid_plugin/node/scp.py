@@ -14,6 +14,7 @@ from collections import defaultdict
 
 from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -162,7 +163,7 @@ class StorageSCP:
     def _on_interrupted(self, event: evt.Event) -> None:
         self._ended(event.assoc, released=False)
 
-    def _ended(self, assoc, released: bool) -> None:
+    def _ended(self, assoc: Association, released: bool) -> None:
         """Record how the association ended for the series it delivered to, then forget it.
 
         The record comes first: a series must not look finished to the worker before its

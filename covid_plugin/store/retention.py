@@ -203,4 +203,5 @@ def purge(settings: Settings, db: Database, dry_run: bool = False,
 
 
 def _tree_size(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+    """Bytes of the files under `root`; files that vanish meanwhile count as nothing."""
+    return _size([p for p in root.rglob("*") if p.is_file()])[1] if root.is_dir() else 0
