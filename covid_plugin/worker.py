@@ -30,7 +30,7 @@ from covid_plugin.findings import Findings, Predecessor
 from covid_plugin.observability import Metrics
 from covid_plugin.outputs import OutputError
 from covid_plugin.series import completion, incomplete_reason, rejection_reason
-from covid_plugin.store.jobs import Delivery, Job, JobQueue, ResultRecord
+from covid_plugin.store.jobs import Delivery, Job, JobQueue, ReportRef
 from covid_plugin.store.retention import purge
 from covid_plugin.store.spool import Spool
 from covid_plugin.volume import LoadedSeries, SeriesError, load_series_files
@@ -83,12 +83,12 @@ def save_durably(datasets: list[Dataset], folder: Path) -> list[tuple[Path, str]
     return saved
 
 
-def _superseding(writer: Writer, previous: list[ResultRecord], n_before: int,
+def _superseding(writer: Writer, previous: list[ReportRef], n_before: int,
                  n_now: int) -> Writer:
     """The writer for a re-run: its report names the earlier reports as predecessors and says,
     in words a reader sees in the SR and on the secondary capture, that it replaces them."""
     reports = [Predecessor(r.study_uid, r.series_uid, r.sop_class_uid, r.sop_instance_uid)
-               for r in previous if r.modality == "SR"]
+               for r in previous]
 
     def write(findings: Findings, series: LoadedSeries) -> list[Dataset]:
         findings.predecessors = reports
@@ -277,7 +277,7 @@ class Worker:
         """Run the job; returns its outcome and how to record it."""
         pipeline = self._pipelines[job.modality]
         paths = self.spool.instance_paths(job.series_uid)
-        earlier, n_before, previous = self.jobs.previous_results(job)
+        earlier, n_before, previous = self.jobs.previous_run(job)
         writer = self.writer
         if earlier is not None:
             log.info("job %d re-runs series %s: its results replace those of job %d", job.id,
@@ -293,11 +293,9 @@ class Worker:
         shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted earlier run
         datasets = [ds for _, objects in results for ds in objects]
         saved = save_durably(datasets, folder)
-        records = [
-            ResultRecord(job.id, uid, str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
-                         str(ds.StudyInstanceUID), str(ds.Modality), path)
-            for ds, (path, uid) in zip(datasets, saved, strict=True)
-        ]
+        reports = [ReportRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                             str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+                   for ds in datasets if ds.Modality == "SR"]
         deliveries = [
             Delivery(path, uid, peer.ae_title, peer.host, peer.port)
             for peer in destinations_for(self.settings, job.calling_ae)
@@ -309,7 +307,7 @@ class Worker:
         if self.on_result is not None:
             for findings, _ in results:
                 self.on_result(job, findings, [path for path, _ in saved])
-        return "done", lambda: self.jobs.finish(job.id, deliveries, note, records,
+        return "done", lambda: self.jobs.finish(job.id, deliveries, note, reports,
                                                 supersedes=earlier)
 
     def purge_if_due(self) -> None:

@@ -180,7 +180,7 @@ def test_existing_database_is_migrated_without_losing_rows(tmp_path: Path):
     db = Database(path)
     conn = db.connection()
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    assert conn.execute("SELECT state, attempts FROM jobs").fetchone() == ("done", 1)
+    assert tuple(conn.execute("SELECT state, attempts FROM jobs").fetchone()) == ("done", 1)
     assert conn.execute("SELECT released_at FROM series").fetchone()[0] == 7
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     with db.transaction() as c:  # the new states are allowed

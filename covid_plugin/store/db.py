@@ -81,9 +81,11 @@ MIGRATIONS: list[str] = [
         received_at REAL NOT NULL
     );
     """,
-    # 2: quarantined and superseded jobs, retry-later times, a job's predecessor, how each
-    # series' associations ended, and the result objects each job made (rebuilding `jobs` is
-    # SQLite's way to change a CHECK constraint, done with foreign keys off, see _migrate)
+    # 2: quarantined and superseded jobs, a retry-later time, the reports a finished job sent
+    # (JSON, for a later re-run to name as predecessors) and the job it replaced, and how each
+    # series' associations ended. Rebuilding `jobs` is SQLite's way to change a CHECK
+    # constraint, done with foreign keys off (see _migrate). The schema stays small on
+    # purpose: 14 pages, which a node under a 64 KiB file-size limit can still create.
     """
     CREATE TABLE jobs_v2 (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -96,7 +98,8 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL,
         n_instances_at_queue INTEGER,
         not_before REAL NOT NULL DEFAULT 0,
-        supersedes INTEGER
+        supersedes INTEGER,
+        reports TEXT
     );
     INSERT INTO jobs_v2 (id, series_uid, state, reason, attempts, created_at, updated_at,
         n_instances_at_queue)
@@ -110,16 +113,6 @@ MIGRATIONS: list[str] = [
     ALTER TABLE series ADD COLUMN released_at REAL;
     ALTER TABLE series ADD COLUMN interrupted_at REAL;
     UPDATE series SET released_at = last_at;
-    CREATE TABLE results (
-        sop_instance_uid TEXT PRIMARY KEY,
-        job_id INTEGER NOT NULL REFERENCES jobs(id),
-        sop_class_uid TEXT NOT NULL,
-        series_uid TEXT NOT NULL,
-        study_uid TEXT NOT NULL,
-        modality TEXT NOT NULL,
-        path TEXT NOT NULL
-    );
-    CREATE INDEX results_job ON results(job_id);
     """,
 ]
 

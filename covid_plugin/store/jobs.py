@@ -17,6 +17,7 @@ and the outbox rows it creates are one transaction, so a job is finished exactly
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -77,16 +78,13 @@ class Delivery:
 
 
 @dataclass(frozen=True)
-class ResultRecord:
-    """One object a job produced; kept so that a later run can name it as its predecessor."""
+class ReportRef:
+    """An SR a job sent; kept with the job so that a later run can name it as predecessor."""
 
-    job_id: int
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_uid: str
     study_uid: str
-    modality: str
-    path: Path
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
 
 
 _JOB_COLUMNS = ("j.id, j.series_uid, j.state, j.attempts, j.reason, j.updated_at, "
@@ -184,23 +182,18 @@ class JobQueue:
         return _job(job)
 
     def finish(self, job_id: int, deliveries: Iterable[Delivery], note: str | None = None,
-               results: Iterable[ResultRecord] = (), supersedes: int | None = None) -> None:
-        """Mark done, record its result objects and queue them for export, atomically."""
+               reports: Iterable[ReportRef] = (), supersedes: int | None = None) -> None:
+        """Mark done, record its reports and queue its results for export, atomically."""
         t = now()
+        kept = json.dumps([vars(r) for r in reports])
         with self.db.transaction() as conn:
             updated = conn.execute(
-                "UPDATE jobs SET state = 'done', reason = ?, updated_at = ?, supersedes = ? "
-                "WHERE id = ? AND state = 'running'",
-                (note, t, supersedes, job_id),
+                "UPDATE jobs SET state = 'done', reason = ?, updated_at = ?, supersedes = ?, "
+                "reports = ? WHERE id = ? AND state = 'running'",
+                (note, t, supersedes, kept, job_id),
             ).rowcount
             if not updated:
                 raise RuntimeError(f"job {job_id} is not running; refusing to finish it twice")
-            conn.executemany(
-                "INSERT OR REPLACE INTO results (sop_instance_uid, job_id, sop_class_uid, "
-                "series_uid, study_uid, modality, path) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(r.sop_instance_uid, job_id, r.sop_class_uid, r.series_uid, r.study_uid,
-                  r.modality, str(r.path)) for r in results],
-            )
             conn.executemany(
                 "INSERT INTO outbox (job_id, path, sop_instance_uid, dest_ae, dest_host, "
                 "dest_port, state, next_attempt_at, created_at, updated_at) "
@@ -272,24 +265,17 @@ class JobQueue:
                 (t, *job_ids),
             ).rowcount
 
-    def previous_results(self, job: Job) -> tuple[int | None, int, list[ResultRecord]]:
+    def previous_run(self, job: Job) -> tuple[int | None, int, list[ReportRef]]:
         """The latest earlier finished run of the same series: (its id, how many instances it
-        saw, its result objects), or (None, 0, []) when this is the first run."""
-        conn = self.db.connection()
-        row = conn.execute(
-            "SELECT id, n_instances_at_queue FROM jobs WHERE series_uid = ? AND id < ? "
+        saw, the reports it sent), or (None, 0, []) when this is the first run."""
+        row = self.db.connection().execute(
+            "SELECT id, n_instances_at_queue, reports FROM jobs WHERE series_uid = ? AND id < ? "
             "AND state = 'done' ORDER BY id DESC LIMIT 1", (job.series_uid, job.id)
         ).fetchone()
         if row is None:
             return None, 0, []
-        results = conn.execute(
-            "SELECT * FROM results WHERE job_id = ? ORDER BY sop_instance_uid", (row["id"],)
-        ).fetchall()
-        return row["id"], row["n_instances_at_queue"] or 0, [
-            ResultRecord(r["job_id"], r["sop_instance_uid"], r["sop_class_uid"],
-                         r["series_uid"], r["study_uid"], r["modality"], Path(r["path"]))
-            for r in results
-        ]
+        reports = [ReportRef(**r) for r in json.loads(row["reports"] or "[]")]
+        return row["id"], row["n_instances_at_queue"] or 0, reports
 
     def stuck(self, older_than_s: float) -> list[Job]:
         """Jobs 'running' for longer than a job should take."""

@@ -155,7 +155,6 @@ def _purge_rows(db: Database, cutoff: float, dry_run: bool) -> dict[str, int]:
     with db.transaction() as conn:
         for table, sql in (
             ("outbox", f"DELETE FROM outbox WHERE job_id IN ({jobs_sql})"),
-            ("results", f"DELETE FROM results WHERE job_id IN ({jobs_sql})"),
             ("jobs", f"DELETE FROM jobs WHERE id IN ({jobs_sql})"),
         ):
             counts[table] = conn.execute(sql, (cutoff,)).rowcount
