@@ -13,7 +13,7 @@ import pydicom
 from pynetdicom import AE
 
 from tests.conftest import REPO, rider_files, wait_for
-from tests.dicom_validators import DSRDUMP, dsrdump
+from tests.dicom_validators import DCIODVFY, DSRDUMP, dciodvfy_errors, dsrdump
 from tests.test_node_ingest import index, storescu
 
 
@@ -111,8 +111,28 @@ def test_late_instances_rerun_the_series_and_supersede_the_earlier_report(
         first["SR"].SOPInstanceUID)
     assert "PredecessorDocumentsSequence" not in first["SR"]
     assert index(node).execute("SELECT supersedes FROM jobs WHERE id = 2").fetchone()[0] == 1
+    path = next(p for p in pacs.files()
+                if pydicom.dcmread(p).SOPInstanceUID == second.SOPInstanceUID)
     if DSRDUMP:
-        path = next(p for p in pacs.files()
-                    if pydicom.dcmread(p).SOPInstanceUID == second.SOPInstanceUID)
-        text = dsrdump(path)
-        assert "Replaces the earlier AI result for this series (20 instances)" in text
+        assert "Replaces the earlier AI result for this series (20 instances)" in dsrdump(path)
+    if DCIODVFY:
+        assert dciodvfy_errors(path) == []
+
+
+def test_a_queued_run_waits_for_late_instances_and_is_superseded(tmp_path):
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.jobs import JobQueue
+
+    db = Database(tmp_path / "db.sqlite")
+    queue = JobQueue(db)
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO series VALUES ('1.1', '1', 'CT', '', '', '', '', 'A', 30, "
+                     "0, 0, 0, NULL)")
+        conn.execute("INSERT INTO jobs (series_uid, state, created_at, updated_at) "
+                     "VALUES ('1.1', 'queued', 0, 0), ('1.1', 'received', 0, 0)")
+    assert queue.claim() is None  # more instances are arriving: the queued run would be partial
+    queue.close(2, None)
+    assert [(j.state, j.reason) for j in queue.all()] == [
+        ("superseded", "more instances arrived before it ran; job 2 runs instead"),
+        ("queued", None)]
+    assert queue.claim().id == 2
