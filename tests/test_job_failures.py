@@ -146,7 +146,7 @@ def test_retried_jobs_wait_behind_fresh_ones(tmp_path: Path):
 def test_health_reports_stuck_jobs_disk_and_outbox_backlog(node_factory):
     port = free_port()
     node = node_factory({"metrics_port": port, "jobs": {"stuck_after_s": 1}},
-                        env={"TEST_PIPELINE_DELAY_S": "6"}).start()
+                        env={"TEST_PIPELINE_DELAY_S": "3"}).start()
     assert send(node.port, [pydicom.dcmread(CHEST_CR)]) == [0]
     wait_for(lambda: [r["state"] for r in job_rows(node)] == ["running"], timeout=20,
              what="job running")
