@@ -14,7 +14,6 @@ from io import BytesIO
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -87,7 +86,11 @@ def _check_pixel_data(ds: pydicom.Dataset, size: int, transfer_syntax: UID, sop_
 
 
 def _check_image_geometry(ds: pydicom.Dataset, sop_uid: str) -> None:
-    """Values no decoder or pipeline can use; the reasons never quote the value itself."""
+    """Values no decoder can use; the reasons never quote the value itself.
+
+    PixelSpacing 0 is not refused here: real radiographs carry it for "unknown" (the NEMA
+    RG1 chest CR does), and a radiograph needs no spacing. The CT loader names it instead.
+    """
     try:
         for keyword in ("Rows", "Columns"):
             value = ds.get(keyword)
@@ -96,13 +99,6 @@ def _check_image_geometry(ds: pydicom.Dataset, sop_uid: str) -> None:
         bits = ds.get("BitsAllocated")
         if bits is not None and int(bits) != 1 and (int(bits) < 8 or int(bits) % 8):
             raise InvalidInstance("BitsAllocated must be 1 or a multiple of 8", sop_uid)
-        for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-            spacing = ds.get(keyword)
-            if spacing is None or spacing == "":
-                continue
-            values = spacing if isinstance(spacing, MultiValue) else [spacing]
-            if any(float(v) <= 0 for v in values):
-                raise InvalidInstance(f"{keyword} must be positive", sop_uid, 0xA900)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, InvalidInstance):
             raise
