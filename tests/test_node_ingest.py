@@ -156,3 +156,63 @@ def test_write_error_returns_out_of_resources(node_factory):
     assert echo(node.port)
     assert index(node).execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
     assert "could not store" in node.log()
+
+
+def test_rows_zero_and_odd_bits_allocated_are_refused_at_receive(node_factory):
+    node = node_factory().start()
+    no_rows = pydicom.dcmread(rider_files(1)[0])
+    no_rows.Rows = 0
+    odd_bits = pydicom.dcmread(rider_files(2)[1])
+    odd_bits.BitsAllocated = 7
+    assert send(node.port, [no_rows, odd_bits]) == [0xA900, 0xC000]
+    reasons = [r[0] for r in index(node).execute("SELECT reason FROM rejected_instances")]
+    assert reasons == ["Rows must be 1 or more", "BitsAllocated must be 1 or a multiple of 8"]
+    assert index(node).execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+
+
+def test_recovery_keeps_the_sender_as_the_return_address(node_factory):
+    """A file spooled but not indexed (a crash between rename and commit) is re-indexed at
+    start under the AE title that sent it, read from its file meta (0002,0016)."""
+    node = node_factory({"quiet_period_s": 3600}).start()
+    assert storescu(node.port, rider_files(3)).returncode == 0
+    node.kill9()
+    db = index(node)
+    paths = [Path(r["path"]) for r in db.execute("SELECT path FROM instances")]
+    assert {str(pydicom.dcmread(p).file_meta.SourceApplicationEntityTitle) for p in paths} \
+        == {"STORESCU"}
+    with db:  # the index forgets them, as if the node died before its commit
+        db.execute("DELETE FROM jobs")
+        db.execute("DELETE FROM series")
+        db.execute("DELETE FROM instances")
+    db.close()
+    node.start()
+    rows = index(node).execute("SELECT calling_ae FROM instances").fetchall()
+    assert [r["calling_ae"] for r in rows] == ["STORESCU"] * 3
+    series = index(node).execute("SELECT calling_ae FROM series").fetchall()
+    assert [r["calling_ae"] for r in series] == ["STORESCU"]
+
+
+def test_new_study_and_series_directories_are_fsynced(tmp_path, monkeypatch):
+    """The file's directory entry is durable only if each created directory's parent is
+    synced too: spool/<study> in spool/, spool/<study>/<series> in spool/<study>/."""
+    import os
+
+    from covid_plugin.instance import read_header
+    from covid_plugin.store import spool as spool_module
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.spool import Spool
+
+    spool = Spool(tmp_path / "spool", Database(tmp_path / "db.sqlite"))
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", recording_fsync)
+    data = rider_files(1)[0].read_bytes()
+    header = read_header(data)
+    stored = spool.store(header, data, "PACS1")
+    series_dir = stored.path.parent
+    assert {spool.root, series_dir.parent, series_dir} <= set(synced)
