@@ -216,3 +216,36 @@ def test_new_study_and_series_directories_are_fsynced(tmp_path, monkeypatch):
     stored = spool.store(header, data, "PACS1")
     series_dir = stored.path.parent
     assert {spool.root, series_dir.parent, series_dir} <= set(synced)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+@pytest.mark.parametrize("birth_date", ["00000000", "1950"])
+def test_header_values_never_reach_job_reasons(node_factory, birth_date):
+    """A non-standard PatientBirthDate once failed the job with the value in `jobs.reason`,
+    which `covid-plugin jobs` prints. Whatever the outcome, the value is not in it."""
+    node = node_factory({"selection": {"min_ct_slices": 2}}).start()
+    datasets = [pydicom.dcmread(f) for f in rider_files(3)]
+    for ds in datasets:
+        ds.PatientBirthDate = birth_date
+    assert send(node.port, datasets) == [0, 0, 0]
+    wait_for(lambda: index(node).execute(
+        "SELECT 1 FROM jobs WHERE state IN ('done', 'failed')").fetchone(), timeout=30,
+        what="the job to end")
+    listing = node.cli("jobs").stdout
+    assert birth_date not in listing and "out of range" not in listing
+    assert birth_date not in node.log()
+
+
+def test_encoding_errors_are_recorded_without_the_library_message():
+    from covid_plugin.outputs import OutputError
+    from covid_plugin.worker import analyse
+    from tests.pipelines_for_tests import MeanIntensityPipeline
+
+    def writer(findings, series):
+        try:
+            raise ValueError("Unable to convert '1950' to 'DA' object")
+        except ValueError as error:
+            raise OutputError(f"cannot encode results: {error}", "1.2.3") from error
+
+    outcome = analyse(MeanIntensityPipeline(), None, rider_files(2), writer)
+    assert outcome.problems == ["results cannot be encoded (ValueError); details at DEBUG"]
