@@ -119,8 +119,8 @@ class NodeProcess:
         """Start and wait until `ready()` (default: a plain C-ECHO succeeds)."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "covid_plugin.cli", "--config", str(self.config_path),
-             "listen"],
+            [sys.executable, "-m", "covid_plugin.cli", "listen", "--config",
+             str(self.config_path)],  # the README's form
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
         )
