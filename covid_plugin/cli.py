@@ -57,10 +57,9 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     try:
         node.start()
-    except (ModelIntegrityError, OSError) as exc:
-        node.stop()
+    except (ModelIntegrityError, OSError) as exc:  # e.g. the port is taken
         print(f"covid-plugin: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return 1  # exiting releases the data dir lock
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -160,6 +159,12 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    """The effective configuration: embedded defaults, then the file, environment and flags."""
+    print(settings.model_dump_json(indent=2))
+    return 0
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from covid_plugin.oneshot import run_folder
     from covid_plugin.summary import format_table
@@ -225,10 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--data-dir", type=Path)
     retry.set_defaults(func=cmd_retry)
 
-    health = sub.add_parser("health", parents=[common], help="check the store and C-ECHO the node")
+    health = sub.add_parser("health", parents=[common],
+                            help="check the store and C-ECHO the node")
     health.add_argument("--port", type=int)
     health.add_argument("--data-dir", type=Path)
     health.set_defaults(func=cmd_health)
+
+    config = sub.add_parser("config", parents=[common],
+                            help="print the effective configuration (defaults included)")
+    config.set_defaults(func=cmd_config)
     return parser
 
 

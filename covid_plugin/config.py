@@ -22,6 +22,9 @@ from pydantic import (
 )
 
 ENV_PREFIX = "COVID_PLUGIN_"
+# COVID_PLUGIN_* variables that are not settings: the config file's path, and where the tests
+# and training find the shared data set
+NOT_SETTINGS = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "DATA"}
 
 
 class _Strict(BaseModel):
@@ -216,7 +219,7 @@ def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
     """COVID_PLUGIN_PORT=104, COVID_PLUGIN_TLS__ENABLED=true; values may be JSON (lists, dicts)."""
     out: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        if not key.startswith(ENV_PREFIX) or key in NOT_SETTINGS:
             continue
         path = key[len(ENV_PREFIX):].lower().split("__")
         try:

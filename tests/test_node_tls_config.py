@@ -42,6 +42,12 @@ def test_config_errors_name_the_bad_key(tmp_path: Path):
         load_settings(environ={"COVID_PLUGIN_AE_TITEL": "X"})
 
 
+def test_the_data_set_location_is_not_read_as_a_setting():
+    """COVID_PLUGIN_DATA points the tests at the shared data; a node started by those tests
+    inherits it and must not stop with 'data: Extra inputs are not permitted'."""
+    assert load_settings(environ={"COVID_PLUGIN_DATA": "/elsewhere"}).port == 11112
+
+
 def test_config_precedence_file_then_environment_then_flags(tmp_path: Path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('ae_title = "FROM_FILE"\nport = 1104\nquiet_period_s = 5\n')
