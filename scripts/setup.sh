@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a fresh Debian machine needs: the DICOM tools the tests use (and openssl, which
-# makes their throwaway TLS certificates), then a virtual
-# environment with torch 2.13.0 (CPU build, on disk here) before anything that depends on it.
+# makes their throwaway TLS certificates), then a virtual environment with torch 2.13.0 (CPU
+# build, on disk here) before anything that depends on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -48,8 +48,8 @@ def test_one_peer_cannot_take_every_association_slot(node_factory):
     try:
         time.sleep(1)
         assert echo(node.port)  # from 127.0.0.1: still a slot
-        assert all(_closed_by_peer(sock, within_s=2) for sock in hogs[16:])
-        assert not _closed_by_peer(hogs[0], within_s=0.2)  # within the share: kept
+        closed = [_closed_by_peer(sock, within_s=0.2) for sock in hogs]
+        assert closed.count(True) == 4  # the share is 16 connections; the rest were closed
         assert not echo(node.port, bind_address="127.0.0.2")  # its share is taken
     finally:
         for sock in hogs:

@@ -17,7 +17,7 @@ import socketserver
 import ssl
 import struct
 import threading
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -77,25 +77,27 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.refusal = refusal
         self.on_refused = on_refused or (lambda reason: None)
         self._guard = threading.Lock()
-        self._pending: Counter[str] = Counter()  # connections not yet associations, by address
+        # connections accepted and not yet handed to pynetdicom: address -> client ports
+        self._pending: defaultdict[str, set[int]] = defaultdict(set)
         super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers)
 
     def connections_from(self, host: str) -> int:
-        """Connections this address holds: in handshake or request, plus live associations."""
-        live = sum(1 for a in self.active_associations if a.requestor.address == host)
-        return self._pending[host] + live
+        """Connections this address holds: in handshake, plus live associations (by client
+        port, so that one being handed over is not counted twice)."""
+        live = {a.requestor.port for a in self.active_associations if a.requestor.address == host}
+        return len(self._pending.get(host, set()) | live)
 
     # --- accept loop (one thread): count and hand over, never block ---
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        host = client_address[0]
+        host, port = client_address[0], client_address[1]
         with self._guard:
             held = self.connections_from(host)
             if held >= self.limits.max_associations_per_peer:
                 refused = True
             else:
                 refused = False
-                self._pending[host] += 1
+                self._pending[host].add(port)
         if refused:
             log.warning("connection from %s closed: it already holds %d connections "
                         "(network.max_associations_per_peer)", host, held)
@@ -107,7 +109,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     # --- the connection's own thread ---
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        host = client_address[0]
+        host, port = client_address[0], client_address[1]
         try:
             if self.tls_context is not None:
                 request = self._handshake(request, host)
@@ -120,8 +122,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             super().finish_request(request, client_address)
         finally:
             with self._guard:
-                self._pending[host] -= 1
-                if self._pending[host] <= 0:
+                self._pending[host].discard(port)
+                if not self._pending[host]:
                     del self._pending[host]
 
     def _handshake(self, request: socket.socket, host: str) -> ssl.SSLSocket | None:
