@@ -216,7 +216,8 @@ class StorageSCP:
 
     def _refuse_for_resources(self, event: evt.Event, sop_uid: str, calling: str) -> Dataset | None:
         """0xA700 for an instance over the size limit, or while the disk is below its mark."""
-        size = len(event.request.DataSet.getvalue())
+        with event.request.DataSet.getbuffer() as view:  # the size, without copying the bytes
+            size = view.nbytes
         limit_mb = self.settings.storage.max_instance_mb
         if size > limit_mb * _MB:
             self.metrics.rejected.labels(reason="too_large").inc()
