@@ -36,6 +36,10 @@ class Metrics:
         self.rejected = Counter(
             "covid_plugin_instances_rejected", "Instances refused with a failure status",
             ["reason"], registry=self.registry)
+        self.refused_connections = Counter(
+            "covid_plugin_connections_refused",
+            "Connections closed or associations refused before any instance, by reason "
+            "(peer_limit, tls_timeout, tls_failed, disk)", ["reason"], registry=self.registry)
         self.discarded = Counter(
             "covid_plugin_instances_discarded", "Instances of unprocessed SOP classes discarded",
             registry=self.registry)

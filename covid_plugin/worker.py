@@ -129,7 +129,12 @@ def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer) 
             out.skipped += 1
             out.problems.append(f"skipped by the {pipeline.name} pipeline: {exc}")
         except OutputError as exc:
-            out.problems.append(f"results cannot be encoded: {exc.reason}")
+            # the library's message can quote a header value (a birth date, a name): the
+            # reason, which `covid-plugin jobs` prints, names only the kind of error
+            cause = type(exc.__cause__ or exc).__name__
+            log.warning("results for series %s cannot be encoded (%s)", exc.series_uid, cause)
+            log.debug("encoding error details", exc_info=exc)
+            out.problems.append(f"results cannot be encoded ({cause}); details at DEBUG")
     return out
 
 
@@ -221,8 +226,11 @@ class Worker:
         except OSError as exc:
             outcome, record = self._io_failure(job, exc)
         except Exception as exc:  # one bad job must not stop the others
-            log.exception("job %d (series %s) failed", job.id, job.series_uid)
-            reason = f"{type(exc).__name__}: {exc}"
+            # no exception text in the reason or at INFO: it can quote header values
+            log.error("job %d (series %s) failed: %s", job.id, job.series_uid,
+                      type(exc).__name__)
+            log.debug("job %d failure details", job.id, exc_info=exc)
+            reason = f"internal error ({type(exc).__name__}); details at DEBUG"
             outcome, record = "failed", lambda: self.jobs.fail(job.id, reason)
         self._record(job, record)
         self.metrics.jobs.labels(outcome=outcome).inc()

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Everything a fresh Debian machine needs: the DICOM tools the tests use, then a virtual
-# environment with torch 2.13.0 (CPU build, on disk here) before anything that depends on it.
+# Everything a fresh Debian machine needs: the DICOM tools the tests use (and openssl, which
+# makes their throwaway TLS certificates), then a virtual environment with torch 2.13.0 (CPU
+# build, on disk here) before anything that depends on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for tool in storescu dciodvfy Orthanc; do
+for tool in storescu dciodvfy Orthanc openssl; do
   command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 if [ "$need_apt" = 1 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk dicom3tools orthanc >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk dicom3tools orthanc openssl >/dev/null
   # the package starts a system Orthanc on 4242/8042; the tests start their own
   $SUDO service orthanc stop >/dev/null 2>&1 || true
 fi

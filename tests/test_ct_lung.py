@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from covid_plugin.ml.ct_lung import LEFT_LUNG, RIGHT_LUNG, lung_volumes_ml, segment_lungs
+from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 
 
