@@ -127,7 +127,7 @@ def test_series_that_crashes_the_node_is_quarantined_at_the_attempt_cap(node_fac
     # the queue is not blocked: a radiograph sent now is processed
     assert send(node.port, [pydicom.dcmread(CHEST_CR)]) == [0]
     wait_for(lambda: [r["state"] for r in job_rows(node)] == ["quarantined", "done"],
-             timeout=30, what="the radiograph's job")
+             timeout=90, what="the radiograph's job")
     # an administrator can give it another chance once the cause is fixed
     assert node.cli("requeue", "1").stdout.strip() == "1 job(s) queued again"
 
