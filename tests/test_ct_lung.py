@@ -66,3 +66,21 @@ def test_dense_consolidation_enclosed_by_lung_stays_lung():
 def test_rejects_a_2d_image():
     with pytest.raises(ValueError):
         segment_lungs(np.zeros((64, 64), np.float32), (1.0, 1.0, 1.0))
+
+
+def test_trachea_and_main_bronchi_are_not_lung():
+    # normal002 sample block (carina level): the main bronchi's lumen (< -950 HU) lies within
+    # 30 mm of the midline between the lungs; the old blob seeds missed it (3.3 mL as lung)
+    from covid_plugin.volume import load_series_files
+
+    samples = Path(__file__).resolve().parents[1] / "dicom_samples"
+    series = load_series_files(sorted((samples / "ct-normal_covid-ct-md-normal002").glob("*.dcm")))
+    hu, spacing = series.array, series.spacing
+    labels = segment_lungs(hu, spacing, series.orientation)
+    cols = np.flatnonzero((labels > 0).any(axis=(0, 1)))
+    midline = (cols[0] + cols[-1]) / 2
+    central = np.abs(np.arange(hu.shape[2]) - midline) < 30.0 / spacing[2]
+    lumen = (hu < -950) & central
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    assert lumen.sum() * voxel_ml > 50  # the airways are there to be found
+    assert ((labels > 0) & lumen).sum() * voxel_ml < 0.5

@@ -41,7 +41,7 @@ class CtPipeline:
 
     def run(self, series: LoadedSeries, models: dict[str, Any]) -> Findings:
         hu, spacing = series.array, series.spacing
-        lung = segment_lungs(hu, spacing)
+        lung = segment_lungs(hu, spacing, series.orientation)
         lung_ml = float(np.prod(spacing)) / 1000.0 * np.count_nonzero(lung)
         if lung_ml < MIN_LUNG_ML:
             # the classifier's score means nothing without lungs to put lesions in
