@@ -55,6 +55,12 @@ class OutboxSettings(_Strict):
     poll_interval_s: float = Field(default=0.5, gt=0)
 
 
+class CtSettings(_Strict):
+    """Chest CT inference (the lesion network runs on `device`, slice batches of this size)."""
+
+    batch_size: int = Field(default=4, ge=1, le=512)  # larger batches pay off on a GPU
+
+
 class Settings(_Strict):
     """Everything the node reads at start."""
 
@@ -76,6 +82,7 @@ class Settings(_Strict):
     models_dir: Path = Path(__file__).resolve().parent.parent / "models"
     pipelines: str = "covid_plugin.pipelines:default_pipelines"
     device: str = "auto"
+    ct: CtSettings = CtSettings()
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a Prometheus on another host scrape
     log_level: str = "INFO"
