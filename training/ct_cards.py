@@ -260,8 +260,9 @@ kept). Labels: 1 right lung (SCT 3341006), 2 left lung (SCT 44029006); lung SCT 
 No reference masks: plausibility only. The series are partial blocks (1-60 slices), so volumes
 are per block (the six COVID-CT-MD series P001 ... normal002 are whole chests, 4 mm); mL per
 mm of extent compares them (plausible range {low:.0f}-{high:.0f} mL/mm for an adult
-mid/lower chest). "airway mL" is air-dense lumen (< -950 HU) within 30 mm of the midline
-between the lungs that is labelled lung (trachea and main bronchi; should be about 0). Seconds
+mid/lower chest). "airway mL" is airway lumen labelled lung: 3D pieces (>= 0.5 mL) of
+air-dense voxels (< -950 HU) within 30 mm of the midline between the lungs, i.e. trachea and
+main bronchi (should be about 0). Seconds
 were measured on a shared 2-core machine while other jobs ran.
 
 | series | slices | right mL | left mL | total mL | mL/mm | two lungs | right on image left \

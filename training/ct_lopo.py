@@ -146,6 +146,8 @@ def choose(patients: list[Patient]) -> dict[str, float]:
     Ties go to the wider margin, then to the stricter lesion setting (fewer false-positive
     voxels for the same separation).
     """
+    if not patients:  # nothing to choose on (a one-patient smoke run): the network's own 0.5
+        return {"lesion_probability": 0.5, "min_lesion_ml": 0.0, "decision": 0.5}
     y = np.array([p.covid for p in patients])
     ranked = []
     for setting in itertools.product(LESION_PROBABILITIES, MIN_LESION_ML):

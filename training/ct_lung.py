@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from covid_plugin.ml import ct_lung
 from covid_plugin.ml.ct_lung import lung_volumes_ml, segment_lungs
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 DISPLAY_WINDOW = (-1350.0, 150.0)  # a lung window for the overlays only
 # plausible adult lung volume per mm of craniocaudal extent through the mid/lower chest (mL/mm)
 PLAUSIBLE_ML_PER_MM = (5.0, 40.0)
-AIRWAY_CHECK_MM = 30.0  # lumen (< -950 HU) this close to the midline is trachea/main bronchi
+AIRWAY_CHECK_MM = 30.0  # lumen (< -950 HU) this close to the midline: trachea, main bronchi
 # the same voxels stored another way: (array flips (slices, rows, cols), ImageOrientationPatient)
 STORAGE_VARIANTS = {
     "mirrored_columns": ((True, False, True), (-1, 0, 0, 0, 1, 0)),
@@ -36,15 +37,19 @@ STORAGE_VARIANTS = {
 
 
 def airway_as_lung_ml(hu: np.ndarray, labels: np.ndarray, spacing) -> float:
-    """mL of air-dense lumen within AIRWAY_CHECK_MM of the midline between the lungs that is
-    labelled lung: the trachea and main bronchi, which should be 0."""
+    """mL of airway lumen labelled lung: 3D pieces (>= 0.5 mL) of air-dense voxels (< -950 HU)
+    within AIRWAY_CHECK_MM of the midline between the lungs, i.e. the trachea and main bronchi
+    (single noisy lung voxels below -950 HU are not pieces of that size). Should be 0."""
     cols = np.flatnonzero((labels > 0).any(axis=(0, 1)))
     if cols.size == 0:
         return 0.0
     midline = (cols[0] + cols[-1]) / 2
     central = np.abs(np.arange(hu.shape[2]) - midline) < AIRWAY_CHECK_MM / spacing[2]
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    return float(((labels > 0) & (hu < -950) & central).sum() * voxel_ml)
+    pieces, n = ndi.label((hu < -950) & central)
+    big = np.bincount(pieces.ravel(), minlength=n + 1) * voxel_ml >= 0.5
+    big[0] = False
+    return float(((labels > 0) & big[pieces]).sum() * voxel_ml)
 
 
 def storage_check(hu: np.ndarray, spacing, reference: dict[str, float]) -> dict[str, dict]:

@@ -99,6 +99,24 @@ def _component_sizes(labels: np.ndarray, n: int) -> np.ndarray:
     return counts[1:]
 
 
+def _mean_columns(labels: np.ndarray, n: int) -> np.ndarray:
+    """Mean column index of labels 1..n (nan where absent), summed a few slices at a time.
+
+    scipy's center_of_mass and np.nonzero build full-volume float64/int64 arrays (315 MB each
+    for a 600-slice CT); this needs a few MB.
+    """
+    counts = np.zeros(n + 1)
+    sums = np.zeros(n + 1)
+    columns = np.arange(labels.shape[2], dtype=np.float64)
+    for start in range(0, labels.shape[0], 16):
+        chunk = labels[start : start + 16].ravel()
+        counts += np.bincount(chunk, minlength=n + 1)
+        weights = np.broadcast_to(columns, labels[start : start + 16].shape).ravel()
+        sums += np.bincount(chunk, weights=weights, minlength=n + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sums / counts)[1:]
+
+
 def _largest(mask: np.ndarray) -> np.ndarray:
     labels, n = ndi.label(mask)
     if n == 0:
@@ -147,9 +165,8 @@ def _airways(hu: np.ndarray, air: np.ndarray, spacing: Sequence[float],
         return lumen
     cols = np.flatnonzero(air.any(axis=(0, 1)))
     midline, band = (cols[0] + cols[-1]) / 2.0, AIRWAY_BAND * (cols[-1] - cols[0] + 1)
-    index = np.arange(1, n + 1)
     sizes = _component_sizes(labels, n) * voxel_ml
-    centre_cols = np.array([c[2] for c in ndi.center_of_mass(lumen, labels, index)])
+    centre_cols = _mean_columns(labels, n)
     keep = np.zeros(n + 1, bool)
     keep[1:] = (sizes >= MIN_AIRWAY_ML) & (np.abs(centre_cols - midline) < band)
     airway = keep[labels]
@@ -193,7 +210,7 @@ def _split(lungs: np.ndarray) -> np.ndarray:
         side[:, :, :mid][lungs[:, :, :mid]] = RIGHT_LUNG
         side[:, :, mid:][lungs[:, :, mid:]] = LEFT_LUNG
         return side
-    cols = [np.nonzero(markers == value)[2].mean() for value in (1, 2)]
+    cols = _mean_columns(markers, 2)
     lut = np.array([0, RIGHT_LUNG, LEFT_LUNG] if cols[0] <= cols[1] else [0, LEFT_LUNG, RIGHT_LUNG],
                    np.uint8)
     for i in range(lungs.shape[0]):
@@ -203,12 +220,11 @@ def _split(lungs: np.ndarray) -> np.ndarray:
     del markers
     pieces, n = ndi.label(lungs & (side == 0))
     if n:
-        right_col = np.nonzero(side == RIGHT_LUNG)[2].mean()
-        left_col = np.nonzero(side == LEFT_LUNG)[2].mean()
-        centres = ndi.center_of_mass(lungs, pieces, index=np.arange(1, n + 1))
+        right_col, left_col = _mean_columns(side, 2)[[RIGHT_LUNG - 1, LEFT_LUNG - 1]]
+        centres = _mean_columns(pieces, n)
         lut = np.zeros(n + 1, np.uint8)
         for piece, centre in enumerate(centres, start=1):
-            nearer_right = abs(centre[2] - right_col) <= abs(centre[2] - left_col)
+            nearer_right = abs(centre - right_col) <= abs(centre - left_col)
             lut[piece] = RIGHT_LUNG if nearer_right else LEFT_LUNG
         side |= lut[pieces]
     return side
