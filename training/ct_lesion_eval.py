@@ -86,7 +86,7 @@ def slice_metrics(pred: torch.Tensor, true: torch.Tensor, seed: int) -> dict:
 
 
 def evaluate_test_slices(segmenter: LesionSegmenter, data: Path, limit: int | None, seed: int,
-                         out: Path) -> dict:
+                         out: Path | None) -> dict:
     from training.ct_lesion import load_slices
 
     slices = load_slices(data, "test", limit)
@@ -101,7 +101,10 @@ def evaluate_test_slices(segmenter: LesionSegmenter, data: Path, limit: int | No
     pred = pred * torch.stack([s["valid"] for s in slices])  # padding is never lesion
     metrics = slice_metrics(pred, true, seed)
     metrics["n_slices"] = len(slices)
+    metrics["lesion_probability"] = segmenter.threshold
     metrics["note"] = LEAKAGE_NOTE
+    if out is None:
+        return metrics
     rows = []
     for i in np.linspace(0, len(slices) - 1, min(6, len(slices))).astype(int):
         grey = x[i, 0].numpy()
@@ -193,11 +196,16 @@ def grid_before_after(data: Path, segmenter: LesionSegmenter, out: Path) -> dict
     r0, c0 = max(0, rows.min() - 10), max(0, cols.min() - 10)
     zoom = (slice(r0, min(hu.shape[1], r0 + 160)), slice(c0, min(hu.shape[2], c0 + 160)))
     lower, upper = window_bounds(segmenter.spec.intensity)
-    grey = hu_to_unit(hu[i][zoom], lower, upper)
+    def zoomed(image: np.ndarray) -> np.ndarray:  # 2x, nearest: the pixels stay visible
+        return image[zoom].repeat(2, axis=0).repeat(2, axis=1)
+
+    grey = zoomed(hu_to_unit(hu[i], lower, upper))
     save_grid([[
-        tile(overlay(grey, np.zeros_like(lesion[i][zoom]), {}), 320, "P002 (lung window)"),
-        tile(overlay(grey, before[zoom], LESION_COLOURS), 320, "before: argmax of resized logits"),
-        tile(overlay(grey, lesion[i][zoom], LESION_COLOURS), 320, "after: filtered, thresholded"),
+        tile(overlay(grey, np.zeros_like(zoomed(lesion[i])), {}), 320, "P002 (lung window)"),
+        tile(overlay(grey, zoomed(before), LESION_COLOURS), 320,
+             "before: argmax of resized logits"),
+        tile(overlay(grey, zoomed(lesion[i]), LESION_COLOURS), 320,
+             "after: filtered, thresholded"),
     ]], out / "grid_before_after.png")
     return {"slice_index": i, "kind_changes_per_lesion_pixel_before": kind_changes(before),
             "kind_changes_per_lesion_pixel_after": kind_changes(lesion[i])}
@@ -234,6 +242,14 @@ def overlays(data: Path, segmenter: LesionSegmenter, which: dict[str, str], out:
     return volumes
 
 
+def _at(model_dir: Path, threshold: float) -> LesionSegmenter:
+    """The segmenter with another lesion probability (the MedSeg operating point, for
+    comparison with the earlier argmax Dice)."""
+    segmenter = LesionSegmenter.load(model_dir)
+    segmenter.threshold = threshold
+    return segmenter
+
+
 def evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-lesion")
@@ -251,6 +267,8 @@ def evaluate(args: argparse.Namespace) -> int:
         "model": {"name": segmenter.spec.name, "version": segmenter.spec.version,
                   "weights_sha256": segmenter.spec.weights_sha256},
         "test_slices_8bit": evaluate_test_slices(segmenter, data, args.limit, args.seed, out),
+        "test_slices_8bit_at_0.5": evaluate_test_slices(_at(out, 0.5), data, args.limit,
+                                                        args.seed, None),
         "real_hu": {
             "chosen_on_all_patients": chosen,
             "candidates": {"lesion_probability": list(ct_lopo.LESION_PROBABILITIES),
