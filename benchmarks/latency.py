@@ -71,6 +71,7 @@ def renew(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
 def send(port: int, datasets: list[pydicom.Dataset]) -> float:
     """One association; returns the time the last C-STORE response arrived."""
     ae = AE(ae_title="BENCH_PACS")
+    ae.dimse_timeout = ae.network_timeout = 300  # a loaded machine must not fail the benchmark
     for cx in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         ae.add_requested_context(*cx)
     assoc = ae.associate("127.0.0.1", port, ae_title="COVID_PLUGIN")
