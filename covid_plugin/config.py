@@ -153,6 +153,12 @@ class RetentionSettings(_Strict):
     interval_s: float = Field(default=3600.0, gt=0)
 
 
+class CtSettings(_Strict):
+    """Chest CT inference (the lesion network runs on `device`, slice batches of this size)."""
+
+    batch_size: int = Field(default=4, ge=1, le=512)  # larger batches pay off on a GPU
+
+
 class Settings(_Strict):
     """Everything the node reads at start."""
 
@@ -182,6 +188,7 @@ class Settings(_Strict):
     pipelines: str = Field(default="covid_plugin.pipelines:default_pipelines",
                            pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     device: str = "auto"
+    ct: CtSettings = CtSettings()
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a Prometheus on another host scrape
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -9,6 +9,7 @@ records; nothing here crashes on a malformed header.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -179,6 +180,22 @@ def _load_ct(datasets: list[Dataset], series_uid: str) -> LoadedSeries:
         orientation=tuple(float(v) for v in orientation),
         positions=[tuple(float(v) for v in f.position) for f in frames],
     )
+
+
+def spill_to_disk(series: LoadedSeries) -> None:
+    """Replace `series.array` by a read-only memory map of the same values in an unlinked file.
+
+    Once a pipeline has read the volume, only the overlay picture needs a frame of it again,
+    while the masks are being built and the SEG is encoded: for a 600-slice CT that is 315 MB
+    the node does not have to hold. Pages of the mapping are read from disk when touched and
+    count as memory only then. The caller must drop its own references to the old array.
+    """
+    array = np.ascontiguousarray(series.array)
+    with tempfile.TemporaryFile(prefix="covid_plugin-volume-") as fh:
+        array.tofile(fh)
+        fh.flush()
+        # mmap keeps its own handle: the file lives until the mapping is gone
+        series.array = np.memmap(fh, dtype=array.dtype, mode="r", shape=array.shape)
 
 
 def _ct_frames(ds: Dataset, series_uid: str) -> list[_Frame]:
