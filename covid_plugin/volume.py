@@ -210,7 +210,7 @@ def _ct_frames(ds: Dataset, series_uid: str) -> list[_Frame]:
                 index=None,
                 position=np.asarray(ds.ImagePositionPatient, dtype=float),
                 orientation=np.asarray(ds.ImageOrientationPatient, dtype=float),
-                pixel_spacing=_pair(ds.PixelSpacing),
+                pixel_spacing=_positive_spacing(ds.PixelSpacing, series_uid),
                 rescale=ds,
             )
         ]
@@ -232,8 +232,8 @@ def _ct_frames(ds: Dataset, series_uid: str) -> list[_Frame]:
                     _group(groups, "PlaneOrientationSequence", series_uid).ImageOrientationPatient,
                     dtype=float,
                 ),
-                pixel_spacing=_pair(
-                    _group(groups, "PixelMeasuresSequence", series_uid).PixelSpacing
+                pixel_spacing=_positive_spacing(
+                    _group(groups, "PixelMeasuresSequence", series_uid).PixelSpacing, series_uid
                 ),
                 rescale=_group(groups, "PixelValueTransformationSequence", series_uid),
             )
@@ -327,6 +327,15 @@ def _require(ds: Dataset, keywords: Sequence[str], series_uid: str) -> None:
 
 def _pair(values: Sequence[float]) -> tuple[float, float]:
     return float(values[0]), float(values[1])
+
+
+def _positive_spacing(values: Sequence[float], series_uid: str) -> tuple[float, float]:
+    """CT spacing feeds every volume in mL: zero or negative is a broken header, said so here
+    rather than as a division by zero deep in a pipeline. The value itself is not quoted."""
+    pair = _pair(values)
+    if not all(np.isfinite(v) and v > 0 for v in pair):
+        raise SeriesError("PixelSpacing must be two positive numbers", series_uid)
+    return pair
 
 
 def _distinct(datasets: Iterable[Dataset]) -> list[Dataset]:

@@ -143,6 +143,14 @@ def test_mixed_orientation_is_rejected() -> None:
         load_series(datasets)
 
 
+def test_zero_pixel_spacing_is_rejected_with_reason() -> None:
+    datasets = read_all(rider_files(3))
+    for ds in datasets:
+        ds.PixelSpacing = [0, 0]
+    with pytest.raises(SeriesError, match="PixelSpacing must be two positive numbers"):
+        load_series(datasets)
+
+
 def test_mixed_size_is_rejected() -> None:
     datasets = read_all(rider_files(3))
     small = datasets[1]
