@@ -4,17 +4,22 @@ Structure of the report (all concepts coded, so a PACS or a registry can query t
 - one TID 1501 group per class: finding type = the class concept, one "Probability"
   measurement (unit "1"), with the classifier's TID 4019 algorithm identification;
 - one TID 1501 group with the decided class as a qualitative "Finding" evaluation;
-- one TID 1411 (CT) or TID 1410 (radiograph) group per SEG segment, referencing the segment and
-  holding that segment's measurements (volumes, percent involvement);
+- CT: one TID 1411 group per SEG segment, referencing the segment and holding that segment's
+  measurements (volumes, percent involvement);
+- TID 1410 planar groups with an image-region outline (SCOORD) on the key image: each lung,
+  and the largest lesion with its area (CT) or the region that drove the call (radiograph).
+  These are what viewers such as OHIF draw and list as measurements;
 - one TID 1501 group for measurements that concern no segment;
-- the intended-use caveat and the pipeline's notes as TEXT "Comment" items.
-Source images are referenced by the evidence sequence, by each segment's source series and,
-for a radiograph, by each group. There is no TID 1600 image library: highdicom needs attributes
-for it that real radiographs lack (ImagerPixelSpacing), and for a CT it would add an entry
-per slice and seconds of writing time.
+- a "Qualitative Evaluations" container with the intended-use caveat and the pipeline's notes
+  as TEXT (TID 1500 rows 12-13).
+Every TID 1501 group references the key image (an IMAGE item with a ReferencedSOPSequence),
+which viewers need to place a group. There is no TID 1600 image library: for a CT it would
+add an entry per slice and seconds of writing time.
 """
 
 from __future__ import annotations
+
+import datetime
 
 import highdicom as hd
 from highdicom.sr import (
@@ -26,6 +31,7 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 
 from covid_plugin.findings import Classification, Findings, Mask, ModelInfo
 from covid_plugin.findings import Measurement as FindingsMeasurement
@@ -36,9 +42,12 @@ from covid_plugin.outputs.codes import (
     INTENDED_USE,
     NO_UNITS,
     PROBABILITY,
+    QUALITATIVE_EVALUATIONS,
     coded,
     procedure_reported,
 )
+from covid_plugin.outputs.headers import creation_times, models_of, stamp
+from covid_plugin.outputs.regions import Outline, is_anatomy, key_frame, outlines
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.volume import LoadedSeries
 
@@ -47,6 +56,7 @@ MeasurementGroup = (
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
+LUNG_OUTLINES = 2  # a lung mask of a radiograph: the two largest regions, one per side
 
 
 def algorithm(model: ModelInfo, threshold: float | None = None) -> AlgorithmIdentification:
@@ -62,16 +72,21 @@ def build_report(
     series: LoadedSeries,
     settings: OutputSettings,
     segmentation: hd.seg.Segmentation | None = None,
+    when: datetime.datetime | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one pipeline run; `segmentation` is the SEG its ROI groups refer to."""
+    """The SR for one pipeline run; `segmentation` is the SEG its volumetric groups refer to."""
+    when = when or datetime.datetime.now()
+    frame = key_frame(findings.masks, series.array.shape[0]) if series.modality == "CT" else 0
+    key_image = _key_image(series, frame)
     groups: list[MeasurementGroup] = []
     if findings.classification is not None:
-        groups.extend(_classification_groups(findings.classification, series))
+        groups.extend(_classification_groups(findings.classification, key_image))
     segment_keys: set[str] = set()
     if segmentation is not None:
         for number, mask in enumerate(findings.masks, start=1):
             groups.append(_segment_group(findings, mask, number, segmentation, series))
             segment_keys.add(mask.key)
+    groups.extend(_outline_groups(findings, series, frame))
     loose = [m for m in findings.measurements if m.mask_key not in segment_keys]
     if loose:
         model = findings.models[0] if findings.models else None
@@ -80,19 +95,15 @@ def build_report(
                 tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="measurements"),
                 algorithm_id=algorithm(model) if model else None,
                 measurements=[_measurement(m) for m in loose],
+                source_images=[key_image],
             )
         )
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(settings),
+        observation_context=observation_context(settings),
         procedure_reported=procedure_reported(findings.kind),
         imaging_measurements=groups,
     )
-    for text in [INTENDED_USE, *findings.notes]:
-        report[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-            )
-        )
+    report[0].ContentSequence.append(comments([INTENDED_USE, *findings.notes]))
     evidence: list[Dataset] = list(series.datasets)
     if segmentation is not None:
         evidence.append(segmentation)
@@ -106,12 +117,13 @@ def build_report(
         manufacturer=settings.manufacturer,
         is_complete=True,
         is_final=False,  # PRELIMINARY: an automatic result nobody has verified
-        series_description="AI measurement report (research use only)",
+        series_description=settings.sr_series_description,
+        **creation_times(when),
     )
-    return sr
+    return stamp(sr, models_of(findings), settings, when)
 
 
-def _observation_context(settings: OutputSettings) -> hd.sr.ObservationContext:
+def observation_context(settings: OutputSettings) -> hd.sr.ObservationContext:
     """The device observer: the node itself, identified the same way on every report."""
     device = hd.sr.ObserverContext(
         observer_type=DEVICE,
@@ -126,15 +138,34 @@ def _observation_context(settings: OutputSettings) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(observer_device_context=device)
 
 
-def _source_images(series: LoadedSeries) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
-    """A radiograph's groups point at the image itself; a CT's rely on the image library."""
-    if series.modality == "CT":
-        return None
-    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in series.datasets]
+def comments(texts: list[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations container holding free-text comments.
+
+    highdicom's MeasurementReport does not build this optional container, so it is made
+    from highdicom's public content items and added as the report's last child.
+    """
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+            for text in texts
+        ]
+    )
+    return container
+
+
+def _key_image(series: LoadedSeries, frame: int) -> hd.sr.SourceImageForMeasurementGroup:
+    source = series.datasets[0 if series.frame_numbers is not None else frame]
+    frames = [series.frame_numbers[frame]] if series.frame_numbers is not None else None
+    return hd.sr.SourceImageForMeasurementGroup.from_source_image(source, frames)
 
 
 def _classification_groups(
-    classification: Classification, series: LoadedSeries
+    classification: Classification, key_image: hd.sr.SourceImageForMeasurementGroup
 ) -> list[MeasurementsAndQualitativeEvaluations]:
     algorithm_id = algorithm(classification.model, classification.threshold)
     groups = [
@@ -143,7 +174,7 @@ def _classification_groups(
             finding_type=coded(p.code),
             algorithm_id=algorithm_id,
             measurements=[Measurement(name=PROBABILITY, value=p.probability, unit=NO_UNITS)],
-            source_images=_source_images(series),
+            source_images=[key_image],
         )
         for p in classification.probabilities
     ]
@@ -153,7 +184,7 @@ def _classification_groups(
             tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="classification"),
             algorithm_id=algorithm_id,
             qualitative_evaluations=[QualitativeEvaluation(FINDING, coded(predicted.code))],
-            source_images=_source_images(series),
+            source_images=[key_image],
         )
     )
     return groups
@@ -165,45 +196,96 @@ def _segment_group(
     number: int,
     segmentation: hd.seg.Segmentation,
     series: LoadedSeries,
-) -> MeasurementGroup:
-    """TID 1411 (volume) or TID 1410 (radiograph) group about one SEG segment."""
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group about one SEG segment, with that segment's measurements."""
     segment = segmentation.SegmentSequence[number - 1]
-    tracking = TrackingIdentifier(uid=segment.TrackingUID, identifier=mask.label)
-    measurements = [_measurement(m) for m in findings.measurements if m.mask_key == mask.key]
-    sites = [FindingSite(coded(mask.anatomic_region))] if mask.anatomic_region else None
-    common = {
-        "tracking_identifier": tracking,
-        "finding_type": coded(mask.property_type),
-        "algorithm_id": algorithm(mask.model),
-        "finding_sites": sites,
-        "measurements": measurements or None,
-    }
-    if series.modality == "CT":
-        referenced = hd.sr.ReferencedSegment(
-            sop_class_uid=segmentation.SOPClassUID,
-            sop_instance_uid=segmentation.SOPInstanceUID,
-            segment_number=number,
-            source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
-        )
-        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            referenced_segment=referenced, **common
-        )
-    frame_number = _frame_of(segmentation, number)
-    if frame_number is None:  # an empty segment of a radiograph: nothing to point at
-        return MeasurementsAndQualitativeEvaluations(**common)
-    referenced_frame = hd.sr.ReferencedSegmentationFrame(
+    referenced = hd.sr.ReferencedSegment(
         sop_class_uid=segmentation.SOPClassUID,
         sop_instance_uid=segmentation.SOPInstanceUID,
-        frame_number=frame_number,
         segment_number=number,
-        source_image=hd.sr.SourceImageForSegmentation.from_source_image(series.datasets[0]),
+        source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
     )
-    # PS3.3 C.17.3.2.3: a reference to SEG frames carries no segment number (the frame says
-    # which segment); highdicom 0.28 writes both, which validators reject.
-    del referenced_frame[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        referenced_segment=referenced_frame, **common
+    measurements = [_measurement(m) for m in findings.measurements if m.mask_key == mask.key]
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=segment.TrackingUID, identifier=mask.label),
+        referenced_segment=referenced,
+        finding_type=coded(mask.property_type),
+        algorithm_id=algorithm(mask.model),
+        finding_sites=_sites(mask),
+        measurements=measurements or None,
     )
+
+
+def _outline_groups(
+    findings: Findings, series: LoadedSeries, frame: int
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """TID 1410 groups: each lung and the largest lesion (or region) outlined on the key image.
+
+    On a CT only the single largest lesion region of the key slice is outlined, with its area;
+    anatomy gets one outline per mask (one per lung). A radiograph's lung mask holds both
+    lungs, so its two largest regions are outlined.
+    """
+    source = series.datasets[0 if series.frame_numbers is not None else frame]
+    frames = [series.frame_numbers[frame]] if series.frame_numbers is not None else None
+    lesions = [m for m in findings.masks if not is_anatomy(m)]
+    largest_lesion = _largest_lesion(lesions, frame)
+    groups = []
+    for mask in findings.masks:
+        if is_anatomy(mask):
+            found = outlines(mask.array[frame], LUNG_OUTLINES if series.modality != "CT" else 1)
+        elif largest_lesion is not None and largest_lesion[0] is mask:
+            found = [largest_lesion[1]]
+        elif series.modality != "CT":
+            found = outlines(mask.array[frame], 1)
+        else:
+            found = []
+        for index, outline in enumerate(found, start=1):
+            suffix = f" {index}" if len(found) > 1 else ""
+            region = hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=outline.points,
+                source_image=hd.sr.SourceImageForRegion.from_source_image(source, frames),
+            )
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=TrackingIdentifier(
+                        uid=hd.UID(), identifier=f"{mask.label} outline{suffix}"
+                    ),
+                    referenced_region=region,
+                    finding_type=coded(mask.property_type),
+                    algorithm_id=algorithm(mask.model),
+                    finding_sites=_sites(mask),
+                    measurements=_area(outline, series) if not is_anatomy(mask) else None,
+                )
+            )
+    return groups
+
+
+def _largest_lesion(lesions: list[Mask], frame: int) -> tuple[Mask, Outline] | None:
+    best: tuple[Mask, Outline] | None = None
+    for mask in lesions:
+        for outline in outlines(mask.array[frame], 1):
+            if best is None or outline.pixels > best[1].pixels:
+                best = (mask, outline)
+    return best
+
+
+def _area(outline: Outline, series: LoadedSeries) -> list[Measurement] | None:
+    """The region's area in mm², where the source gives a physical pixel spacing."""
+    if series.modality != "CT" and not _has_physical_spacing(series.datasets[0]):
+        return None
+    area = outline.pixels * float(series.spacing[1]) * float(series.spacing[2])
+    square_mm = codes.UCUM.SquareMillimeter
+    return [Measurement(name=codes.SCT.Area, value=round(area, 1), unit=square_mm)]
+
+
+def _has_physical_spacing(ds: Dataset) -> bool:
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return bool(spacing) and all(float(v) > 0 for v in spacing)
+
+
+def _sites(mask: Mask) -> list[FindingSite] | None:
+    return [FindingSite(coded(mask.anatomic_region))] if mask.anatomic_region else None
 
 
 def _measurement(m: FindingsMeasurement) -> Measurement:
@@ -214,15 +296,3 @@ def _measurement(m: FindingsMeasurement) -> Measurement:
         unit=coded(m.unit),
         finding_sites=[FindingSite(coded(m.finding_site))] if m.finding_site else None,
     )
-
-
-def _frame_of(segmentation: hd.seg.Segmentation, segment_number: int) -> int | None:
-    """The SEG frame (1-based) that holds a radiograph's segment, None if it was omitted."""
-    shared = segmentation.SharedFunctionalGroupsSequence[0]
-    for index, frame in enumerate(segmentation.PerFrameFunctionalGroupsSequence, start=1):
-        identification = frame.get("SegmentIdentificationSequence") or (
-            shared.SegmentIdentificationSequence
-        )
-        if identification[0].ReferencedSegmentNumber == segment_number:
-            return index
-    return None
