@@ -22,6 +22,7 @@ from covid_plugin.volume import LoadedSeries
 
 LUNG_OUTLINES = 2
 CAPTION_LAYER = "AI_RESULT"
+LAYER_NAMES = {"suspicious_region": "REGION"}  # layer names are at most 16 characters
 
 
 def build_presentation_state(
@@ -43,7 +44,7 @@ def build_presentation_state(
         if not found:
             continue
         layer = hd.pr.GraphicLayer(
-            layer_name=mask.key.upper()[:16],
+            layer_name=LAYER_NAMES.get(mask.key, mask.key.upper()[:16]),
             order=order,
             description=mask.label[:64],
             display_color=hd.color.CIELabColor.from_rgb(*colour),
@@ -63,6 +64,8 @@ def build_presentation_state(
                 ],
             )
         )
+    if not annotations:  # nothing outlined: the SR and the SC carry the result
+        return None
     caption = result_line(findings)
     if caption:
         layer = hd.pr.GraphicLayer(
@@ -85,8 +88,6 @@ def build_presentation_state(
                 ],
             )
         )
-    if not annotations:
-        return None
     state = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[image],
         series_instance_uid=hd.UID(),
