@@ -347,18 +347,22 @@ def test_sr_has_planar_outlines_on_the_key_slice_that_ohif_can_draw(
     sr = hd.sr.srread(ct_objects[1])
     planar = sr.content.get_planar_roi_measurement_groups()
     names = [str(g.finding_type.meaning) for g in planar]
-    # one outline per lung and the largest lesion of the key slice (GGO on slice 30)
-    assert names == ["Right lung", "Left lung", "Ground glass opacity"]
-    key_uid = ct_series.datasets[30].SOPInstanceUID
+    # the AI result region, one outline per lung and per lesion type
+    assert names == ["COVID-19", "Right lung", "Left lung", "Ground glass opacity",
+                     "Lung consolidation"]
+    uids = [ds.SOPInstanceUID for ds in ct_series.datasets]
+    slices = []
     for group in planar:
         region = group.roi
         assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         points = region.value
         np.testing.assert_array_equal(points[0], points[-1])  # closed
-        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
-            key_uid
-        )
-    ggo = planar[2]
+        reference = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        slices.append(uids.index(reference))
+    # the key slice (largest lesion area, index 30) except for the consolidation, which is
+    # absent there and outlined on its own largest slice
+    assert slices[:4] == [30, 30, 30, 30] and slices[4] in (12, 13, 14)
+    ggo = planar[3]
     xs, ys = ggo.roi.value[:, 0], ggo.roi.value[:, 1]
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == pytest.approx((100, 300, 200, 300), abs=1)
     area = ggo.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))[0]
@@ -366,8 +370,46 @@ def test_sr_has_planar_outlines_on_the_key_slice_that_ohif_can_draw(
     assert area.value == pytest.approx(100 * 200 * spacing, rel=0.01)
 
 
+def _ohif_measurements(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
+    """Groups merged by tracking UID, as OHIF's SR extension (3.13) builds its measurements."""
+    merged: dict[str, list[pydicom.Dataset]] = {}
+    for group in _groups(sr):
+        uid = next(i.UID for i in group.ContentSequence if i.ValueType == "UIDREF"
+                   and i.ConceptNameCodeSequence[0].CodeValue == "112040")
+        merged.setdefault(uid, []).extend(group.ContentSequence)
+    return merged
+
+
+@pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
+def test_every_merged_measurement_has_an_image_region_ohif_can_place(
+    objects: str, request: pytest.FixtureRequest
+) -> None:
+    """OHIF reads coords[0].ReferencedSOPSequence of each measurement; a group without an
+    SCOORD (in itself or a group with its tracking UID) leaves it with a blank viewport."""
+    sr = pydicom.dcmread(request.getfixturevalue(objects)[1])
+    for items in _ohif_measurements(sr).values():
+        regions = [i for i in items if i.ValueType == "SCOORD"]
+        assert regions, [i.ConceptNameCodeSequence[0].CodeMeaning for i in items]
+        image = regions[0].ContentSequence[0]
+        assert image.ValueType == "IMAGE"
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+
+
+def test_an_empty_segment_is_reported_with_the_ai_result_region(ct_series: LoadedSeries) -> None:
+    """No consolidation anywhere: its volume (0 mL) is still reported, and OHIF can place it."""
+    findings = ct_findings(ct_series)
+    findings.masks[3].array = np.zeros_like(findings.masks[3].array)
+    sr = next(o for o in write_all(findings, ct_series) if o.Modality == "SR")
+    merged = _ohif_measurements(sr)
+    summary = next(items for items in merged.values()
+                   if any(getattr(i, "TextValue", "") == "AI result" for i in items))
+    assert any(i.ValueType == "SCOORD" for i in summary)
+    assert "Consolidation" in [getattr(i, "TextValue", "") for i in summary]
+    for items in merged.values():
+        assert any(i.ValueType == "SCOORD" for i in items)
+
+
 def test_every_measurement_group_references_an_image(ct_objects: list[Path]) -> None:
-    """OHIF reads a ReferencedSOPSequence from every group; without one it blanks the view."""
     sr = pydicom.dcmread(ct_objects[1])
     for group in _groups(sr):
         references = _image_references(group)
@@ -399,7 +441,7 @@ def test_radiograph_overlay_is_a_presentation_state_with_outlines(
     assert "COVID-19 81 %" in text
     sr = hd.sr.srread(cr_objects[1])
     planar = sr.content.get_planar_roi_measurement_groups()
-    assert [str(g.finding_type.meaning) for g in planar] == ["Lung", "Lung", "Lesion"]
+    assert [str(g.finding_type.meaning) for g in planar] == ["COVID-19", "Lung", "Lung", "Lesion"]
 
 
 def test_segments_have_distinct_colours_that_do_not_blend(ct_objects: list[Path]) -> None:

@@ -1,20 +1,21 @@
 """Findings -> a Comprehensive 3D SR holding a TID 1500 Measurement Report.
 
 Structure of the report (all concepts coded, so a PACS or a registry can query them):
+- a TID 1410 "AI result" group: the region the whole-study findings are about (the lungs'
+  convex hull on the key image), with the called class as finding type and "Finding";
 - one TID 1501 group per class: finding type = the class concept, one "Probability"
   measurement (unit "1"), with the classifier's TID 4019 algorithm identification;
-- one TID 1501 group with the decided class as a qualitative "Finding" evaluation;
 - CT: one TID 1411 group per SEG segment, referencing the segment and holding that segment's
   measurements (volumes, percent involvement);
-- TID 1410 planar groups with an image-region outline (SCOORD) on the key image: each lung,
-  and the largest lesion with its area (CT) or the region that drove the call (radiograph).
-  These are what viewers such as OHIF draw and list as measurements;
+- TID 1410 groups with an image-region outline (SCOORD): each lung and each lesion type by its
+  largest region on the key image (CT: the slice with the largest lesion area; a segment
+  absent there is outlined on its own largest slice), lesions with their area in mm²;
 - one TID 1501 group for measurements that concern no segment;
 - a "Qualitative Evaluations" container with the intended-use caveat and the pipeline's notes
   as TEXT (TID 1500 rows 12-13).
-Every TID 1501 group references the key image (an IMAGE item with a ReferencedSOPSequence),
-which viewers need to place a group. There is no TID 1600 image library: for a CT it would
-add an entry per slice and seconds of writing time.
+Every group references an image (an IMAGE item with a ReferencedSOPSequence) and shares its
+tracking UID with a group that has an image region; see `build_report` for why. There is no
+TID 1600 image library: for a CT it would add an entry per slice and seconds of writing time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import datetime
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     FindingSite,
@@ -32,6 +34,7 @@ from highdicom.sr import (
 )
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from skimage.morphology import convex_hull_image
 
 from covid_plugin.findings import Classification, Findings, Mask, ModelInfo
 from covid_plugin.findings import Measurement as FindingsMeasurement
@@ -74,28 +77,51 @@ def build_report(
     segmentation: hd.seg.Segmentation | None = None,
     when: datetime.datetime | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one pipeline run; `segmentation` is the SEG its volumetric groups refer to."""
+    """The SR for one pipeline run; `segmentation` is the SEG its volumetric groups refer to.
+
+    Viewers that list SR measurements (OHIF) merge the groups that share a tracking UID and
+    need an image region in each merged measurement: a group with none leaves OHIF 3.13 with
+    a blank viewport. So every group without a region of its own shares the tracking UID of
+    one with a region: a segment's volumetric group that of its outline, and the findings
+    about the whole study (probabilities, the call, loose measurements, empty segments) that
+    of the "AI result" region around the lungs on the key image.
+    """
     when = when or datetime.datetime.now()
     frame = key_frame(findings.masks, series.array.shape[0]) if series.modality == "CT" else 0
-    key_image = _key_image(series, frame)
-    groups: list[MeasurementGroup] = []
+    summary = hd.UID()  # the tracking UID of everything about the whole study
+    groups: list[MeasurementGroup] = [_summary_group(findings, series, frame, summary)]
     if findings.classification is not None:
-        groups.extend(_classification_groups(findings.classification, key_image))
+        groups.extend(
+            _classification_groups(findings.classification, _key_image(series, frame), summary)
+        )
     segment_keys: set[str] = set()
-    if segmentation is not None:
-        for number, mask in enumerate(findings.masks, start=1):
-            groups.append(_segment_group(findings, mask, number, segmentation, series))
+    for number, mask in enumerate(findings.masks, start=1):
+        found = _mask_outlines(mask, series, frame)
+        if segmentation is not None:
+            segment_uid = segmentation.SegmentSequence[number - 1].TrackingUID
+            tracking = TrackingIdentifier(
+                uid=segment_uid if found else summary, identifier=mask.label
+            )
+            groups.append(_segment_group(findings, mask, number, segmentation, series, tracking))
             segment_keys.add(mask.key)
-    groups.extend(_outline_groups(findings, series, frame))
+        for index, (outline_frame, outline) in enumerate(found):
+            suffix = f" {index + 1}" if len(found) > 1 else ""
+            uid = segment_uid if segmentation is not None and index == 0 else hd.UID()
+            groups.append(
+                _outline_group(
+                    mask, series, outline_frame, outline,
+                    TrackingIdentifier(uid=uid, identifier=f"{mask.label} outline{suffix}"),
+                )
+            )
     loose = [m for m in findings.measurements if m.mask_key not in segment_keys]
     if loose:
         model = findings.models[0] if findings.models else None
         groups.append(
             MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="measurements"),
+                tracking_identifier=TrackingIdentifier(uid=summary, identifier="measurements"),
                 algorithm_id=algorithm(model) if model else None,
                 measurements=[_measurement(m) for m in loose],
-                source_images=[key_image],
+                source_images=[_key_image(series, frame)],
             )
         )
     report = hd.sr.MeasurementReport(
@@ -158,19 +184,66 @@ def comments(texts: list[str]) -> hd.sr.ContainerContentItem:
     return container
 
 
+def _source(series: LoadedSeries, frame: int) -> tuple[Dataset, list[int] | None]:
+    """The dataset holding a frame and, for a multi-frame source, the frame's number."""
+    if series.frame_numbers is not None:
+        return series.datasets[0], [series.frame_numbers[frame]]
+    return series.datasets[frame], None
+
+
 def _key_image(series: LoadedSeries, frame: int) -> hd.sr.SourceImageForMeasurementGroup:
-    source = series.datasets[0 if series.frame_numbers is not None else frame]
-    frames = [series.frame_numbers[frame]] if series.frame_numbers is not None else None
-    return hd.sr.SourceImageForMeasurementGroup.from_source_image(source, frames)
+    return hd.sr.SourceImageForMeasurementGroup.from_source_image(*_source(series, frame))
+
+
+def _region(series: LoadedSeries, frame: int, outline: Outline) -> hd.sr.ImageRegion:
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline.points,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(*_source(series, frame)),
+    )
+
+
+def _summary_group(
+    findings: Findings, series: LoadedSeries, frame: int, tracking_uid: str
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: the region the whole-study findings are about, drawn on the key image.
+
+    The convex hull of the lungs where they were found, else the whole image; its finding
+    type is the called class.
+    """
+    anatomy = np.zeros(series.array.shape[1:], dtype=bool)
+    for mask in findings.masks:
+        if is_anatomy(mask):
+            anatomy |= mask.array[frame].astype(bool)
+    if anatomy.any():
+        region = convex_hull_image(anatomy)
+    else:
+        region = np.ones(series.array.shape[1:], dtype=bool)
+    outline = outlines(region, 1)[0]
+    c = findings.classification
+    called = next((p.code for p in c.probabilities if p.key == c.predicted), None) if c else None
+    model = c.model if c is not None else (findings.models[0] if findings.models else None)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="AI result"),
+        referenced_region=_region(series, frame, outline),
+        finding_type=coded(called) if called else None,
+        algorithm_id=algorithm(model, c.threshold if c else None) if model else None,
+        qualitative_evaluations=[QualitativeEvaluation(FINDING, coded(called))] if called else None,
+    )
 
 
 def _classification_groups(
-    classification: Classification, key_image: hd.sr.SourceImageForMeasurementGroup
+    classification: Classification,
+    key_image: hd.sr.SourceImageForMeasurementGroup,
+    tracking_uid: str,
 ) -> list[MeasurementsAndQualitativeEvaluations]:
+    """TID 1501: one group per class with its probability, all about the summary region."""
     algorithm_id = algorithm(classification.model, classification.threshold)
-    groups = [
+    return [
         MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=f"probability {p.key}"),
+            tracking_identifier=TrackingIdentifier(
+                uid=tracking_uid, identifier=f"probability {p.key}"
+            ),
             finding_type=coded(p.code),
             algorithm_id=algorithm_id,
             measurements=[Measurement(name=PROBABILITY, value=p.probability, unit=NO_UNITS)],
@@ -178,16 +251,6 @@ def _classification_groups(
         )
         for p in classification.probabilities
     ]
-    predicted = next(p for p in classification.probabilities if p.key == classification.predicted)
-    groups.append(
-        MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="classification"),
-            algorithm_id=algorithm_id,
-            qualitative_evaluations=[QualitativeEvaluation(FINDING, coded(predicted.code))],
-            source_images=[key_image],
-        )
-    )
-    return groups
 
 
 def _segment_group(
@@ -196,9 +259,9 @@ def _segment_group(
     number: int,
     segmentation: hd.seg.Segmentation,
     series: LoadedSeries,
+    tracking: TrackingIdentifier,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group about one SEG segment, with that segment's measurements."""
-    segment = segmentation.SegmentSequence[number - 1]
     referenced = hd.sr.ReferencedSegment(
         sop_class_uid=segmentation.SOPClassUID,
         sop_instance_uid=segmentation.SOPInstanceUID,
@@ -207,7 +270,7 @@ def _segment_group(
     )
     measurements = [_measurement(m) for m in findings.measurements if m.mask_key == mask.key]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=segment.TrackingUID, identifier=mask.label),
+        tracking_identifier=tracking,
         referenced_segment=referenced,
         finding_type=coded(mask.property_type),
         algorithm_id=algorithm(mask.model),
@@ -216,58 +279,36 @@ def _segment_group(
     )
 
 
-def _outline_groups(
-    findings: Findings, series: LoadedSeries, frame: int
-) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """TID 1410 groups: each lung and the largest lesion (or region) outlined on the key image.
+def _mask_outlines(mask: Mask, series: LoadedSeries, key: int) -> list[tuple[int, Outline]]:
+    """Where a mask is outlined: (frame, outline) pairs, empty for an empty mask.
 
-    On a CT only the single largest lesion region of the key slice is outlined, with its area;
-    anatomy gets one outline per mask (one per lung). A radiograph's lung mask holds both
-    lungs, so its two largest regions are outlined.
+    A radiograph's lung mask holds both lungs: its two largest regions. On a CT each mask is
+    outlined once, by its largest region on the key slice, or on its own largest slice when
+    it is absent from the key slice (a consolidation elsewhere, say).
     """
-    source = series.datasets[0 if series.frame_numbers is not None else frame]
-    frames = [series.frame_numbers[frame]] if series.frame_numbers is not None else None
-    lesions = [m for m in findings.masks if not is_anatomy(m)]
-    largest_lesion = _largest_lesion(lesions, frame)
-    groups = []
-    for mask in findings.masks:
-        if is_anatomy(mask):
-            found = outlines(mask.array[frame], LUNG_OUTLINES if series.modality != "CT" else 1)
-        elif largest_lesion is not None and largest_lesion[0] is mask:
-            found = [largest_lesion[1]]
-        elif series.modality != "CT":
-            found = outlines(mask.array[frame], 1)
-        else:
-            found = []
-        for index, outline in enumerate(found, start=1):
-            suffix = f" {index}" if len(found) > 1 else ""
-            region = hd.sr.ImageRegion(
-                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                graphic_data=outline.points,
-                source_image=hd.sr.SourceImageForRegion.from_source_image(source, frames),
-            )
-            groups.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=TrackingIdentifier(
-                        uid=hd.UID(), identifier=f"{mask.label} outline{suffix}"
-                    ),
-                    referenced_region=region,
-                    finding_type=coded(mask.property_type),
-                    algorithm_id=algorithm(mask.model),
-                    finding_sites=_sites(mask),
-                    measurements=_area(outline, series) if not is_anatomy(mask) else None,
-                )
-            )
-    return groups
+    if series.modality != "CT":
+        return [(0, o) for o in outlines(mask.array[0], LUNG_OUTLINES if is_anatomy(mask) else 1)]
+    frame = key
+    if not mask.array[key].any():
+        areas = mask.array.reshape(mask.array.shape[0], -1).sum(axis=1)
+        if not areas.any():
+            return []
+        frame = int(np.argmax(areas))
+    return [(frame, o) for o in outlines(mask.array[frame], 1)]
 
 
-def _largest_lesion(lesions: list[Mask], frame: int) -> tuple[Mask, Outline] | None:
-    best: tuple[Mask, Outline] | None = None
-    for mask in lesions:
-        for outline in outlines(mask.array[frame], 1):
-            if best is None or outline.pixels > best[1].pixels:
-                best = (mask, outline)
-    return best
+def _outline_group(
+    mask: Mask, series: LoadedSeries, frame: int, outline: Outline, tracking: TrackingIdentifier
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: one outlined region of a mask, with its area for a lesion."""
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=_region(series, frame, outline),
+        finding_type=coded(mask.property_type),
+        algorithm_id=algorithm(mask.model),
+        finding_sites=_sites(mask),
+        measurements=_area(outline, series) if not is_anatomy(mask) else None,
+    )
 
 
 def _area(outline: Outline, series: LoadedSeries) -> list[Measurement] | None:
