@@ -29,7 +29,14 @@ from covid_plugin.outputs import OutputError, OutputSettings, write_all
 from covid_plugin.outputs.regions import key_frame
 from covid_plugin.volume import LoadedSeries, load_series, load_series_files
 from tests.conftest import CHEST_CR, DATA, rider_files
-from tests.dicom_validators import dciodvfy_errors, dsrdump, requires_dciodvfy, requires_dsrdump
+from tests.dicom_validators import (
+    dciodvfy_errors,
+    dcmpschk_passes,
+    dsrdump,
+    requires_dciodvfy,
+    requires_dcmpschk,
+    requires_dsrdump,
+)
 
 ENHANCED_CT = DATA / "dicom" / "nema-mfct_CT0012_enhanced-ct-multiframe"
 CLASSIFIER = ModelInfo("cxr-covid", "1.2.0", "0f" * 32)
@@ -171,6 +178,12 @@ def test_write_all_makes_seg_sr_sc_in_new_series_of_the_source_study(
 def test_every_object_passes_dciodvfy(objects: str, request: pytest.FixtureRequest) -> None:
     for path in request.getfixturevalue(objects):
         assert dciodvfy_errors(path) == [], path.name
+
+
+@pytest.mark.dcmtk
+@requires_dcmpschk
+def test_presentation_state_passes_dcmpschk(cr_objects: list[Path]) -> None:
+    assert dcmpschk_passes(cr_objects[0])
 
 
 @pytest.mark.dcmtk

@@ -31,10 +31,11 @@ def threshold_line(classification: Classification) -> str | None:
     covid = next((p for p in classification.probabilities if p.key == "covid"), None)
     if covid is None:
         return f"Decision threshold: {classification.threshold:g}"
-    others = " / ".join(p.code.meaning for p in classification.probabilities if p is not covid)
+    others = [p.code.meaning for p in classification.probabilities if p is not covid]
+    otherwise = others[0] if len(others) == 1 else "the more probable of " + " / ".join(others)
     return (
         f"Threshold: {covid.code.meaning} when its probability >= "
-        f"{percent(classification.threshold)}, else the more probable of {others}"
+        f"{percent(classification.threshold)}, else {otherwise}"
     )
 
 
