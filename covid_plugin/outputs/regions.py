@@ -25,10 +25,9 @@ MIN_OUTLINE_POINTS = 4  # a closed outline with three corners at least
 
 @dataclass(frozen=True)
 class Outline:
-    """One connected region of a mask on one frame: its closed outline and its pixel count."""
+    """The closed outline of one connected region of a mask on one frame."""
 
     points: np.ndarray  # (n, 2) float32, column then row, first point == last point
-    pixels: int
 
 
 def is_anatomy(mask: Mask) -> bool:
@@ -74,5 +73,5 @@ def outlines(mask2d: np.ndarray, largest: int | None = None) -> list[Outline]:
             continue
         points = contour[:, ::-1] - 1 + 0.5  # (row, col) of the padded mask -> (col, row)
         points[-1] = points[0]
-        found.append(Outline(points.astype(np.float32), int(sizes[index])))
+        found.append(Outline(points.astype(np.float32)))
     return found

@@ -9,7 +9,7 @@ Structure of the report (all concepts coded, so a PACS or a registry can query t
   measurements (volumes, percent involvement);
 - TID 1410 groups with an image-region outline (SCOORD): each lung and each lesion type by its
   largest region on the key image (CT: the slice with the largest lesion area; a segment
-  absent there is outlined on its own largest slice), lesions with their area in mm²;
+  absent there is outlined on its own largest slice);
 - one TID 1501 group for measurements that concern no segment;
 - a "Qualitative Evaluations" container with the intended-use caveat and the pipeline's notes
   as TEXT (TID 1500 rows 12-13).
@@ -33,7 +33,6 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom import Dataset
-from pydicom.sr.codedict import codes
 from skimage.morphology import convex_hull_image
 
 from covid_plugin.findings import Classification, Findings, Mask, ModelInfo
@@ -300,29 +299,19 @@ def _mask_outlines(mask: Mask, series: LoadedSeries, key: int) -> list[tuple[int
 def _outline_group(
     mask: Mask, series: LoadedSeries, frame: int, outline: Outline, tracking: TrackingIdentifier
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410: one outlined region of a mask, with its area for a lesion."""
+    """TID 1410: one outlined region of a mask.
+
+    No NUM sits beside the outline: Cornerstone's SR adapter (OHIF 3.13) looks for the
+    region inside a group's first NUM when it has one, and fails to load the group. Volumes
+    are in the segment's volumetric group; a viewer measures the outline's area itself.
+    """
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_region=_region(series, frame, outline),
         finding_type=coded(mask.property_type),
         algorithm_id=algorithm(mask.model),
         finding_sites=_sites(mask),
-        measurements=_area(outline, series) if not is_anatomy(mask) else None,
     )
-
-
-def _area(outline: Outline, series: LoadedSeries) -> list[Measurement] | None:
-    """The region's area in mm², where the source gives a physical pixel spacing."""
-    if series.modality != "CT" and not _has_physical_spacing(series.datasets[0]):
-        return None
-    area = outline.pixels * float(series.spacing[1]) * float(series.spacing[2])
-    square_mm = codes.UCUM.SquareMillimeter
-    return [Measurement(name=codes.SCT.Area, value=round(area, 1), unit=square_mm)]
-
-
-def _has_physical_spacing(ds: Dataset) -> bool:
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    return bool(spacing) and all(float(v) > 0 for v in spacing)
 
 
 def _sites(mask: Mask) -> list[FindingSite] | None:
