@@ -2,7 +2,7 @@
 
 Structure of the report (all concepts coded, so a PACS or a registry can query them):
 - a TID 1410 "AI result" group: the region the whole-study findings are about (the lungs'
-  convex hull on the key image), with the called class as finding type and "Finding";
+  convex hull on the key image), with the called class as its finding type;
 - one TID 1501 group per class: finding type = the class concept, one "Probability"
   measurement (unit "1"), with the classifier's TID 4019 algorithm identification;
 - CT: one TID 1411 group per SEG segment, referencing the segment and holding that segment's
@@ -29,7 +29,6 @@ from highdicom.sr import (
     FindingSite,
     Measurement,
     MeasurementsAndQualitativeEvaluations,
-    QualitativeEvaluation,
     TrackingIdentifier,
 )
 from pydicom import Dataset
@@ -40,7 +39,6 @@ from covid_plugin.findings import Measurement as FindingsMeasurement
 from covid_plugin.outputs.codes import (
     COMMENT,
     DEVICE,
-    FINDING,
     INTENDED_USE,
     NO_UNITS,
     PROBABILITY,
@@ -227,7 +225,6 @@ def _summary_group(
         referenced_region=_region(series, frame, outline),
         finding_type=coded(called) if called else None,
         algorithm_id=algorithm(model, c.threshold if c else None) if model else None,
-        qualitative_evaluations=[QualitativeEvaluation(FINDING, coded(called))] if called else None,
     )
 
 
