@@ -64,8 +64,9 @@ def build_secondary_capture(
             called = next(p.code.meaning for p in c.probabilities if p.key == c.predicted)
             rgb = _blend_heatmap(rgb, findings.heatmap[frame], size)
             heat_caption = f"Heatmap: image areas behind the {called} call (Grad-CAM)"
-        else:
-            lines.insert(2, "No heatmap drawn: the call is not an abnormal finding")
+        else:  # a heatmap of "normal" would show nothing a reader looks for
+            at = len(lines) - 1 if lines[-1].startswith("Models:") else len(lines)
+            lines.insert(at, "No heatmap drawn: no abnormal call to explain")
     colours = segment_colours(findings.masks)
     for mask, colour in zip(findings.masks, colours, strict=True):
         outline = _resized_mask(mask.array[frame], size)
