@@ -48,6 +48,7 @@ from covid_plugin.outputs.codes import (
 )
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
 from covid_plugin.outputs.regions import Outline, is_anatomy, key_frame, outlines
+from covid_plugin.outputs.seg import SegmentRef, segmentations_of
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.volume import LoadedSeries
 
@@ -71,10 +72,10 @@ def build_report(
     findings: Findings,
     series: LoadedSeries,
     settings: OutputSettings,
-    segmentation: hd.seg.Segmentation | None = None,
+    segments: dict[str, SegmentRef] | None = None,
     when: datetime.datetime | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one pipeline run; `segmentation` is the SEG its volumetric groups refer to.
+    """The SR for one pipeline run; `segments` say where each mask's SEG segment is.
 
     Viewers that list SR measurements (OHIF) merge the groups that share a tracking UID and
     need an image region in each merged measurement: a group with none leaves OHIF 3.13 with
@@ -91,26 +92,26 @@ def build_report(
         groups.extend(
             _classification_groups(findings.classification, _key_image(series, frame), summary)
         )
-    segment_keys: set[str] = set()
-    for number, mask in enumerate(findings.masks, start=1):
+    segments = segments or {}
+    for mask in findings.masks:
         found = _mask_outlines(mask, series, frame)
-        if segmentation is not None:
-            segment_uid = segmentation.SegmentSequence[number - 1].TrackingUID
+        segment = segments.get(mask.key)
+        if segment is not None:
+            segment_uid = segment.segmentation.SegmentSequence[segment.number - 1].TrackingUID
             tracking = TrackingIdentifier(
                 uid=segment_uid if found else summary, identifier=mask.label
             )
-            groups.append(_segment_group(findings, mask, number, segmentation, series, tracking))
-            segment_keys.add(mask.key)
+            groups.append(_segment_group(findings, mask, segment, series, tracking))
         for index, (outline_frame, outline) in enumerate(found):
             suffix = f" {index + 1}" if len(found) > 1 else ""
-            uid = segment_uid if segmentation is not None and index == 0 else hd.UID()
+            uid = segment_uid if segment is not None and index == 0 else hd.UID()
             groups.append(
                 _outline_group(
                     mask, series, outline_frame, outline,
                     TrackingIdentifier(uid=uid, identifier=f"{mask.label} outline{suffix}"),
                 )
             )
-    loose = [m for m in findings.measurements if m.mask_key not in segment_keys]
+    loose = [m for m in findings.measurements if m.mask_key not in segments]
     if loose:
         model = findings.models[0] if findings.models else None
         groups.append(
@@ -128,8 +129,7 @@ def build_report(
     )
     report[0].ContentSequence.append(comments([INTENDED_USE, *findings.notes]))
     evidence: list[Dataset] = list(series.datasets)
-    if segmentation is not None:
-        evidence.append(segmentation)
+    evidence.extend(segmentations_of(segments))
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -252,16 +252,15 @@ def _classification_groups(
 def _segment_group(
     findings: Findings,
     mask: Mask,
-    number: int,
-    segmentation: hd.seg.Segmentation,
+    segment: SegmentRef,
     series: LoadedSeries,
     tracking: TrackingIdentifier,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group about one SEG segment, with that segment's measurements."""
     referenced = hd.sr.ReferencedSegment(
-        sop_class_uid=segmentation.SOPClassUID,
-        sop_instance_uid=segmentation.SOPInstanceUID,
-        segment_number=number,
+        sop_class_uid=segment.segmentation.SOPClassUID,
+        sop_instance_uid=segment.segmentation.SOPInstanceUID,
+        segment_number=segment.number,
         source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
     )
     measurements = [_measurement(m) for m in findings.measurements if m.mask_key == mask.key]
