@@ -417,13 +417,19 @@ def test_sr_has_planar_outlines_on_the_key_slice_that_ohif_can_draw(
 def test_outline_groups_load_into_cornerstone_tools(
     objects: str, request: pytest.FixtureRequest
 ) -> None:
-    """Cornerstone's SR adapter takes the region from a group's first NUM when there is one;
-    an outline group must therefore hold its SCOORD and no NUM beside it."""
+    """OHIF hydrates a group into its measurement panel when Cornerstone's SR adapter knows
+    its tracking identifier, and that adapter takes the region from a group's first NUM when
+    there is one: an outline group has the freehand identifier, its SCOORD and no NUM."""
     sr = pydicom.dcmread(one(request.getfixturevalue(objects), "SR"))
+    outlines = 0
     for group in _groups(sr):
         kinds = [item.ValueType for item in group.ContentSequence]
+        identifier = group.ContentSequence[0].TextValue
         if "SCOORD" in kinds:
-            assert "NUM" not in kinds, group.ContentSequence[0].TextValue
+            outlines += 1
+            assert "NUM" not in kinds, identifier
+            assert identifier.startswith("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:")
+    assert outlines >= 4
 
 
 def _ohif_measurements(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
@@ -458,7 +464,7 @@ def test_an_empty_segment_is_reported_with_the_ai_result_region(ct_series: Loade
     sr = next(o for o in write_all(findings, ct_series) if o.Modality == "SR")
     merged = _ohif_measurements(sr)
     summary = next(items for items in merged.values()
-                   if any(getattr(i, "TextValue", "") == "AI result" for i in items))
+                   if any(getattr(i, "TextValue", "").endswith(":AI result") for i in items))
     assert any(i.ValueType == "SCOORD" for i in summary)
     assert "Consolidation" in [getattr(i, "TextValue", "") for i in summary]
     for items in merged.values():

@@ -58,6 +58,14 @@ MeasurementGroup = (
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
 LUNG_OUTLINES = 2  # a lung mask of a radiograph: the two largest regions, one per side
+# The tracking identifier prefix by which Cornerstone's SR adapter (OHIF 3.x) recognises a
+# closed outline it can load as a freehand ROI into the measurement panel; the rest of the
+# identifier is our label. Other readers see an ordinary text identifier.
+FREEHAND_OUTLINE = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+
+
+def outline_identifier(label: str) -> str:
+    return f"{FREEHAND_OUTLINE}:{label}"
 
 
 def algorithm(model: ModelInfo, threshold: float | None = None) -> AlgorithmIdentification:
@@ -108,7 +116,9 @@ def build_report(
             groups.append(
                 _outline_group(
                     mask, series, outline_frame, outline,
-                    TrackingIdentifier(uid=uid, identifier=f"{mask.label} outline{suffix}"),
+                    TrackingIdentifier(
+                        uid=uid, identifier=outline_identifier(f"{mask.label} outline{suffix}")
+                    ),
                 )
             )
     loose = [m for m in findings.measurements if m.mask_key not in segments]
@@ -221,7 +231,9 @@ def _summary_group(
     called = next((p.code for p in c.probabilities if p.key == c.predicted), None) if c else None
     model = c.model if c is not None else (findings.models[0] if findings.models else None)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="AI result"),
+        tracking_identifier=TrackingIdentifier(
+            uid=tracking_uid, identifier=outline_identifier("AI result")
+        ),
         referenced_region=_region(series, frame, outline),
         finding_type=coded(called) if called else None,
         algorithm_id=algorithm(model, c.threshold if c else None) if model else None,
