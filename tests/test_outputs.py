@@ -387,49 +387,51 @@ def _image_references(item: pydicom.Dataset) -> list[pydicom.Dataset]:
     return found
 
 
-def test_sr_has_planar_outlines_on_the_key_slice_that_ohif_can_draw(
+def _regions(group: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """A group's image regions: SCOORDs at its top level (TID 1410) or under a NUM (TID 300)."""
+    found = []
+    for item in group.ContentSequence:
+        if item.ValueType == "SCOORD":
+            found.append(item)
+        elif item.ValueType == "NUM":
+            found.extend(c for c in item.get("ContentSequence", []) if c.ValueType == "SCOORD")
+    return found
+
+
+def _finding(group: pydicom.Dataset) -> str | None:
+    return next((str(i.ConceptCodeSequence[0].CodeMeaning) for i in group.ContentSequence
+                 if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"),
+                None)
+
+
+def test_sr_outlines_lungs_and_lesions_on_the_key_slice(
     ct_series: LoadedSeries, ct_objects: list[Path]
 ) -> None:
-    sr = hd.sr.srread(one(ct_objects, "SR"))
-    planar = sr.content.get_planar_roi_measurement_groups()
-    names = [str(g.finding_type.meaning) for g in planar]
+    sr = pydicom.dcmread(one(ct_objects, "SR"))
+    outlined = [(g, _regions(g)[0]) for g in _groups(sr) if _regions(g)]
     # the AI result region, one outline per lung and per lesion type
-    assert names == ["COVID-19", "Right lung", "Left lung", "Ground glass opacity",
-                     "Lung consolidation"]
+    assert [_finding(g) for g, _ in outlined] == [
+        "COVID-19", "Right lung", "Left lung", "Ground glass opacity", "Lung consolidation"]
     uids = [ds.SOPInstanceUID for ds in ct_series.datasets]
     slices = []
-    for group in planar:
-        region = group.roi
-        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-        points = region.value
+    for _, region in outlined:
+        assert region.GraphicType == "POLYLINE"
+        points = np.reshape(region.GraphicData, (-1, 2))
         np.testing.assert_array_equal(points[0], points[-1])  # closed
-        reference = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        slices.append(uids.index(reference))
+        image = region.ContentSequence[0]
+        slices.append(uids.index(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
     # the key slice (largest lesion area, index 30) except for the consolidation, which is
     # absent there and outlined on its own largest slice
     assert slices[:4] == [30, 30, 30, 30] and slices[4] in (12, 13, 14)
-    ggo = planar[3]
-    xs, ys = ggo.roi.value[:, 0], ggo.roi.value[:, 1]
+    ggo_group, ggo = outlined[3]
+    points = np.reshape(ggo.GraphicData, (-1, 2))
+    xs, ys = points[:, 0], points[:, 1]
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == pytest.approx((100, 300, 200, 300), abs=1)
-
-
-@pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
-def test_outline_groups_load_into_cornerstone_tools(
-    objects: str, request: pytest.FixtureRequest
-) -> None:
-    """OHIF hydrates a group into its measurement panel when Cornerstone's SR adapter knows
-    its tracking identifier, and that adapter takes the region from a group's first NUM when
-    there is one: an outline group has the freehand identifier, its SCOORD and no NUM."""
-    sr = pydicom.dcmread(one(request.getfixturevalue(objects), "SR"))
-    outlines = 0
-    for group in _groups(sr):
-        kinds = [item.ValueType for item in group.ContentSequence]
-        identifier = group.ContentSequence[0].TextValue
-        if "SCOORD" in kinds:
-            outlines += 1
-            assert "NUM" not in kinds, identifier
-            assert identifier.startswith("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:")
-    assert outlines >= 4
+    area = next(i for i in ggo_group.ContentSequence if i.ValueType == "NUM")
+    assert area.ConceptNameCodeSequence[0].CodeMeaning == "Area"
+    spacing = ct_series.spacing[1] * ct_series.spacing[2]
+    value = float(area.MeasuredValueSequence[0].NumericValue)
+    assert value == pytest.approx(100 * 200 * spacing, rel=0.03)
 
 
 def _ohif_measurements(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
@@ -438,7 +440,7 @@ def _ohif_measurements(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
     for group in _groups(sr):
         uid = next(i.UID for i in group.ContentSequence if i.ValueType == "UIDREF"
                    and i.ConceptNameCodeSequence[0].CodeValue == "112040")
-        merged.setdefault(uid, []).extend(group.ContentSequence)
+        merged.setdefault(uid, []).append(group)
     return merged
 
 
@@ -449,12 +451,39 @@ def test_every_merged_measurement_has_an_image_region_ohif_can_place(
     """OHIF reads coords[0].ReferencedSOPSequence of each measurement; a group without an
     SCOORD (in itself or a group with its tracking UID) leaves it with a blank viewport."""
     sr = pydicom.dcmread(one(request.getfixturevalue(objects), "SR"))
-    for items in _ohif_measurements(sr).values():
-        regions = [i for i in items if i.ValueType == "SCOORD"]
-        assert regions, [i.ConceptNameCodeSequence[0].CodeMeaning for i in items]
+    for groups in _ohif_measurements(sr).values():
+        regions = [r for g in groups for r in _regions(g)]
+        assert regions, [g.ContentSequence[0].TextValue for g in groups]
         image = regions[0].ContentSequence[0]
         assert image.ValueType == "IMAGE"
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+
+
+@pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
+def test_outlines_load_into_cornerstone_tools(
+    objects: str, request: pytest.FixtureRequest
+) -> None:
+    """OHIF lists a measurement when Cornerstone's SR adapter can load its first group: the
+    freehand-ROI tracking identifier and an area NUM inferred from the outline. Outlines on
+    an image without a pixel size have no area: TID 1410 groups, drawn but not listed."""
+    sr = pydicom.dcmread(one(request.getfixturevalue(objects), "SR"))
+    spacing = objects == "ct_objects"  # the CR test image has a zero PixelSpacing
+    listed = 0
+    for groups in _ohif_measurements(sr).values():
+        first = groups[0]
+        if not _regions(first):
+            continue
+        identifier = first.ContentSequence[0].TextValue
+        kinds = [item.ValueType for item in first.ContentSequence]
+        if spacing:
+            assert identifier.startswith("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:")
+            num = next(i for i in first.ContentSequence if i.ValueType == "NUM")
+            assert num.ContentSequence[0].ValueType == "SCOORD"
+            assert num.ContentSequence[0].RelationshipType == "INFERRED FROM"
+            listed += 1
+        else:
+            assert "SCOORD" in kinds and "NUM" not in kinds
+    assert listed == (5 if spacing else 0)
 
 
 def test_an_empty_segment_is_reported_with_the_ai_result_region(ct_series: LoadedSeries) -> None:
@@ -463,12 +492,11 @@ def test_an_empty_segment_is_reported_with_the_ai_result_region(ct_series: Loade
     findings.masks[3].array = np.zeros_like(findings.masks[3].array)
     sr = next(o for o in write_all(findings, ct_series) if o.Modality == "SR")
     merged = _ohif_measurements(sr)
-    summary = next(items for items in merged.values()
-                   if any(getattr(i, "TextValue", "").endswith(":AI result") for i in items))
-    assert any(i.ValueType == "SCOORD" for i in summary)
-    assert "Consolidation" in [getattr(i, "TextValue", "") for i in summary]
-    for items in merged.values():
-        assert any(i.ValueType == "SCOORD" for i in items)
+    summary = next(groups for groups in merged.values()
+                   if groups[0].ContentSequence[0].TextValue.endswith(":AI result"))
+    assert "Consolidation" in [g.ContentSequence[0].TextValue for g in summary]
+    for groups in merged.values():
+        assert any(_regions(g) for g in groups)
 
 
 def test_every_measurement_group_references_an_image(ct_objects: list[Path]) -> None:
