@@ -184,6 +184,9 @@ class Settings(_Strict):
     outbox: OutboxSettings = OutboxSettings()
     jobs: JobSettings = JobSettings()
     retention: RetentionSettings = RetentionSettings()
+    # send a short "not analysed" SR for a series a pipeline declines (lateral film, no lungs,
+    # outside the validated population), so the reader knows the AI looked (IHE AI Results)
+    declined_reports: bool = True
     models_dir: Path = Path(__file__).resolve().parent.parent / "models"
     pipelines: str = Field(default="covid_plugin.pipelines:default_pipelines",
                            pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

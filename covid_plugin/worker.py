@@ -28,7 +28,7 @@ from pydicom import Dataset
 from covid_plugin.config import Peer, Settings
 from covid_plugin.findings import Findings, Predecessor
 from covid_plugin.observability import Metrics
-from covid_plugin.outputs import OutputError
+from covid_plugin.outputs import OutputError, write_declined
 from covid_plugin.series import completion, incomplete_reason, rejection_reason
 from covid_plugin.store.jobs import Delivery, Job, JobQueue, ReportRef
 from covid_plugin.store.retention import purge
@@ -61,6 +61,7 @@ class Pipeline(Protocol):
 
 
 Writer = Callable[[Findings, LoadedSeries], list[Dataset]]
+Decliner = Callable[[LoadedSeries, str], list[Dataset]]  # the "not analysed" report
 
 
 def destinations_for(settings: Settings, calling_ae: str) -> list[Peer]:
@@ -111,10 +112,13 @@ class Analysis:
         return "; ".join(dict.fromkeys(self.problems)) or None
 
 
-def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer) -> Analysis:
+def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer,
+            decline: Decliner | None = None) -> Analysis:
     """Load, run and write; a radiograph pipeline sees each film on its own.
 
     Problems with the input are collected as reasons, not raised: the caller records them.
+    With `decline`, a series the pipeline declines still yields a result: the short report
+    that says why, sent like any other.
     """
     units = [[p] for p in paths] if getattr(pipeline, "per_instance", False) else [paths]
     out = Analysis()
@@ -128,6 +132,13 @@ def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer) 
         except SeriesSkipped as exc:
             out.skipped += 1
             out.problems.append(f"skipped by the {pipeline.name} pipeline: {exc}")
+            if decline is not None:
+                declined = Findings(pipeline.name, series.series_instance_uid,
+                                    notes=[f"not analysed: {exc}"])
+                try:
+                    out.results.append((declined, decline(series, str(exc))))
+                except OutputError as error:
+                    out.problems.append(f"report cannot be encoded: {error.reason}")
         except OutputError as exc:
             # the library's message can quote a header value (a birth date, a name): the
             # reason, which `covid-plugin jobs` prints, names only the kind of error
@@ -291,7 +302,8 @@ class Worker:
             log.info("job %d re-runs series %s: its results replace those of job %d", job.id,
                      job.series_uid, earlier)
             writer = _superseding(self.writer, previous, n_before, len(paths))
-        outcome = analyse(pipeline, self._models_for(pipeline), paths, writer)
+        outcome = analyse(pipeline, self._models_for(pipeline), paths, writer,
+                          write_declined if self.settings.declined_reports else None)
         results, note = outcome.results, outcome.note
         if not results:
             if outcome.skipped == len(outcome.problems):
