@@ -55,7 +55,7 @@ def _volume(row: dict) -> str:
 def _tradeoff_summary(tradeoff: dict, normals: list[str], disease: list[str]) -> str:
     """The table's message in numbers: the best mask, what clean normals cost."""
     table = tradeoff["table"]
-    best = max(table, key=lambda r: r["dice_selection"]["lesion"])
+    best = max(table, key=lambda r: r["dice_selection"]["lesion"] or 0.0)
     shipped = next((r for r in table if r["setting"] == tradeoff["choice"]["shipped"]), None)
 
     def normals_text(r: dict) -> str:
@@ -66,12 +66,14 @@ def _tradeoff_summary(tradeoff: dict, normals: list[str], disease: list[str]) ->
             f"{normals_text(best)}.")
     if shipped is None:
         return text + " **No setting meets the normals goal and keeps disease.**"
+    text += (f" Shipped {shipped['setting']}: test Dice {_fmt(shipped['dice_test']['lesion'])}"
+             f", {normals_text(shipped)}.")
     ratio = [shipped["patients"][n]["lesion_ml"] / max(best["patients"][n]["lesion_ml"], 1e-6)
              for n in disease]
-    return text + (f" Shipped {shipped['setting']}: test Dice "
-                   f"{_fmt(shipped['dice_test']['lesion'])}, {normals_text(shipped)}; on the "
-                   f"pneumonia patients it keeps {min(ratio):.0%}-{max(ratio):.0%} of the lesion "
-                   "volume of the best mask.")
+    if ratio:
+        text += (f" On the pneumonia patients it keeps {min(ratio):.0%}-{max(ratio):.0%} of the "
+                 "lesion volume of the best mask.")
+    return text
 
 
 def write_lesion_card(out: Path, spec: ModelSpec, metrics: dict) -> None:

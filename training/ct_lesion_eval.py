@@ -221,7 +221,8 @@ def measurement_setting(tradeoff: dict) -> tuple[float, float, float]:
         return tuple(tradeoff["choice"]["shipped"])
     normals = [n for n, r in tradeoff["table"][0]["patients"].items() if r["label"] == "normal"]
     row = min(tradeoff["table"], key=lambda r: (
-        max(r["patients"][n]["lesion_ml"] for n in normals), -r["dice_selection"]["lesion"]))
+        max(r["patients"][n]["lesion_ml"] for n in normals),
+        -(r["dice_selection"]["lesion"] or 0.0)))
     return tuple(row["setting"])
 
 

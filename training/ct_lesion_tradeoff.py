@@ -123,7 +123,7 @@ def choose_measurement(table: list[dict], normals: list[str]) -> dict:
         if not feasible:
             return None
         # ties: the lower probability floor keeps more of the lesion
-        return max(feasible, key=lambda r: (round(r["dice_selection"]["lesion"], 4),
+        return max(feasible, key=lambda r: (round(r["dice_selection"]["lesion"] or 0.0, 4),
                                             -r["setting"][0], -r["setting"][1]))
 
     held_out = {}
