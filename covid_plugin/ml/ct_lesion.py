@@ -6,15 +6,20 @@ crop to the thorax (lung bounding box plus a margin), apply the HU window (ct_wi
 the longer side to `input.size` and pad the shorter one (`to_network_input`).
 
 From the network's output to labels, also one path for evaluation and the node
-(`network_probabilities`, `labels_from_probabilities`): softmax, a low-pass filter at the
-network's resolution, resize to the crop, then "lesion" where the lesion probability (GGO +
-consolidation) reaches the spec's `lesion_probability` and GGO vs consolidation by the larger
-of the two. The filter is there because the UNet's decoder upsamples with stride-2 transposed
+(`network_probabilities`, `filter_lesions`): softmax, a low-pass filter at the network's
+resolution, resize to the crop, then "lesion" where the lesion probability (GGO +
+consolidation) reaches a `lesion_probability` and GGO vs consolidation by the larger of the
+two. Two settings are applied to the same probabilities: the spec's **measurement** setting
+(the mask written to the SEG and measured in the SR, chosen for segmentation quality under a
+false-positive goal on normal lungs) and the COVID call's **decision** setting from
+ct-classifier/spec.json (chosen leave-one-patient-out for the call).
+The filter is there because the UNet's decoder upsamples with stride-2 transposed
 convolutions (kernel 3), whose uneven overlap adds a fixed checkerboard of period 2 and 4 px
 to the logits; where GGO and consolidation are nearly tied, an argmax turned it into a
 regular grid of alternating labels, which the bilinear resize to the crop widened to ~3 px.
 The [1, 2, 2, 2, 1] / 8 kernel has zeros at exactly those two periods. Lesions smaller than
-`min_lesion_ml` in 3D (single vessels cut across, noise) are dropped.
+`min_lesion_ml` in 3D (single vessels cut across, noise) are dropped, and with a
+`min_mean_probability` also those the network is on average unsure of.
 """
 
 from __future__ import annotations
@@ -217,7 +222,7 @@ class LesionSegmenter:
     def predict_probabilities(self, hu: np.ndarray,
                               lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lesion probability float16, kind uint8 1 GGO / 2 consolidation), 0 outside the
-        lungs: what evaluation needs to choose the lesion threshold; the node uses `predict`."""
+        lungs: what both masks of `predict_with_decision` (and evaluation) are filtered from."""
         probability = np.zeros(hu.shape, np.float16)
         kind = np.zeros(hu.shape, np.uint8)
         for index, probs, inside in self._batches(hu, lung):
