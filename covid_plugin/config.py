@@ -55,6 +55,21 @@ class OutboxSettings(_Strict):
     poll_interval_s: float = Field(default=0.5, gt=0)
 
 
+class CxrPopulationSettings(_Strict):
+    """Whom the chest X-ray model was validated on; other patients get no call, only a reason.
+
+    The classifier is built, calibrated and judged on adults, so children are declined by
+    default. A film whose age cannot be read is analysed by default (`unknown_age`): many
+    de-identified or ICU films carry no age, and the training COVID films are adult hospital
+    patients without a recorded age; "decline" is the strict choice for sites that always
+    send one.
+    """
+
+    min_age_years: float | None = Field(default=18, ge=0)
+    max_age_years: float | None = Field(default=None, ge=0)
+    unknown_age: Literal["analyse", "decline"] = "analyse"
+
+
 class Settings(_Strict):
     """Everything the node reads at start."""
 
@@ -76,6 +91,7 @@ class Settings(_Strict):
     models_dir: Path = Path(__file__).resolve().parent.parent / "models"
     pipelines: str = "covid_plugin.pipelines:default_pipelines"
     device: str = "auto"
+    cxr_population: CxrPopulationSettings = CxrPopulationSettings()
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a Prometheus on another host scrape
     log_level: str = "INFO"
