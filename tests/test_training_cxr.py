@@ -172,3 +172,16 @@ def test_lung_crop_training_pins_the_lung_model_and_the_node_crops_identically(
     for k in (0, len(items) - 1):
         image = read_grey(DATA / items[k].path)
         assert np.array_equal(cached[k].numpy(), preprocess(image, 224, clf.crop)[0])
+
+
+def test_pointing_tests_the_heat_peak_against_boxes_in_image_pixels() -> None:
+    """Boxes (x right, y down, staged-image pixels) against the heatmap's hottest pixel."""
+    from training.cxr_eval import peak_in_boxes
+
+    heat = np.zeros((320, 320), dtype=np.float32)
+    heat[200, 50] = 1.0  # row 200, column 50: x = 50.5, y = 200.5
+    assert peak_in_boxes(heat, [("Pneumonia", 40.0, 190.0, 60.0, 210.0)])
+    assert not peak_in_boxes(heat, [("Pneumonia", 190.0, 40.0, 210.0, 60.0)])  # x/y swapped
+    half = np.zeros((160, 160), dtype=np.float32)
+    half[100, 25] = 1.0  # the same place on a half-size heatmap
+    assert peak_in_boxes(half, [("Pneumonia", 40.0, 190.0, 60.0, 210.0)], scale=(0.5, 0.5))

@@ -95,6 +95,11 @@ def options(extra: Sequence[str]) -> argparse.Namespace:
         help="Kermany children in training and validation (default exclude: the product is "
              "for adults; children are still scored, in their own row)",
     )
+    parser.add_argument(
+        "--loso-only", action="store_true",
+        help="evaluate: only (re)score the leave-one-source-out models into the existing "
+             "metrics.json (a held-out model finished after the main evaluation)",
+    )
     parser.add_argument("--other-weight", type=float, default=1.0,
                         help="weight of the -log(1 - p_covid) loss on other-abnormal adult films")
     parser.add_argument(
