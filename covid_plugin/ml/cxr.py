@@ -28,7 +28,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from monai.visualize import GradCAM
 from torch import nn
 
-from covid_plugin.ml.cxr_lungs import CxrLungSegmenter, lung_bbox
+from covid_plugin.ml.cxr_lungs import CxrLungSegmenter, lung_bbox, resolve_device
 from covid_plugin.ml.spec import ModelIntegrityError, ModelSpec, load_spec
 
 INPUT_SIZE = 224
@@ -210,13 +210,6 @@ def decide(probabilities: Mapping[str, float], covid_threshold: float) -> str:
     return max(others, key=others.__getitem__)
 
 
-def resolve_device(name: str) -> torch.device:
-    """The configured device: "auto" is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class CxrPrediction:
     """Calibrated class probabilities, the called class, the view decision and a heatmap over
@@ -235,7 +228,7 @@ class CxrClassifier:
     def __init__(self, spec: ModelSpec, network: CxrNet, crop: LungCrop | None = None,
                  device: str | torch.device = "cpu") -> None:
         self.spec = spec
-        self.device = resolve_device(str(device))
+        self.device = resolve_device(device)
         self.network = network.eval().to(self.device)
         self.crop = crop
         self.size = int(spec.input.get("size", INPUT_SIZE))

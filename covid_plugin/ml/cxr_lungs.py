@@ -25,6 +25,13 @@ from covid_plugin.ml.spec import ModelSpec, load_spec
 _POSTPROCESS_MAX_SIDE = 512
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The configured device: "auto" is CUDA when available, else the CPU."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_network(network: dict[str, Any]) -> UNet:
     """The student UNet from the spec's `network` block (channels, strides, num_res_units)."""
     return UNet(
@@ -99,9 +106,7 @@ class CxrLungSegmenter:
     def __init__(self, spec: ModelSpec, network: UNet, device: str | torch.device = "cpu"
                  ) -> None:
         self.spec = spec
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto"
-            else device)
+        self.device = resolve_device(device)
         self.network = network.eval().to(self.device)
         self.transform = input_transform(spec.input, spec.intensity)
 
