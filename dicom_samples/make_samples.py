@@ -5,11 +5,12 @@
 Two kinds of sample (README.md lists every file, its source and licence):
 - chest CT series from COVID-CT-MD (CC BY 4.0): source files kept, pixel data byte for byte
   (JPEG lossless); only identifiers that are not valid DICOM are repaired (see `repair_ct`);
-- chest radiographs: there is no labelled chest X-ray as DICOM, so real images (ieee8023
-  CC BY 4.0 rows, NIH ChestX-ray14 CC0) are wrapped into CR objects with a generated header,
-  marked DERIVED, losslessly RLE-compressed. Each carries the patient's age from the manifest
-  (the CXR product is for adults and declines a film without one) and, where the source
-  states the physical size of its original, the ImagerPixelSpacing of the staged pixels.
+- chest radiographs: there is no labelled chest X-ray as DICOM, so real images (Hannover
+  CC BY 3.0, NIH ChestX-ray14 CC0) of patients the CXR model held out are wrapped into CR
+  objects with a generated header, marked DERIVED, losslessly RLE-compressed. Each carries
+  the patient's age where the manifest has one (Hannover redacts it: an adult collection)
+  and, where the source states the physical size of its original, the ImagerPixelSpacing
+  of the staged pixels.
 UIDs are derived from the sources, so running the script twice gives identical files.
 Patient IDs use '-' where the manifest has ':', so that they need no escaping in a URL
 (Orthanc's DICOMweb plugin does not decode '%3A' and loses such studies).
@@ -71,23 +72,22 @@ CT_SAMPLES = (
     CTSample("covid-ct-md_P002", "ct-covid_covid-ct-md-P002", "COVID-19"),
     CTSample("covid-ct-md_normal002", "ct-normal_covid-ct-md-normal002", "normal"),
 )
+# Every radiograph sample comes from patients the shipped cxr-classifier held out (its test
+# fold: split seed 0), so the demo shows what the model does on patients it never saw.
 CXR_SAMPLES = (
+    CXRSample("cxr/images/hannover/covid/0a7faa2a.jpg", "cxr", "cxr-covid_hannover-PA", "PA"),
+    CXRSample("cxr/images/hannover/covid/0ac7580d.jpg", "cxr", "cxr-covid_hannover-AP", "AP"),
     CXRSample(
-        "cxr/images/ieee8023/covid/41182_2020_203_Fig5_HTML.jpg", "cxr", "cxr-covid_ieee8023-PA",
-        "PA",
-    ),
-    CXRSample(
-        "cxr/images/ieee8023/covid/40779_2020_233_Fig2_HTML-a.jpg", "cxr",
-        "cxr-covid_ieee8023-PA-2", "PA",
-    ),
-    CXRSample(
-        "cxr_adult/images/nih/00000005_000.jpg", "cxr_adult", "cxr-normal_nih-cxr14-PA", "PA",
-        # NIH Data_Entry_2017 (v2020 revision) row 00000005_000.png: OriginalImage[Width,
-        # Height] 2048 x 2500, OriginalImagePixelSpacing 0.168 mm. NIH resized every image to
-        # 1024 x 1024 and the stagers to 320 x 320, both without keeping the aspect ratio.
-        OriginalSize(2048, 2500, 0.168, "NIH ChestX-ray14 Data_Entry_2017_v2020"),
+        "cxr_adult/images/nih/00000008_001.jpg", "cxr_adult", "cxr-normal_nih-cxr14-PA", "PA",
+        # NIH Data_Entry_2017 row 00000008_001.png: OriginalImage[Width, Height] 2048 x 2500,
+        # OriginalImagePixelSpacing 0.171 mm. NIH resized every image to 1024 x 1024 and the
+        # stagers to 320 x 320, both without keeping the aspect ratio.
+        OriginalSize(2048, 2500, 0.171, "NIH ChestX-ray14 Data_Entry_2017"),
     ),
 )
+# Sources that hold adults only but redact the age: their samples carry no PatientAge, which
+# the node reads as "age unknown" (analysed by default, `cxr_population.unknown_age`).
+ADULT_SOURCES_WITHOUT_AGE = {"hannover"}
 
 
 def manifest_rows(data: Path, folder: str) -> dict[str, dict[str, str]]:
@@ -171,7 +171,9 @@ def make_cxr(data: Path, sample: CXRSample, out_root: Path) -> list[dict[str, st
     source = data / sample.path
     pixels = np.asarray(Image.open(source).convert("L"))
     patient = url_safe_id(row["patient_id"])  # the source's anonymous id, e.g. "nih_cxr14-5"
-    assert row["age"] and float(row["age"]) >= 18, row  # adults only: the product's population
+    # adults only, the product's population: by the stated age, or by the source's scope
+    assert (float(row["age"]) >= 18 if row["age"]
+            else row["source"] in ADULT_SOURCES_WITHOUT_AGE), row
 
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -185,7 +187,8 @@ def make_cxr(data: Path, sample: CXRSample, out_root: Path) -> list[dict[str, st
     ds.PatientID = patient
     ds.PatientBirthDate = ""
     ds.PatientSex = row["sex"] or ""
-    ds.PatientAge = f"{int(float(row['age'])):03d}Y"
+    if row["age"]:
+        ds.PatientAge = f"{int(float(row['age'])):03d}Y"
     ds.StudyDate = ds.StudyTime = ds.AccessionNumber = ds.ReferringPhysicianName = ""
     ds.StudyID = "1"
     ds.StudyDescription = f"Chest X-ray ({row['source']} sample, derived)"

@@ -83,7 +83,8 @@ def test_heatmap_and_region_explain_the_called_class_not_the_argmax(
     assert findings.classification.predicted == pred.called
     lungs = models["lungs"].predict(image)
     expected = np.where(lungs, called_map, 0.0)
-    expected /= expected.max()
+    if expected.max() > 0:  # a class's GradCAM may be cold everywhere inside the lungs
+        expected /= expected.max()
     assert np.allclose(findings.heatmap[0], expected, atol=1e-5)
 
 
