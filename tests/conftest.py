@@ -178,7 +178,8 @@ def storescp_factory(tmp_path: Path) -> Iterator:
 class Orthanc:
     """Debian's Orthanc on ephemeral ports, its storage in a temporary folder."""
 
-    def __init__(self, workdir: Path, node_port: int, node_aet: str = "COVID_PLUGIN") -> None:
+    def __init__(self, workdir: Path, node_port: int, node_aet: str = "COVID_PLUGIN",
+                 extra: dict | None = None) -> None:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.ae_title = "ORTHANC"
@@ -193,7 +194,7 @@ class Orthanc:
             "DicomModalities": {"covid": [node_aet, "127.0.0.1", node_port]},
             "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
             "StableAge": 1,
-        }))
+        } | (extra or {})))
         self.log_path = workdir / "orthanc.log"
         self.proc: subprocess.Popen | None = None
 
@@ -245,3 +246,38 @@ def orthanc_factory(tmp_path: Path) -> Iterator:
     yield make
     for peer in peers:
         peer.stop()
+
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+class DicomwebOrthanc(Orthanc):
+    """Orthanc with Debian's DICOMweb plugin (orthanc-dicomweb): QIDO/WADO/STOW-RS under
+    /dicom-web/, with full metadata as OHIF asks for it."""
+
+    def __init__(self, workdir: Path, node_port: int = 104) -> None:
+        super().__init__(workdir, node_port, extra={
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                         "WadoRoot": "/wado", "StudiesMetadata": "Full",
+                         "SeriesMetadata": "Full"},
+        })
+        self.dicomweb_url = f"{self.url}/dicom-web"
+
+
+def dicomweb_missing() -> str | None:
+    """Why a DICOMweb peer cannot be started here, or None."""
+    if shutil.which("Orthanc") is None:
+        return "Orthanc is not installed (apt-get install orthanc)"
+    if not DICOMWEB_PLUGIN.exists():
+        return "Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)"
+    return None
+
+
+@pytest.fixture
+def dicomweb_orthanc(tmp_path: Path) -> Iterator[DicomwebOrthanc]:
+    if (reason := dicomweb_missing()) is not None:
+        pytest.skip(reason)
+    peer = DicomwebOrthanc(tmp_path / "orthanc-dicomweb").start()
+    yield peer
+    peer.stop()
