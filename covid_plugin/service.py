@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from covid_plugin.config import Settings
+from covid_plugin.config import DicomwebDestination, Settings
 from covid_plugin.findings import Findings
 from covid_plugin.node.scp import StorageSCP
 from covid_plugin.node.scu import DicomSender, OutboxSender
+from covid_plugin.node.stow import StowSender
 from covid_plugin.observability import HealthServer, Metrics
 from covid_plugin.outputs import write_all
 from covid_plugin.store.db import Database
@@ -46,8 +47,9 @@ class Node:
         pipelines = load_object(settings.pipelines)(settings)
         self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,
                              write_all, self.scp.active_series, on_result)
+        web = StowSender(d for d in settings.destinations if isinstance(d, DicomwebDestination))
         self.sender = OutboxSender(self.outbox, DicomSender(settings.ae_title), self.metrics,
-                                   settings.outbox.poll_interval_s)
+                                   settings.outbox.poll_interval_s, web_sender=web)
         self.health_server: HealthServer | None = None
 
     def _state_counts(self) -> dict[str, dict[str, int]]:

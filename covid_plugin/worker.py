@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from pydicom import Dataset
 
-from covid_plugin.config import Peer, Settings
+from covid_plugin.config import DicomwebDestination, Peer, Settings
 from covid_plugin.findings import Findings
 from covid_plugin.observability import Metrics
 from covid_plugin.outputs import OutputError
@@ -53,12 +54,20 @@ class Pipeline(Protocol):
 Writer = Callable[[Findings, LoadedSeries], list[Dataset]]
 
 
-def destinations_for(settings: Settings, calling_ae: str) -> list[Peer]:
+def destinations_for(settings: Settings, calling_ae: str) -> list[Peer | DicomwebDestination]:
     """Configured destinations, else the calling PACS's return address."""
     if settings.destinations:
         return list(settings.destinations)
     peer = settings.return_addresses.get(calling_ae)
     return [peer] if peer else []
+
+
+def delivery(destination: Peer | DicomwebDestination, path: Path, uid: str) -> Delivery:
+    """One outbox row: a DICOMweb destination is named by its URL, a DICOM peer by AE@host:port."""
+    if isinstance(destination, DicomwebDestination):
+        parts = urlsplit(destination.url)
+        return Delivery(path, uid, "", parts.hostname or "", parts.port or 0, destination.url)
+    return Delivery(path, uid, destination.ae_title, destination.host, destination.port)
 
 
 def save_durably(datasets: list[Dataset], folder: Path) -> list[tuple[Path, str]]:
@@ -203,8 +212,8 @@ class Worker:
         shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted earlier run
         saved = save_durably([ds for _, datasets in results for ds in datasets], folder)
         deliveries = [
-            Delivery(path, uid, peer.ae_title, peer.host, peer.port)
-            for peer in destinations_for(self.settings, job.calling_ae)
+            delivery(destination, path, uid)
+            for destination in destinations_for(self.settings, job.calling_ae)
             for path, uid in saved
         ]
         if not deliveries:

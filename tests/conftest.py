@@ -255,14 +255,21 @@ class DicomwebOrthanc(Orthanc):
     """Orthanc with Debian's DICOMweb plugin (orthanc-dicomweb): QIDO/WADO/STOW-RS under
     /dicom-web/, with full metadata as OHIF asks for it."""
 
-    def __init__(self, workdir: Path, node_port: int = 104) -> None:
+    def __init__(self, workdir: Path, node_port: int = 104, extra: dict | None = None) -> None:
         super().__init__(workdir, node_port, extra={
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
                          "WadoRoot": "/wado", "StudiesMetadata": "Full",
                          "SeriesMetadata": "Full"},
-        })
+        } | (extra or {}))
         self.dicomweb_url = f"{self.url}/dicom-web"
+
+    def _up(self) -> bool:
+        try:  # any answer will do: with authentication on, it is a 401
+            requests.get(f"{self.url}/system", timeout=1)
+            return True
+        except requests.ConnectionError:
+            return False
 
 
 def dicomweb_missing() -> str | None:
@@ -275,9 +282,17 @@ def dicomweb_missing() -> str | None:
 
 
 @pytest.fixture
-def dicomweb_orthanc(tmp_path: Path) -> Iterator[DicomwebOrthanc]:
+def dicomweb_factory(tmp_path: Path) -> Iterator:
+    """DICOMweb Orthancs, made stopped (a destination that is down) and started by the test."""
     if (reason := dicomweb_missing()) is not None:
         pytest.skip(reason)
-    peer = DicomwebOrthanc(tmp_path / "orthanc-dicomweb").start()
-    yield peer
-    peer.stop()
+    peers: list[DicomwebOrthanc] = []
+
+    def make(extra: dict | None = None) -> DicomwebOrthanc:
+        peer = DicomwebOrthanc(tmp_path / f"orthanc-dicomweb{len(peers)}", extra=extra)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.stop()

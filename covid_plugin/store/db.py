@@ -81,6 +81,8 @@ MIGRATIONS: list[str] = [
         received_at REAL NOT NULL
     );
     """,
+    # 2: DICOMweb destinations (STOW-RS) are named by their service URL; NULL for C-STORE peers
+    "ALTER TABLE outbox ADD COLUMN dest_url TEXT",
 ]
 
 

@@ -1,0 +1,119 @@
+"""DICOMweb out: results delivered by STOW-RS to Orthanc's DICOMweb plugin, through the same
+outbox as C-STORE (retries with backoff while the server is down, dead letter, `retry`)."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+
+from covid_plugin.config import ConfigError, load_settings
+from tests.conftest import CHEST_CR, wait_for
+from tests.test_node_ingest import index, send
+
+FAST_OUTBOX = {"backoff_base_s": 0.3, "backoff_max_s": 1.0, "poll_interval_s": 0.2}
+
+
+def outbox_rows(node) -> list[sqlite3.Row]:
+    return index(node).execute(
+        "SELECT sop_instance_uid, dest_url, state, attempts, last_error, next_attempt_at, "
+        "updated_at FROM outbox ORDER BY id").fetchall()
+
+
+def stored_uids(orthanc, headers: dict[str, str] | None = None) -> set[str]:
+    """What the DICOMweb server holds, asked over QIDO-RS like any client would."""
+    client = DICOMwebClient(orthanc.dicomweb_url, headers=headers)
+    return {item["00080018"]["Value"][0] for item in client.search_for_instances()}
+
+
+def dicomweb_node(node_factory, orthanc, max_attempts: int, **destination):
+    return node_factory({
+        "destinations": [{"kind": "dicomweb", "url": orthanc.dicomweb_url} | destination],
+        "outbox": {"max_attempts": max_attempts} | FAST_OUTBOX,
+    }).start()
+
+
+def test_dicomweb_destination_in_toml(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text('[[destinations]]\nae_title = "PACS"\nhost = "pacs"\nport = 104\n\n'
+                      '[[destinations]]\nkind = "dicomweb"\nurl = "https://vna/dicom-web/"\n'
+                      'headers = { Authorization = "Bearer abc" }\nca_file = "/etc/ca.pem"\n')
+    peer, web = load_settings(config, environ={}).destinations
+    assert (peer.kind, peer.ae_title) == ("dicom", "PACS")
+    assert (web.kind, web.url, web.verify_tls) == ("dicomweb", "https://vna/dicom-web", True)
+    for bad, why in [('url = "ftp://vna"', "http:// or https://"),
+                     ('url = "https://user:pw@vna/dicom-web"', "credentials")]:
+        config.write_text(f'[[destinations]]\nkind = "dicomweb"\n{bad}\n')
+        with pytest.raises(ConfigError, match=f"destinations.0.dicomweb.url: .*{why}"):
+            load_settings(config, environ={})
+
+
+def test_results_are_stored_by_stow_rs(node_factory, dicomweb_factory):
+    orthanc = dicomweb_factory().start()
+    node = dicomweb_node(node_factory, orthanc, max_attempts=3)
+    assert send(node.port, [pydicom.dcmread(CHEST_CR)]) == [0]
+    wait_for(lambda: (rows := outbox_rows(node)) and {r["state"] for r in rows} == {"sent"},
+             timeout=60, what="results sent")
+    rows = outbox_rows(node)
+    assert {r["dest_url"] for r in rows} == {orthanc.dicomweb_url}
+    assert stored_uids(orthanc) == {r["sop_instance_uid"] for r in rows}
+    listing = node.cli("outbox", "--state", "sent").stdout
+    assert listing.count(orthanc.dicomweb_url) == len(rows) == 2
+
+
+def test_stow_server_down_retries_with_backoff_then_delivers(node_factory, dicomweb_factory):
+    orthanc = dicomweb_factory()  # not started: the server is down
+    node = dicomweb_node(node_factory, orthanc, max_attempts=50)
+    assert send(node.port, [pydicom.dcmread(CHEST_CR)]) == [0]
+    wait_for(lambda: (rows := outbox_rows(node)) and all(r["attempts"] >= 2 for r in rows),
+             timeout=60, what="two failed attempts")
+    row = outbox_rows(node)[0]
+    assert row["state"] == "pending" and "ConnectionError" in row["last_error"]
+    assert row["next_attempt_at"] - row["updated_at"] >= 0.3  # backoff
+    orthanc.start()
+    wait_for(lambda: {r["state"] for r in outbox_rows(node)} == {"sent"}, timeout=60,
+             what="delivery once the server is up")
+    assert stored_uids(orthanc) == {r["sop_instance_uid"] for r in outbox_rows(node)}
+
+
+def test_stow_dead_letter_then_retry_command_delivers(node_factory, dicomweb_factory):
+    orthanc = dicomweb_factory()
+    node = dicomweb_node(node_factory, orthanc, max_attempts=2)
+    assert send(node.port, [pydicom.dcmread(CHEST_CR)]) == [0]
+    wait_for(lambda: (rows := outbox_rows(node)) and {r["state"] for r in rows} == {"dead"},
+             timeout=60, what="dead letters")
+    orthanc.start()
+    wait_for(lambda: stored_uids(orthanc) == set(), timeout=5, what="an empty server")
+    result = node.cli("retry", "--all")
+    assert result.returncode == 0 and "2 dead item(s) queued again" in result.stdout
+    wait_for(lambda: {r["state"] for r in outbox_rows(node)} == {"sent"}, timeout=60,
+             what="delivery after retry")
+    assert stored_uids(orthanc) == {r["sop_instance_uid"] for r in outbox_rows(node)}
+
+
+def test_stow_authorization_header_is_sent_and_a_refusal_is_recorded(
+        node_factory, dicomweb_factory):
+    orthanc = dicomweb_factory({"AuthenticationEnabled": True,
+                                "RegisteredUsers": {"node": "right-secret"}}).start()
+
+    def basic(password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"node:{password}".encode()).decode()}
+
+    node = dicomweb_node(node_factory, orthanc, max_attempts=1, headers=basic("wrong-secret"))
+    assert send(node.port, [pydicom.dcmread(CHEST_CR)]) == [0]
+    wait_for(lambda: (rows := outbox_rows(node)) and {r["state"] for r in rows} == {"dead"},
+             timeout=60, what="refused deliveries")
+    assert all("HTTP 401" in r["last_error"] for r in outbox_rows(node))
+    assert "wrong-secret" not in node.log() and "d3Jvbmct" not in node.log()
+    node.stop()
+    node.configure(destinations=[{"kind": "dicomweb", "url": orthanc.dicomweb_url,
+                                  "headers": basic("right-secret")}])
+    node.start()
+    assert node.cli("retry", "--all").returncode == 0
+    wait_for(lambda: {r["state"] for r in outbox_rows(node)} == {"sent"}, timeout=60,
+             what="delivery with the right credentials")
+    assert stored_uids(orthanc, basic("right-secret")) == {
+        r["sop_instance_uid"] for r in outbox_rows(node)}
