@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import subprocess
+from pathlib import Path
 
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset
 
 from covid_plugin.config import ConfigError, load_settings
+from covid_plugin.node.stow import StowSender
 from tests.conftest import CHEST_CR, wait_for
+from tests.reverse_proxy import reverse_proxy
 from tests.test_node_ingest import index, send
 
 FAST_OUTBOX = {"backoff_base_s": 0.3, "backoff_max_s": 1.0, "poll_interval_s": 0.2}
@@ -117,3 +122,66 @@ def test_stow_authorization_header_is_sent_and_a_refusal_is_recorded(
              what="delivery with the right credentials")
     assert stored_uids(orthanc, basic("right-secret")) == {
         r["sop_instance_uid"] for r in outbox_rows(node)}
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (openssl): the server's PEM (key + certificate) and the
+    certificate alone, which the node trusts as its CA bundle."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = folder / "server.pem"
+    server.write_text(cert.read_text() + key.read_text())
+    return server, cert
+
+
+def test_stow_over_https_checks_the_server_certificate(node_factory, dicomweb_factory,
+                                                       tmp_path):
+    server_pem, ca = self_signed(tmp_path)
+    orthanc = dicomweb_factory().start()
+    front = reverse_proxy(orthanc.http_port, tls_pem=server_pem).start()
+    try:
+        url = f"{front.url}/dicom-web"
+        node = node_factory({"destinations": [{"kind": "dicomweb", "url": url}],  # system CAs
+                             "outbox": {"max_attempts": 1} | FAST_OUTBOX}).start()
+        assert send(node.port, [pydicom.dcmread(CHEST_CR)]) == [0]
+        wait_for(lambda: (rows := outbox_rows(node)) and {r["state"] for r in rows} == {"dead"},
+                 timeout=60, what="deliveries refused for an untrusted certificate")
+        assert all("SSLError" in r["last_error"] for r in outbox_rows(node))
+        assert stored_uids(orthanc) == set()
+        node.stop()
+        node.configure(destinations=[{"kind": "dicomweb", "url": url, "ca_file": str(ca)}])
+        node.start()
+        assert node.cli("retry", "--all").returncode == 0
+        wait_for(lambda: {r["state"] for r in outbox_rows(node)} == {"sent"}, timeout=60,
+                 what="delivery once the CA is trusted")
+        assert stored_uids(orthanc) == {r["sop_instance_uid"] for r in outbox_rows(node)}
+    finally:
+        front.stop()
+
+
+def test_stow_reply_is_read_per_instance():
+    """Which outbox items a STOW-RS reply (PS3.18 10.5.3) settles, and how."""
+    def referenced(uid: str, failure: int | None = None) -> Dataset:
+        ds = Dataset()
+        ds.ReferencedSOPInstanceUID = uid
+        if failure is not None:
+            ds.FailureReason = failure
+        return ds
+
+    sent = {}
+    for item_id, uid in enumerate(["1.1", "1.2", "1.3"]):
+        sent[item_id] = Dataset()
+        sent[item_id].SOPInstanceUID = uid
+    reply = Dataset()
+    reply.ReferencedSOPSequence = [referenced("1.1")]
+    reply.FailedSOPSequence = [referenced("1.2", 0xA700)]
+    url = "http://pacs/dicom-web"
+    assert StowSender._outcomes(url, reply, sent, None) == {
+        0: None, 1: f"{url} refused the instance (FailureReason 0xA700)",
+        2: f"{url} did not confirm the instance"}
+    assert StowSender._outcomes(url, reply, sent, "HTTP 409 Conflict")[2] == "HTTP 409 Conflict"
+    # 200 without a body: stored; an HTTP error without a body: failed
+    assert StowSender._outcomes(url, Dataset(), sent, None) == {0: None, 1: None, 2: None}
+    assert set(StowSender._outcomes(url, Dataset(), sent, "HTTP 500").values()) == {"HTTP 500"}

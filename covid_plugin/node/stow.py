@@ -35,6 +35,18 @@ def _reply_of(response: requests.Response | None) -> Dataset | None:
         return None
 
 
+class _Session(requests.Session):
+    """A session whose own `verify` (the destination's CA file, or off) is not overridden by
+    REQUESTS_CA_BUNDLE: requests lets the environment win over session settings (psf/requests
+    issue 3829), and a node's configured trust must not depend on its environment."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if verify is None and self.verify is not True:
+            settings["verify"] = self.verify
+        return settings
+
+
 class StowSender:
     """Sends files to the configured DICOMweb destinations, one POST per destination and round."""
 
@@ -44,7 +56,7 @@ class StowSender:
 
     def _client(self, destination: DicomwebDestination) -> DICOMwebClient:
         if destination.url not in self._clients:
-            session = requests.Session()
+            session = _Session()
             session.verify = str(destination.ca_file) if destination.ca_file else (
                 destination.verify_tls)
             if destination.cert_file is not None:
@@ -83,7 +95,7 @@ class StowSender:
             reply = _reply_of(response) or Dataset()
         except (requests.RequestException, ValueError) as exc:
             # refused, timed out, TLS failure, or an answer that is not STOW-RS
-            error = f"STOW-RS to {url} failed: {type(exc).__name__}: {str(exc)[:200]}"
+            error = f"STOW-RS to {url} failed: {type(exc).__name__}: {str(exc)[:400]}"
             return results | {item_id: error for item_id in datasets}
         return results | self._outcomes(url or "", reply, datasets, unconfirmed)
 

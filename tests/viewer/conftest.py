@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import REPO, DicomwebOrthanc, dicomweb_missing
 from tests.viewer.ohif import PageLog
-from tests.viewer.server import ViewerServer
+from tests.viewer.server import viewer_server
 
 OHIF_VERSION = "3.13.2"
 OHIF_DIST = REPO / "cache" / "ohif" / OHIF_VERSION / "dist"
@@ -117,8 +117,8 @@ def viewer(viewer_tools, tmp_path_factory) -> Iterator[Viewer]:
         for path in [*CT_SAMPLE.glob("*.dcm"), *CXR_SAMPLE.glob("*.dcm"),
                      *(workdir / "out").rglob("*.dcm")]:
             orthanc.upload(path)
-        server = ViewerServer(OHIF_DIST, Path(__file__).with_name("app-config.js"),
-                              orthanc.http_port).start()
+        server = viewer_server(OHIF_DIST, Path(__file__).with_name("app-config.js"),
+                               orthanc.http_port).start()
         yield Viewer(server.url, studies[CT_SAMPLE.name], studies[CXR_SAMPLE.name])
     finally:
         if server is not None:

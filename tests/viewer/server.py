@@ -1,23 +1,17 @@
 """OHIF's prebuilt dist/ and Orthanc's DICOMweb behind one origin, as a hospital's reverse
 proxy would serve them: the browser then needs no CORS, and Orthanc builds its bulk data
 URIs from the Host header the browser sent, so they point back at this server.
-
-Standard library only; a test starts it on an ephemeral port in a thread and shuts it down.
 """
 
 from __future__ import annotations
 
-import http.client
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tests.reverse_proxy import Server, forward
+
 PROXIED = ("/dicom-web/", "/wado")
-# hop-by-hop headers (RFC 9110 7.6.1) are the proxy's own business, never forwarded
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailer", "transfer-encoding", "upgrade"}
 
 
 class ViewerHandler(SimpleHTTPRequestHandler):
@@ -28,18 +22,17 @@ class ViewerHandler(SimpleHTTPRequestHandler):
         ".js": "application/javascript", ".mjs": "application/javascript",
         ".wasm": "application/wasm", ".json": "application/json",
     }
+    dist: Path
+    app_config: Path
+    orthanc: tuple[str, int]
 
-    def __init__(self, *args, dist: Path, app_config: Path, orthanc: tuple[str, int],
-                 **kwargs) -> None:
-        self.dist = dist
-        self.app_config = app_config
-        self.orthanc = orthanc
-        super().__init__(*args, directory=str(dist), **kwargs)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, directory=str(self.dist), **kwargs)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = urlsplit(self.path).path
         if path.startswith(PROXIED):
-            self._proxy()
+            forward(self, self.orthanc)
         elif path == "/app-config.js":
             self._send_file(self.app_config, "application/javascript")
         elif path != "/" and Path(self.translate_path(self.path)).is_file():
@@ -48,7 +41,7 @@ class ViewerHandler(SimpleHTTPRequestHandler):
             self._send_file(self.dist / "index.html", "text/html")
 
     def do_POST(self) -> None:  # noqa: N802
-        self._proxy()
+        forward(self, self.orthanc)
 
     def end_headers(self) -> None:
         # cross-origin isolation lets cornerstone use SharedArrayBuffer for volumes
@@ -68,46 +61,9 @@ class ViewerHandler(SimpleHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _proxy(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-        conn = http.client.HTTPConnection(*self.orthanc, timeout=120)
-        try:
-            conn.request(self.command, self.path, body=body, headers=headers)
-            reply = conn.getresponse()
-            data = reply.read()
-        except OSError as exc:
-            self.send_error(502, f"Orthanc unreachable: {exc}")
-            return
-        finally:
-            conn.close()
-        self.send_response(reply.status, reply.reason)
-        for key, value in reply.getheaders():
-            if key.lower() not in HOP_BY_HOP | {"content-length"}:
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
-
-class ViewerServer:
-    """The proxy on 127.0.0.1 and an ephemeral port, in a daemon thread."""
-
-    def __init__(self, dist: Path, app_config: Path, orthanc_http_port: int) -> None:
-        handler = partial(ViewerHandler, dist=dist, app_config=app_config,
-                          orthanc=("127.0.0.1", orthanc_http_port))
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="viewer-proxy",
-                                        daemon=True)
-
-    def start(self) -> ViewerServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(timeout=10)
+def viewer_server(dist: Path, app_config: Path, orthanc_http_port: int) -> Server:
+    """OHIF from `dist` with `app_config`, Orthanc's DICOMweb on the same origin."""
+    handler = type("Viewer", (ViewerHandler,), {
+        "dist": dist, "app_config": app_config, "orthanc": ("127.0.0.1", orthanc_http_port)})
+    return Server(handler)
