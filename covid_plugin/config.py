@@ -121,6 +121,9 @@ class Settings(_Strict):
     return_addresses: dict[str, Peer] = {}
     destinations: list[Destination] = []
     outbox: OutboxSettings = OutboxSettings()
+    # send a short "not analysed" SR for a series a pipeline declines (lateral film, no lungs,
+    # outside the validated population), so the reader knows the AI looked (IHE AI Results)
+    declined_reports: bool = True
     models_dir: Path = Path(__file__).resolve().parent.parent / "models"
     pipelines: str = "covid_plugin.pipelines:default_pipelines"
     device: str = "auto"

@@ -23,7 +23,7 @@ from pydicom import Dataset
 from covid_plugin.config import DicomwebDestination, Peer, Settings
 from covid_plugin.findings import Findings
 from covid_plugin.observability import Metrics
-from covid_plugin.outputs import OutputError
+from covid_plugin.outputs import OutputError, write_declined
 from covid_plugin.series import is_complete, rejection_reason
 from covid_plugin.store.jobs import Delivery, Job, JobQueue
 from covid_plugin.store.spool import Spool
@@ -52,6 +52,7 @@ class Pipeline(Protocol):
 
 
 Writer = Callable[[Findings, LoadedSeries], list[Dataset]]
+Decliner = Callable[[LoadedSeries, str], list[Dataset]]  # the "not analysed" report
 
 
 def destinations_for(settings: Settings, calling_ae: str) -> list[Peer | DicomwebDestination]:
@@ -95,10 +96,13 @@ class Analysis:
         return "; ".join(dict.fromkeys(self.problems)) or None
 
 
-def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer) -> Analysis:
+def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer,
+            decline: Decliner | None = None) -> Analysis:
     """Load, run and write; a radiograph pipeline sees each film on its own.
 
     Problems with the input are collected as reasons, not raised: the caller records them.
+    With `decline`, a series the pipeline declines still yields a result: the short report
+    that says why, sent like any other.
     """
     units = [[p] for p in paths] if getattr(pipeline, "per_instance", False) else [paths]
     out = Analysis()
@@ -112,6 +116,13 @@ def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer) 
         except SeriesSkipped as exc:
             out.skipped += 1
             out.problems.append(f"skipped by the {pipeline.name} pipeline: {exc}")
+            if decline is not None:
+                declined = Findings(pipeline.name, series.series_instance_uid,
+                                    notes=[f"not analysed: {exc}"])
+                try:
+                    out.results.append((declined, decline(series, str(exc))))
+                except OutputError as error:
+                    out.problems.append(f"report cannot be encoded: {error.reason}")
         except OutputError as exc:
             out.problems.append(f"results cannot be encoded: {exc.reason}")
     return out
@@ -200,7 +211,8 @@ class Worker:
     def _process(self, job: Job) -> str:
         pipeline = self._pipelines[job.modality]
         outcome = analyse(pipeline, self._models_for(pipeline),
-                          self.spool.instance_paths(job.series_uid), self.writer)
+                          self.spool.instance_paths(job.series_uid), self.writer,
+                          write_declined if self.settings.declined_reports else None)
         results, note = outcome.results, outcome.note
         if not results:
             if outcome.skipped == len(outcome.problems):

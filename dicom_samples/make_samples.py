@@ -5,10 +5,14 @@
 Two kinds of sample (README.md lists every file, its source and licence):
 - chest CT series from COVID-CT-MD (CC BY 4.0): source files kept, pixel data byte for byte
   (JPEG lossless); only identifiers that are not valid DICOM are repaired (see `repair_ct`);
-- chest radiographs: there is no labelled chest X-ray as DICOM, so real images (Hannover
-  CC BY 3.0, NIH ChestX-ray14 CC0) are wrapped into CR objects with a generated header, marked
-  DERIVED, losslessly RLE-compressed.
+- chest radiographs: there is no labelled chest X-ray as DICOM, so real images (ieee8023
+  CC BY 4.0 rows, NIH ChestX-ray14 CC0) are wrapped into CR objects with a generated header,
+  marked DERIVED, losslessly RLE-compressed. Each carries the patient's age from the manifest
+  (the CXR product is for adults and declines a film without one) and, where the source
+  states the physical size of its original, the ImagerPixelSpacing of the staged pixels.
 UIDs are derived from the sources, so running the script twice gives identical files.
+Patient IDs use '-' where the manifest has ':', so that they need no escaping in a URL
+(Orthanc's DICOMweb plugin does not decode '%3A' and loses such studies).
 """
 
 from __future__ import annotations
@@ -45,11 +49,22 @@ class CTSample:
 
 
 @dataclass(frozen=True)
+class OriginalSize:
+    """The source's statement of its original image: columns, rows and pixel spacing (mm)."""
+
+    columns: int
+    rows: int
+    spacing_mm: float
+    citation: str
+
+
+@dataclass(frozen=True)
 class CXRSample:
     path: str  # manifest path, relative to shared/data
     manifest: str
     out: str
     view: str
+    original: OriginalSize | None = None  # None: the source gives no physical size
 
 
 CT_SAMPLES = (
@@ -57,10 +72,20 @@ CT_SAMPLES = (
     CTSample("covid-ct-md_normal002", "ct-normal_covid-ct-md-normal002", "normal"),
 )
 CXR_SAMPLES = (
-    CXRSample("cxr/images/hannover/covid/5f619d7e.jpg", "cxr", "cxr-covid_hannover-PA", "PA"),
-    CXRSample("cxr/images/hannover/covid/b343e657.jpg", "cxr", "cxr-covid_hannover-AP", "AP"),
     CXRSample(
-        "cxr_adult/images/nih/00000005_000.jpg", "cxr_adult", "cxr-normal_nih-cxr14-PA", "PA"
+        "cxr/images/ieee8023/covid/41182_2020_203_Fig5_HTML.jpg", "cxr", "cxr-covid_ieee8023-PA",
+        "PA",
+    ),
+    CXRSample(
+        "cxr/images/ieee8023/covid/40779_2020_233_Fig2_HTML-a.jpg", "cxr",
+        "cxr-covid_ieee8023-PA-2", "PA",
+    ),
+    CXRSample(
+        "cxr_adult/images/nih/00000005_000.jpg", "cxr_adult", "cxr-normal_nih-cxr14-PA", "PA",
+        # NIH Data_Entry_2017 (v2020 revision) row 00000005_000.png: OriginalImage[Width,
+        # Height] 2048 x 2500, OriginalImagePixelSpacing 0.168 mm. NIH resized every image to
+        # 1024 x 1024 and the stagers to 320 x 320, both without keeping the aspect ratio.
+        OriginalSize(2048, 2500, 0.168, "NIH ChestX-ray14 Data_Entry_2017_v2020"),
     ),
 )
 
@@ -72,6 +97,19 @@ def manifest_rows(data: Path, folder: str) -> dict[str, dict[str, str]]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def url_safe_id(source_id: str) -> str:
+    """The manifest's '<source>:<id>' with '-' for ':', e.g. 'nih_cxr14-5'."""
+    return source_id.replace(":", "-")
+
+
+def imager_pixel_spacing(original: OriginalSize, rows: int, columns: int) -> list[float]:
+    """Row and column spacing (mm) of the staged pixels: the original's extent over them."""
+    return [
+        round(original.rows * original.spacing_mm / rows, 4),
+        round(original.columns * original.spacing_mm / columns, 4),
+    ]
 
 
 def valid_uid(value: str, *entropy: str) -> str:
@@ -132,7 +170,8 @@ def make_cxr(data: Path, sample: CXRSample, out_root: Path) -> list[dict[str, st
     assert row["view"] == sample.view, row
     source = data / sample.path
     pixels = np.asarray(Image.open(source).convert("L"))
-    patient = row["patient_id"]  # the source's anonymous id, e.g. "hannover:0f2b9fbd"
+    patient = url_safe_id(row["patient_id"])  # the source's anonymous id, e.g. "nih_cxr14-5"
+    assert row["age"] and float(row["age"]) >= 18, row  # adults only: the product's population
 
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -142,12 +181,11 @@ def make_cxr(data: Path, sample: CXRSample, out_root: Path) -> list[dict[str, st
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[row["sha256"], "series"])
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.Modality = "CR"
-    ds.PatientName = patient.replace(":", "^")
+    ds.PatientName = patient.replace("-", "^", 1)
     ds.PatientID = patient
     ds.PatientBirthDate = ""
     ds.PatientSex = row["sex"] or ""
-    if row["age"]:
-        ds.PatientAge = f"{int(float(row['age'])):03d}Y"
+    ds.PatientAge = f"{int(float(row['age'])):03d}Y"
     ds.StudyDate = ds.StudyTime = ds.AccessionNumber = ds.ReferringPhysicianName = ""
     ds.StudyID = "1"
     ds.StudyDescription = f"Chest X-ray ({row['source']} sample, derived)"
@@ -158,10 +196,17 @@ def make_cxr(data: Path, sample: CXRSample, out_root: Path) -> list[dict[str, st
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = sample.view
     ds.PatientOrientation = ["L", "F"]  # the source image is stored as conventionally displayed
+    if sample.original is not None:
+        ds.ImagerPixelSpacing = imager_pixel_spacing(sample.original, *pixels.shape)
+    spacing = (
+        f"; ImagerPixelSpacing from {sample.original.citation}"
+        if sample.original is not None
+        else "; no physical pixel size in the source"
+    )
     ds.DerivationDescription = (
         f"Wrapped from {row['source']} image {row['source_id']} (8-bit JPEG, resized by the "
-        "data stagers); real pixels, generated header"
-    )
+        f"data stagers); real pixels, generated header{spacing}"
+    )[:1024]
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.SamplesPerPixel = 1

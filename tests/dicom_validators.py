@@ -1,7 +1,8 @@
 """Wrappers around the external DICOM validators, for any test that writes DICOM objects.
 
 dciodvfy (dicom3tools) checks an object against its IOD; dsrdump (DCMTK) parses an SR content
-tree. Both are Debian packages; tests that need them are skipped where they are missing.
+tree; dcmpschk (DCMTK) checks a presentation state's syntax and semantics. All are Debian
+packages; tests that need them are skipped where they are missing.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import pytest
 
 DCIODVFY = shutil.which("dciodvfy")
 DSRDUMP = shutil.which("dsrdump")
+DCMPSCHK = shutil.which("dcmpschk")
 
 requires_dciodvfy = pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) missing")
 requires_dsrdump = pytest.mark.skipif(DSRDUMP is None, reason="dsrdump (DCMTK) missing")
+requires_dcmpschk = pytest.mark.skipif(DCMPSCHK is None, reason="dcmpschk (DCMTK) missing")
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -39,3 +42,11 @@ def dsrdump(path: Path) -> str:
     )
     assert result.returncode == 0, f"dsrdump failed ({result.returncode}): {result.stderr}"
     return result.stdout
+
+
+def dcmpschk_passes(path: Path) -> bool:
+    """Whether DCMTK's presentation state checker accepts the object ("Test passed.")."""
+    result = subprocess.run(
+        [str(DCMPSCHK), str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    return result.returncode == 0 and "Test passed." in result.stdout + result.stderr

@@ -1,7 +1,10 @@
-"""The SEG, SR and SC writers on real source DICOM, checked by dciodvfy, dsrdump and highdicom.
+"""The SEG, GSPS, SR and SC writers on real source DICOM, checked by dciodvfy, dsrdump and
+highdicom.
 
 The findings are built by hand (synthetic masks and probabilities): these tests are about the
-encoding, not about any model.
+encoding, not about any model. What viewers need of the objects (OHIF's SR, a radiograph
+overlay without patient geometry, readable colours and text) is checked here in pydicom; the
+browser test checks what OHIF then draws.
 """
 
 from __future__ import annotations
@@ -23,10 +26,17 @@ from covid_plugin.findings import (
     ModelInfo,
 )
 from covid_plugin.outputs import OutputError, OutputSettings, write_all
-from covid_plugin.outputs.sc import key_frame
+from covid_plugin.outputs.regions import key_frame
 from covid_plugin.volume import LoadedSeries, load_series, load_series_files
 from tests.conftest import CHEST_CR, DATA, rider_files
-from tests.dicom_validators import dciodvfy_errors, dsrdump, requires_dciodvfy, requires_dsrdump
+from tests.dicom_validators import (
+    dciodvfy_errors,
+    dcmpschk_passes,
+    dsrdump,
+    requires_dciodvfy,
+    requires_dcmpschk,
+    requires_dsrdump,
+)
 
 ENHANCED_CT = DATA / "dicom" / "nema-mfct_CT0012_enhanced-ct-multiframe"
 CLASSIFIER = ModelInfo("cxr-covid", "1.2.0", "0f" * 32)
@@ -35,11 +45,14 @@ LUNG_MODEL = ModelInfo("ct-lung-hu", "1.0.0", "rule-based")
 ANATOMY = Code("123037004", "SCT", "Anatomical Structure")
 ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
 LUNG = Code("39607008", "SCT", "Lung")
+RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
+LEFT_LUNG = Code("44029006", "SCT", "Left lung")
 GGO = Code("112120", "DCM", "Ground glass opacity")
 CONSOLIDATION = Code("95436008", "SCT", "Lung consolidation")
 COVID = Code("840539006", "SCT", "COVID-19")
 NORMAL = Code("17621005", "SCT", "Normal")
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+LESION = Code("52988006", "SCT", "Lesion")
 VOLUME = Code("118565006", "SCT", "Volume")
 EXTENT = Code("260858005", "SCT", "Extent")
 ML = Code("mL", "UCUM", "milliliter")
@@ -60,17 +73,20 @@ def classification() -> Classification:
 
 
 def ct_findings(series: LoadedSeries) -> Findings:
-    """Lung in every slice, GGO in a block of slices, consolidation in a few, all in the lung."""
+    """Lungs in every slice, GGO in a block of slices, consolidation in a few, all in a lung."""
     shape = series.array.shape
-    lung = np.zeros(shape, bool)
-    lung[:, 150:380, 60:460] = True
+    right = np.zeros(shape, bool)
+    right[:, 150:380, 60:260] = True
+    left = np.zeros(shape, bool)
+    left[:, 150:380, 260:460] = True
     ggo = np.zeros(shape, bool)
     ggo[10:20, 200:260, 100:180] = True
     ggo[30, 200:300, 100:300] = True  # the single largest lesion slice: the key slice
     consolidation = np.zeros(shape, bool)
     consolidation[12:15, 300:320, 300:340] = True
     masks = [
-        Mask("lung", "Lung", ANATOMY, LUNG, lung, LUNG_MODEL, LUNG),
+        Mask("lung_right", "Right lung", ANATOMY, RIGHT_LUNG, right, LUNG_MODEL, RIGHT_LUNG),
+        Mask("lung_left", "Left lung", ANATOMY, LEFT_LUNG, left, LUNG_MODEL, LEFT_LUNG),
         Mask("ggo", "Ground glass opacity", ALTERED, GGO, ggo, LESION_MODEL, LUNG),
         Mask("consolidation", "Consolidation", ALTERED, CONSOLIDATION, consolidation, LESION_MODEL),
     ]
@@ -80,7 +96,8 @@ def ct_findings(series: LoadedSeries) -> Findings:
         classification=classification(),
         masks=masks,
         measurements=[
-            Measurement(VOLUME, 1530.2, ML, "lung"),
+            Measurement(VOLUME, 780.2, ML, "lung_right"),
+            Measurement(VOLUME, 750.0, ML, "lung_left"),
             Measurement(VOLUME, 41.7, ML, "ggo"),
             Measurement(VOLUME, 1.9, ML, "consolidation"),
             Measurement(EXTENT, 2.85, PERCENT, None, LUNG),
@@ -90,18 +107,26 @@ def ct_findings(series: LoadedSeries) -> Findings:
     )
 
 
-def cxr_findings(series: LoadedSeries) -> Findings:
+def cxr_findings(series: LoadedSeries, predicted: str = "covid") -> Findings:
+    """Two lungs, a heat blob in the right one, and (for an abnormal call) its region."""
     heatmap = np.zeros(series.array.shape, np.float32)
     heatmap[0, 600:1200, 300:800] = 0.9
-    lung = np.zeros(series.array.shape, bool)
-    lung[0, 300:1500, 200:1600] = True
+    lungs = np.zeros(series.array.shape, bool)
+    lungs[0, 300:1500, 200:850] = True
+    lungs[0, 300:1500, 1000:1600] = True
+    masks = [Mask("lungs", "Lungs", ANATOMY, LUNG, lungs, LUNG_MODEL)]
+    if predicted != "normal":
+        masks.append(Mask("suspicious_region", "Region driving the classification", ALTERED,
+                          LESION, heatmap >= 0.5, CLASSIFIER, LUNG))
+    c = classification()
+    c.predicted = predicted
     return Findings(
         kind="cxr",
         series_instance_uid=series.series_instance_uid,
-        classification=classification(),
-        masks=[Mask("lung", "Lung", ANATOMY, LUNG, lung, LUNG_MODEL, LUNG)],
+        classification=c,
+        masks=masks,
         heatmap=heatmap,
-        models=[CLASSIFIER],
+        models=[CLASSIFIER, LUNG_MODEL],
     )
 
 
@@ -156,6 +181,12 @@ def test_every_object_passes_dciodvfy(objects: str, request: pytest.FixtureReque
 
 
 @pytest.mark.dcmtk
+@requires_dcmpschk
+def test_presentation_state_passes_dcmpschk(cr_objects: list[Path]) -> None:
+    assert dcmpschk_passes(cr_objects[0])
+
+
+@pytest.mark.dcmtk
 @requires_dsrdump
 def test_sr_parses_and_carries_the_coded_report(ct_objects: list[Path]) -> None:
     text = dsrdump(ct_objects[1])
@@ -166,12 +197,14 @@ def test_sr_parses_and_carries_the_coded_report(ct_objects: list[Path]) -> None:
         "Device Observer UID",
         '(840539006,SCT,"COVID-19")',
         'NUM:(,,"Probability")="0.81" (1,UCUM,"no units")',
+        'SCOORD:(,,"Image Region")=(POLYLINE,',
+        'CONTAINER:(,,"Qualitative Evaluations")',
         'NUM:(,,"Volume")="41.7" (mL,UCUM,"milliliter")',
         'NUM:(,,"Extent")="2.85" (%,UCUM,"percent")',
         '"Algorithm Name")="ct-lesion"',
         f'"Algorithm Parameters")="weights_sha256={"a1" * 32}"',
         '"Algorithm Parameters")="threshold=0.5"',
-        '"Referenced Segment")=(SG image,,2)',
+        '"Referenced Segment")=(SG image,,3)',
         "Source Series for Segmentation",
         "Research use only; not for diagnosis",
         "lung apices are not covered",
@@ -192,7 +225,7 @@ def test_sr_references_the_seg_and_the_source_images(
     }
     assert evidence == {ds.SOPInstanceUID for ds in ct_series.datasets} | {seg.SOPInstanceUID}
     groups = sr.content.get_volumetric_roi_measurement_groups()
-    assert len(groups) == 3
+    assert len(groups) == 4
     for number, group in enumerate(groups, start=1):
         referenced = group.referenced_segment
         assert referenced.referenced_sop_instance_uid == seg.SOPInstanceUID
@@ -206,17 +239,17 @@ def test_seg_frames_are_registered_to_the_source_slices(
 ) -> None:
     seg = hd.seg.segread(ct_objects[0])
     assert seg.SegmentationType == "BINARY"
-    assert seg.number_of_segments == 3
+    assert seg.number_of_segments == 4
     assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
-    algorithm = seg.SegmentSequence[1].SegmentationAlgorithmIdentificationSequence[0]
+    algorithm = seg.SegmentSequence[2].SegmentationAlgorithmIdentificationSequence[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("ct-lesion", "0.3.0")
-    # empty frames omitted: 60 lung frames + 11 GGO frames + 3 consolidation frames
-    assert seg.NumberOfFrames == 60 + 11 + 3
+    # empty frames omitted: 2 x 60 lung frames + 11 GGO frames + 3 consolidation frames
+    assert seg.NumberOfFrames == 2 * 60 + 11 + 3
     findings = ct_findings(ct_series)
     uids = [ds.SOPInstanceUID for ds in ct_series.datasets]
     for index in (12, 30, 45):
         pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=[uids[index]], segment_numbers=[1, 2, 3]
+            source_sop_instance_uids=[uids[index]], segment_numbers=[1, 2, 3, 4]
         )
         for number, mask in enumerate(findings.masks):
             np.testing.assert_array_equal(pixels[0, ..., number], mask.array[index])
@@ -231,7 +264,7 @@ def test_empty_frames_are_kept_when_asked(ct_series: LoadedSeries) -> None:
     settings = OutputSettings(omit_empty_frames=False)
     findings = ct_findings(ct_series)
     seg = write_all(findings, ct_series, settings)[0]
-    assert seg.NumberOfFrames == 3 * len(ct_series.datasets)
+    assert seg.NumberOfFrames == 4 * len(ct_series.datasets)
 
 
 def test_secondary_capture_shows_the_key_slice(
@@ -246,18 +279,18 @@ def test_secondary_capture_shows_the_key_slice(
     assert reference == ct_series.datasets[30].SOPInstanceUID
     pixels = sc.pixel_array
     assert pixels.shape[1] == 512 and pixels.shape[0] > 512  # image plus text banner
-    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    yellow = (pixels[..., 0] > 200) & (pixels[..., 1] > 180) & (pixels[..., 2] < 80)
     green = (pixels[..., 1] > 150) & (pixels[..., 0] < 80) & (pixels[..., 2] < 80)
-    assert red[200:301, 100:301].sum() > 100  # GGO contour
-    assert green[150:381, 60:461].sum() > 500  # lung contour
+    blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 80) & (pixels[..., 1] < 180)
+    assert yellow[200:301, 100:301].sum() > 100  # GGO outline
+    assert green[150:381, 60:261].sum() > 300  # right lung outline
+    assert blue[150:381, 261:461].sum() > 300  # left lung outline, another colour
     assert pixels[512:].max() > 200  # burned-in text
 
 
 def test_radiograph_objects_read_back(cr_series: LoadedSeries, cr_objects: list[Path]) -> None:
-    seg_path, sr_path, sc_path = cr_objects
-    seg = hd.seg.segread(seg_path)
-    assert seg.number_of_segments == 1 and seg.NumberOfFrames == 1
-    assert seg.get_source_image_uids()[0][2] == cr_series.datasets[0].SOPInstanceUID
+    pr_path, sr_path, sc_path = cr_objects
+    assert pydicom.dcmread(pr_path).Modality == "PR"
     sr_text = pydicom.dcmread(sr_path)
     assert sr_text.ContentSequence  # a readable tree; dciodvfy checks its validity
     sc = pydicom.dcmread(sc_path)
@@ -268,7 +301,7 @@ def test_radiograph_objects_read_back(cr_series: LoadedSeries, cr_objects: list[
     assert (heat[..., 0] - heat[..., 2]).mean() > 40  # high heat is blended towards red
 
 
-def test_findings_without_masks_make_no_seg(cr_series: LoadedSeries) -> None:
+def test_findings_without_masks_make_no_seg_or_gsps(cr_series: LoadedSeries) -> None:
     findings = Findings("cxr", cr_series.series_instance_uid, classification(), models=[CLASSIFIER])
     objects = write_all(findings, cr_series)
     assert [o.Modality for o in objects] == ["SR", "OT"]
@@ -293,8 +326,272 @@ def test_defective_source_header_gives_an_output_error_with_the_series_uid() -> 
     datasets = [pydicom.dcmread(p) for p in rider_files(3)]
     for ds in datasets:
         del ds.PatientName  # Type 2 in the Patient module: highdicom needs it to copy the module
+        ds.PatientID = "SECRET-ID-42"
     series = load_series(datasets)
     findings = Findings("ct", series.series_instance_uid, classification())
     with pytest.raises(OutputError, match="PatientName") as info:
         write_all(findings, series)
     assert info.value.series_uid == series.series_instance_uid
+    assert "SECRET-ID-42" not in info.value.reason  # reasons carry no header values
+
+
+# --- what viewers need (issue 11) -------------------------------------------------------------
+
+
+def _groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    measurements = next(i for i in sr.ContentSequence if i.ValueType == "CONTAINER")
+    return [g for g in measurements.ContentSequence if g.ValueType == "CONTAINER"]
+
+
+def _image_references(item: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """IMAGE items below `item`, as OHIF looks for them (directly or under an SCOORD)."""
+    found = []
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "IMAGE":
+            found.append(child)
+        found.extend(_image_references(child))
+    return found
+
+
+def test_sr_has_planar_outlines_on_the_key_slice_that_ohif_can_draw(
+    ct_series: LoadedSeries, ct_objects: list[Path]
+) -> None:
+    sr = hd.sr.srread(ct_objects[1])
+    planar = sr.content.get_planar_roi_measurement_groups()
+    names = [str(g.finding_type.meaning) for g in planar]
+    # the AI result region, one outline per lung and per lesion type
+    assert names == ["COVID-19", "Right lung", "Left lung", "Ground glass opacity",
+                     "Lung consolidation"]
+    uids = [ds.SOPInstanceUID for ds in ct_series.datasets]
+    slices = []
+    for group in planar:
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value
+        np.testing.assert_array_equal(points[0], points[-1])  # closed
+        reference = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        slices.append(uids.index(reference))
+    # the key slice (largest lesion area, index 30) except for the consolidation, which is
+    # absent there and outlined on its own largest slice
+    assert slices[:4] == [30, 30, 30, 30] and slices[4] in (12, 13, 14)
+    ggo = planar[3]
+    xs, ys = ggo.roi.value[:, 0], ggo.roi.value[:, 1]
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == pytest.approx((100, 300, 200, 300), abs=1)
+
+
+@pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
+def test_outline_groups_load_into_cornerstone_tools(
+    objects: str, request: pytest.FixtureRequest
+) -> None:
+    """Cornerstone's SR adapter takes the region from a group's first NUM when there is one;
+    an outline group must therefore hold its SCOORD and no NUM beside it."""
+    sr = pydicom.dcmread(request.getfixturevalue(objects)[1])
+    for group in _groups(sr):
+        kinds = [item.ValueType for item in group.ContentSequence]
+        if "SCOORD" in kinds:
+            assert "NUM" not in kinds, group.ContentSequence[0].TextValue
+
+
+def _ohif_measurements(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
+    """Groups merged by tracking UID, as OHIF's SR extension (3.13) builds its measurements."""
+    merged: dict[str, list[pydicom.Dataset]] = {}
+    for group in _groups(sr):
+        uid = next(i.UID for i in group.ContentSequence if i.ValueType == "UIDREF"
+                   and i.ConceptNameCodeSequence[0].CodeValue == "112040")
+        merged.setdefault(uid, []).extend(group.ContentSequence)
+    return merged
+
+
+@pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
+def test_every_merged_measurement_has_an_image_region_ohif_can_place(
+    objects: str, request: pytest.FixtureRequest
+) -> None:
+    """OHIF reads coords[0].ReferencedSOPSequence of each measurement; a group without an
+    SCOORD (in itself or a group with its tracking UID) leaves it with a blank viewport."""
+    sr = pydicom.dcmread(request.getfixturevalue(objects)[1])
+    for items in _ohif_measurements(sr).values():
+        regions = [i for i in items if i.ValueType == "SCOORD"]
+        assert regions, [i.ConceptNameCodeSequence[0].CodeMeaning for i in items]
+        image = regions[0].ContentSequence[0]
+        assert image.ValueType == "IMAGE"
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+
+
+def test_an_empty_segment_is_reported_with_the_ai_result_region(ct_series: LoadedSeries) -> None:
+    """No consolidation anywhere: its volume (0 mL) is still reported, and OHIF can place it."""
+    findings = ct_findings(ct_series)
+    findings.masks[3].array = np.zeros_like(findings.masks[3].array)
+    sr = next(o for o in write_all(findings, ct_series) if o.Modality == "SR")
+    merged = _ohif_measurements(sr)
+    summary = next(items for items in merged.values()
+                   if any(getattr(i, "TextValue", "") == "AI result" for i in items))
+    assert any(i.ValueType == "SCOORD" for i in summary)
+    assert "Consolidation" in [getattr(i, "TextValue", "") for i in summary]
+    for items in merged.values():
+        assert any(i.ValueType == "SCOORD" for i in items)
+
+
+def test_every_measurement_group_references_an_image(ct_objects: list[Path]) -> None:
+    sr = pydicom.dcmread(ct_objects[1])
+    for group in _groups(sr):
+        references = _image_references(group)
+        assert references, group.ContentSequence[0].TextValue
+        assert all(ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for ref in references)
+
+
+def test_radiograph_overlay_is_a_presentation_state_with_outlines(
+    cr_series: LoadedSeries, cr_objects: list[Path]
+) -> None:
+    """No SEG for a radiograph (no patient geometry; OHIF fails on one): a GSPS instead."""
+    pr = pydicom.dcmread(cr_objects[0])
+    assert pr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"
+    assert pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == (
+        cr_series.datasets[0].SOPInstanceUID
+    )
+    layers = {layer.GraphicLayer: layer for layer in pr.GraphicLayerSequence}
+    assert {"LUNGS", "REGION", "AI_RESULT"} <= set(layers)
+    colours = {tuple(layer.GraphicLayerRecommendedDisplayCIELabValue) for layer in layers.values()}
+    assert len(colours) == len(layers)
+    by_layer = {a.GraphicLayer: a for a in pr.GraphicAnnotationSequence}
+    lungs = by_layer["LUNGS"].GraphicObjectSequence
+    assert len(lungs) == 2  # one outline per lung
+    for graphic in lungs:
+        assert graphic.GraphicType == "POLYLINE" and graphic.GraphicAnnotationUnits == "PIXEL"
+        points = np.reshape(graphic.GraphicData, (-1, 2))
+        np.testing.assert_array_equal(points[0], points[-1])
+    text = by_layer["AI_RESULT"].TextObjectSequence[0].UnformattedTextValue
+    assert "COVID-19 81 %" in text
+    sr = hd.sr.srread(cr_objects[1])
+    planar = sr.content.get_planar_roi_measurement_groups()
+    assert [str(g.finding_type.meaning) for g in planar] == ["COVID-19", "Lung", "Lung", "Lesion"]
+
+
+def test_segments_have_distinct_colours_that_do_not_blend(ct_objects: list[Path]) -> None:
+    seg = pydicom.dcmread(ct_objects[0])
+    lab = [np.array(s.RecommendedDisplayCIELabValue, float) for s in seg.SegmentSequence]
+    assert len({tuple(v) for v in lab}) == len(lab)
+    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    colours = dict(zip(labels, lab, strict=True))
+    # GGO and consolidation far apart in hue (a* is red-green, b* is yellow-blue)
+    ggo, consolidation = colours["Ground glass opacity"], colours["Consolidation"]
+    assert np.linalg.norm(ggo - consolidation) > 20000  # CIELab scaled to 0..65535
+
+
+def test_sc_text_names_values_threshold_and_key_image_as_viewers_do(
+    ct_series: LoadedSeries,
+) -> None:
+    from covid_plugin.outputs.regions import key_image_label
+    from covid_plugin.outputs.text import summary_lines
+
+    lines = summary_lines(ct_findings(ct_series))
+    assert "Result: COVID-19 (COVID-19 81 %, Pneumonia 12 %, Normal 7 %)" in lines
+    threshold = "Threshold: COVID-19 when its probability >= 50 %"
+    assert any(line.startswith(threshold) for line in lines)
+    # the key slice is named by its InstanceNumber and z, not its index from the first slice
+    key = ct_series.datasets[30]
+    z = ct_series.positions[30][2]
+    assert key_image_label(ct_series, 30) == f"image {key.InstanceNumber}, z = {z:.1f} mm"
+
+
+def test_sc_banner_has_a_colour_legend(ct_objects: list[Path]) -> None:
+    pixels = pydicom.dcmread(ct_objects[2]).pixel_array[512:].astype(int)
+    magenta = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] > 180)
+    blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 60) & (pixels[..., 1] < 180)
+    assert magenta.sum() > 50 and blue.sum() > 50  # consolidation and left-lung swatches
+
+
+def test_no_heatmap_is_drawn_on_a_normal_call(cr_series: LoadedSeries) -> None:
+    sc = write_all(cxr_findings(cr_series, predicted="normal"), cr_series)[-1]
+    heat = sc.pixel_array[320:620, 160:410].astype(int)
+    assert np.abs(heat[..., 0] - heat[..., 2]).max() == 0  # grey, as the source
+
+
+def test_every_object_is_dated_and_names_its_processing_algorithms(
+    ct_objects: list[Path], cr_objects: list[Path]
+) -> None:
+    for path in ct_objects + cr_objects:
+        obj = pydicom.dcmread(path)
+        assert obj.SeriesDate and obj.SeriesTime, path.name
+        assert len(obj.SeriesDescription) <= 24, obj.SeriesDescription
+        algorithms = [
+            item
+            for item in obj.ContributingEquipmentSequence
+            if item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+        ]
+        names = {item.ManufacturerModelName for item in algorithms}
+        assert CLASSIFIER.name in names and LUNG_MODEL.name in names, path.name
+        classifier = next(i for i in algorithms if i.ManufacturerModelName == CLASSIFIER.name)
+        assert classifier.SoftwareVersions == CLASSIFIER.version
+        assert CLASSIFIER.sha256 in classifier.ContributionDescription
+        assert classifier.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+
+
+def test_sc_is_explicit_vr_and_names_the_study(ct_objects: list[Path], ct_series) -> None:
+    sc = pydicom.dcmread(ct_objects[2])
+    assert sc.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert sc.StudyDescription == ct_series.datasets[0].StudyDescription
+
+
+@pytest.mark.parametrize("birth_date", ["00000000", "1950"])
+def test_non_standard_birth_date_is_left_empty_not_fatal(birth_date: str) -> None:
+    datasets = [pydicom.dcmread(p) for p in rider_files(3)]
+    for ds in datasets:
+        ds.PatientBirthDate = birth_date
+    series = load_series(datasets)
+    objects = write_all(ct_findings_small(series), series)
+    assert objects and all(not obj.PatientBirthDate for obj in objects)
+
+
+def ct_findings_small(series: LoadedSeries) -> Findings:
+    lung = np.zeros(series.array.shape, bool)
+    lung[:, 150:380, 60:460] = True
+    return Findings("ct", series.series_instance_uid, classification(),
+                    masks=[Mask("lungs", "Lungs", ANATOMY, LUNG, lung, LUNG_MODEL)])
+
+
+def test_our_own_bugs_are_not_reported_as_unencodable_results(
+    ct_series: LoadedSeries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import covid_plugin.outputs as outputs
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in our code")
+
+    monkeypatch.setattr(outputs, "build_secondary_capture", broken)
+    with pytest.raises(ValueError, match="a bug in our code") as info:
+        write_all(ct_findings(ct_series), ct_series)
+    assert not isinstance(info.value, OutputError)
+
+
+def test_no_highdicom_class_is_subclassed_to_override_its_internals() -> None:
+    """Public highdicom API only: a subclass overriding a private method breaks silently."""
+    import inspect
+
+    import covid_plugin.outputs as outputs
+    from covid_plugin.outputs import declined, pr, sc, seg, sr
+
+    for module in (outputs, declined, pr, sc, seg, sr):
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__:
+                assert not any(b.__module__.startswith("highdicom") for b in cls.__mro__), cls
+
+
+@requires_dciodvfy
+@pytest.mark.dcmtk
+@requires_dsrdump
+def test_declined_series_gets_a_short_valid_sr_that_says_why(
+    cr_series: LoadedSeries, tmp_path: Path
+) -> None:
+    from covid_plugin.outputs import write_declined
+
+    reason = "lateral view (ViewPosition LL); only frontal films"
+    (report,) = write_declined(cr_series, reason, models=[CLASSIFIER])
+    path = tmp_path / "declined.dcm"
+    report.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    text = dsrdump(path)
+    assert f"Not analysed by the AI: {reason}" in text and "Research use only" in text
+    assert report.SeriesDate and len(report.SeriesDescription) <= 24
+    assert report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr_series.datasets[0].SOPInstanceUID
+    assert write_declined(cr_series, reason, OutputSettings(declined_reports=False)) == []

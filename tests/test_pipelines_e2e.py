@@ -20,7 +20,7 @@ from tests.dicom_validators import (
 
 SAMPLES = REPO / "dicom_samples"
 CT_COVID = SAMPLES / "ct-covid_covid-ct-md-P002"
-CXR_COVID = SAMPLES / "cxr-covid_hannover-PA"
+CXR_COVID = SAMPLES / "cxr-covid_ieee8023-PA"
 
 SOP_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SOP_SEG = "1.2.840.10008.5.1.4.1.1.66.4"

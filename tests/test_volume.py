@@ -215,8 +215,8 @@ SAMPLES = Path(__file__).resolve().parent.parent / "dicom_samples"
     [
         ("ct-covid_covid-ct-md-P002", "CT", 30),
         ("ct-normal_covid-ct-md-normal002", "CT", 30),
-        ("cxr-covid_hannover-PA", "CR", 1),
-        ("cxr-covid_hannover-AP", "CR", 1),
+        ("cxr-covid_ieee8023-PA", "CR", 1),
+        ("cxr-covid_ieee8023-PA-2", "CR", 1),
         ("cxr-normal_nih-cxr14-PA", "CR", 1),
     ],
 )

@@ -1,4 +1,4 @@
-"""Findings -> DICOM objects (SEG, SR, SC) in new series of the source study.
+"""Findings -> DICOM objects (SEG or GSPS, SR, SC) in new series of the source study.
 
 A thin layer over highdicom: the writers know the Findings record and the source headers,
 nothing of the models that produced them.
@@ -6,9 +6,17 @@ nothing of the models that produced them.
 
 from __future__ import annotations
 
-from pydicom import Dataset
+import datetime
+import re
+import traceback
 
-from covid_plugin.findings import Findings
+from pydicom import Dataset
+from pydicom.datadict import keyword_dict
+
+from covid_plugin.findings import Findings, ModelInfo
+from covid_plugin.outputs.declined import build_declined_report
+from covid_plugin.outputs.headers import lenient_patient_attributes
+from covid_plugin.outputs.pr import build_presentation_state
 from covid_plugin.outputs.sc import build_secondary_capture
 from covid_plugin.outputs.seg import build_segmentation
 from covid_plugin.outputs.settings import OutputSettings
@@ -18,11 +26,21 @@ from covid_plugin.volume import LoadedSeries
 __all__ = [
     "OutputError",
     "OutputSettings",
+    "build_declined_report",
+    "build_presentation_state",
     "build_report",
     "build_secondary_capture",
     "build_segmentation",
     "write_all",
+    "write_declined",
 ]
+
+# A ValueError, AttributeError or KeyError raised inside these libraries means "this source
+# header cannot be encoded"; anything raised in our own code, and a TypeError anywhere (a
+# wrong call), is a bug and propagates as it is.
+ENCODING_LIBRARIES = ("highdicom", "pydicom")
+HEADER_ERRORS = (AttributeError, ValueError, KeyError)
+MIN_KEYWORD_LENGTH = 6  # "UID", "Code" etc. are keywords too, but name nothing useful
 
 
 class OutputError(ValueError):
@@ -37,19 +55,59 @@ class OutputError(ValueError):
 def write_all(
     findings: Findings, series: LoadedSeries, settings: OutputSettings | None = None
 ) -> list[Dataset]:
-    """All objects for one pipeline run, in sending order: SEG (if any masks), SR, SC.
+    """All objects for one pipeline run, in sending order: SEG or GSPS (if any masks), SR, SC.
 
-    The SEG goes first because the SR refers to its segments. highdicom's refusals (a source
-    header without a required attribute, an invalid UID) become an OutputError that names
-    the series, so the worker can record why a job produced nothing.
+    The SEG goes first because the SR refers to its segments. A CT's masks go into a SEG, a
+    radiograph's outlines into a presentation state. Patient attributes that are not valid
+    DICOM are blanked in the copies, not fatal. highdicom's and pydicom's refusals (a source
+    header without a required attribute, an invalid UID) become an OutputError that names the
+    series and the attributes, never their values; our own errors are not disguised as that.
     """
     settings = settings or OutputSettings()
+    when = datetime.datetime.now()
+    lenient_patient_attributes(series.datasets)
     try:
-        segmentation = build_segmentation(findings, series, settings)
-        report = build_report(findings, series, settings, segmentation)
-        capture = build_secondary_capture(findings, series, settings)
-    except (AttributeError, TypeError, ValueError) as error:
-        raise OutputError(
-            f"cannot encode results: {type(error).__name__}: {error}", series.series_instance_uid
-        ) from error
-    return [obj for obj in (segmentation, report, capture) if obj is not None]
+        segmentation = build_segmentation(findings, series, settings, when)
+        presentation = build_presentation_state(findings, series, settings, when)
+        report = build_report(findings, series, settings, segmentation, when)
+        capture = build_secondary_capture(findings, series, settings, when)
+    except HEADER_ERRORS as error:
+        raise _as_output_error(error, series.series_instance_uid) from error
+    return [obj for obj in (segmentation, presentation, report, capture) if obj is not None]
+
+
+def write_declined(
+    series: LoadedSeries,
+    reason: str,
+    settings: OutputSettings | None = None,
+    models: list[ModelInfo] | None = None,
+) -> list[Dataset]:
+    """The 'not analysed' SR for a series a pipeline declined, or nothing when turned off."""
+    settings = settings or OutputSettings()
+    if not settings.declined_reports:
+        return []
+    lenient_patient_attributes(series.datasets)
+    try:
+        return [build_declined_report(list(series.datasets), reason, settings, models)]
+    except HEADER_ERRORS as error:
+        raise _as_output_error(error, series.series_instance_uid) from error
+
+
+def _as_output_error(error: Exception, series_uid: str) -> Exception:
+    """An OutputError when an encoding library refused the input, else the error itself."""
+    frames = traceback.extract_tb(error.__traceback__)
+    origin = frames[-1].filename if frames else ""
+    library = next((name for name in ENCODING_LIBRARIES if f"/{name}/" in origin), None)
+    if library is None:
+        return error
+    attributes = sorted(
+        word
+        for word in set(re.findall(r"[A-Z][A-Za-z]+", str(error)))
+        if word in keyword_dict and len(word) >= MIN_KEYWORD_LENGTH
+    )
+    about = f" about {', '.join(attributes)}" if attributes else ""
+    return OutputError(
+        f"cannot encode results: {library} refused the source header{about} "
+        f"({type(error).__name__})",
+        series_uid,
+    )

@@ -14,8 +14,9 @@ from covid_plugin.findings import Code
 CT_OF_CHEST = CodedConcept("169069000", "SCT", "Computed tomography of chest")
 CHEST_RADIOGRAPH = CodedConcept("399208008", "SCT", "Plain X-ray of chest")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
-FINDING = codes.DCM.Finding
 COMMENT = codes.DCM.Comment
+# TID 1500 row 12: the document-level container for qualitative evaluations and free text.
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
 DEVICE = codes.DCM.Device
 AI_FAMILY = codes.cid7162.ArtificialIntelligence

@@ -1,13 +1,16 @@
 """Findings -> one RGB Secondary Capture that any viewer shows without SR or SEG support.
 
-For a radiograph: the image with the model's heatmap colour-blended on it. For a CT: the key
-slice (largest lesion area) in a lung window with lung and lesion contours. Below the image, a
-banner with the findings and "RESEARCH USE ONLY" is burned in, so the caveat travels with the
-pixels even when the object is printed or exported as a picture.
+For a radiograph: the image with the lung and region outlines and, when the call is not
+"normal", the heatmap of the called class colour-blended on it. For a CT: the key slice
+(largest lesion area) in a lung window with lung and lesion outlines. Below the image, a banner
+is burned in: "RESEARCH USE ONLY", the findings, the decision threshold, the key image as
+viewers number it, a colour legend of the outlines and a colour scale for the heatmap, so the
+picture explains itself even when printed or exported.
 """
 
 from __future__ import annotations
 
+import datetime
 import textwrap
 
 import highdicom as hd
@@ -15,12 +18,15 @@ import numpy as np
 from highdicom.spatial import get_closest_patient_orientation
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from skimage.segmentation import find_boundaries
 
-from covid_plugin.findings import Findings, Mask
-from covid_plugin.outputs.codes import ANATOMY_CATEGORIES
-from covid_plugin.outputs.seg import segment_colours
+from covid_plugin.findings import Findings
+from covid_plugin.outputs.colours import RGB, segment_colours
+from covid_plugin.outputs.headers import creation_times, models_of, stamp
+from covid_plugin.outputs.regions import is_anatomy, key_frame, key_image_label
 from covid_plugin.outputs.settings import OutputSettings
+from covid_plugin.outputs.text import CAVEAT, summary_lines
 from covid_plugin.volume import LoadedSeries
 
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width in HU
@@ -31,43 +37,17 @@ HEATMAP_ANCHORS = np.array([[0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 
 BANNER_COLOUR = (255, 255, 0)
 # How a frontal chest radiograph is conventionally displayed, for headers that do not say.
 DEFAULT_RADIOGRAPH_ORIENTATION = ("L", "F")
-CAVEAT = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
-
-
-def key_frame(masks: list[Mask], n_frames: int) -> int:
-    """Frame with the largest lesion area; else the largest anatomy area; else the middle one."""
-    for wanted_anatomy in (False, True):
-        chosen = [m for m in masks if (m.category.value in ANATOMY_CATEGORIES) == wanted_anatomy]
-        if chosen:
-            area = sum(m.array.reshape(n_frames, -1).sum(axis=1) for m in chosen)
-            if area.max() > 0:
-                return int(np.argmax(area))
-    return n_frames // 2
-
-
-def summary_lines(findings: Findings) -> list[str]:
-    """The findings as short text lines, most important first."""
-    lines = [CAVEAT]
-    c = findings.classification
-    if c is not None:
-        probabilities = ", ".join(f"{p.code.meaning} {p.probability:.0%}" for p in c.probabilities)
-        predicted = next(p for p in c.probabilities if p.key == c.predicted)
-        lines.append(f"Result: {predicted.code.meaning} ({probabilities})")
-    labels = {mask.key: mask.label for mask in findings.masks}
-    for m in findings.measurements:
-        about = f" ({labels[m.mask_key]})" if m.mask_key in labels else ""
-        lines.append(f"{m.name.meaning}{about}: {m.value:.1f} {m.unit.value}")
-    lines.extend(findings.notes)
-    models = findings.models or ([c.model] if c is not None else [])
-    if models:
-        lines.append("Models: " + ", ".join(f"{m.name} {m.version}" for m in models))
-    return lines
+NORMAL_KEY = "normal"  # the call whose heatmap would explain nothing the reader looks for
 
 
 def build_secondary_capture(
-    findings: Findings, series: LoadedSeries, settings: OutputSettings
+    findings: Findings,
+    series: LoadedSeries,
+    settings: OutputSettings,
+    when: datetime.datetime | None = None,
 ) -> hd.sc.SCImage:
     """The overlay picture for one pipeline run, in a new series of the source study."""
+    when = when or datetime.datetime.now()
     n_frames = series.array.shape[0]
     frame = key_frame(findings.masks, n_frames) if series.modality == "CT" else 0
     grey = _display(series, frame)
@@ -76,15 +56,25 @@ def build_secondary_capture(
     size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
     base = Image.fromarray((grey * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
     rgb = np.repeat(np.asarray(base)[..., None], 3, axis=-1).astype(np.float32)
+    lines = summary_lines(findings, _key_slice(findings, series, frame))
+    heat_caption = None
     if findings.heatmap is not None and series.modality != "CT":
-        rgb = _blend_heatmap(rgb, findings.heatmap[frame], size)
-    for mask, colour in zip(findings.masks, segment_colours(findings.masks), strict=True):
+        c = findings.classification
+        if c is not None and c.predicted != NORMAL_KEY:
+            called = next(p.code.meaning for p in c.probabilities if p.key == c.predicted)
+            rgb = _blend_heatmap(rgb, findings.heatmap[frame], size)
+            heat_caption = f"Heatmap: image areas behind the {called} call (Grad-CAM)"
+        else:  # a heatmap of "normal" would show nothing a reader looks for
+            at = len(lines) - 1 if lines[-1].startswith("Models:") else len(lines)
+            lines.insert(at, "No heatmap drawn: no abnormal call to explain")
+    colours = segment_colours(findings.masks)
+    for mask, colour in zip(findings.masks, colours, strict=True):
         outline = _resized_mask(mask.array[frame], size)
         rgb[find_boundaries(outline, mode="inner")] = colour
-    lines = summary_lines(findings)
-    if series.modality == "CT":
-        lines.insert(1, f"Key slice {frame + 1} of {n_frames}")
-    picture = _with_banner(Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)), lines)
+    legend = [(mask.label, colour) for mask, colour in zip(findings.masks, colours, strict=True)]
+    picture = _with_banner(
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)), lines, legend, heat_caption
+    )
     source = series.datasets[0 if series.frame_numbers is not None else frame]
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -98,7 +88,9 @@ def build_secondary_capture(
         instance_number=1,
         manufacturer=settings.manufacturer,
         patient_orientation=_patient_orientation(series, source),
-        series_description="AI overlay (research use only)",
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=settings.sc_series_description,
+        **creation_times(when),
     )
     # An unpaired body part is what lets General Series go without Laterality (Type 2C).
     sc.BodyPartExamined = "CHEST"
@@ -107,7 +99,18 @@ def build_secondary_capture(
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = "Overlay of automatic findings on the source image"
     sc.SourceImageSequence = [_source_reference(source, series, frame)]
-    return sc
+    if source.get("StudyDescription"):  # highdicom's SC copies no General Study description
+        sc.StudyDescription = source.StudyDescription
+    return stamp(sc, models_of(findings), settings, when)
+
+
+def _key_slice(findings: Findings, series: LoadedSeries, frame: int) -> str | None:
+    """'image 27, z = -331.7 mm (largest lesion area)' for a CT, None for a radiograph."""
+    if series.modality != "CT":
+        return None
+    lesion = any(m.array[frame].any() for m in findings.masks if not is_anatomy(m))
+    why = "largest lesion area" if lesion else "no lesion; largest lung area"
+    return f"{key_image_label(series, frame)} ({why})"
 
 
 def _patient_orientation(series: LoadedSeries, source: Dataset) -> tuple[str, str]:
@@ -159,16 +162,50 @@ def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image) > 127
 
 
-def _with_banner(picture: Image.Image, lines: list[str]) -> Image.Image:
-    """The picture with the text lines burned into a black band below it."""
+def _with_banner(
+    picture: Image.Image,
+    lines: list[str],
+    legend: list[tuple[str, RGB]],
+    heat_caption: str | None,
+) -> Image.Image:
+    """The picture with the text, the outline legend and the heat scale in a band below it."""
     font_size = max(12, picture.width // 48)
     font = ImageFont.load_default(size=font_size)
     line_height = int(font_size * 1.3)
     width_in_chars = max(20, int(picture.width / (font_size * 0.6)))
     lines = [part for line in lines for part in textwrap.wrap(line, width_in_chars)]
-    canvas = Image.new("RGB", (picture.width, picture.height + line_height * len(lines) + 8))
+    rows = len(lines) + (1 if legend else 0) + (2 if heat_caption else 0)
+    canvas = Image.new("RGB", (picture.width, picture.height + line_height * rows + 8))
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for i, line in enumerate(lines):
-        draw.text((4, picture.height + 4 + i * line_height), line, fill=BANNER_COLOUR, font=font)
+    y = picture.height + 4
+    for line in lines:
+        draw.text((4, y), line, fill=BANNER_COLOUR, font=font)
+        y += line_height
+    if legend:
+        x = 4
+        for label, colour in legend:
+            draw.rectangle((x, y + 2, x + font_size, y + 2 + font_size), fill=colour)
+            draw.text((x + font_size + 4, y), label, fill=colour, font=font)
+            x += font_size + 16 + int(draw.textlength(label, font=font))
+        y += line_height
+    if heat_caption:
+        draw.text((4, y), heat_caption, fill=BANNER_COLOUR, font=font)
+        y += line_height
+        _draw_heat_scale(draw, y, picture.width, font, font_size)
     return canvas
+
+
+def _draw_heat_scale(
+    draw: ImageDraw.ImageDraw, y: int, width: int, font: ImageFont.ImageFont, font_size: int
+) -> None:
+    """A horizontal colour bar from the lowest drawn heat ("low") to the highest ("high")."""
+    low_width = int(draw.textlength("low ", font=font))
+    left, right = 4 + low_width, max(4 + low_width + 10, width // 2)
+    positions = np.linspace(0.0, 1.0, len(HEATMAP_ANCHORS))
+    for x in range(left, right):
+        level = HEATMAP_FLOOR + (1 - HEATMAP_FLOOR) * (x - left) / max(1, right - left - 1)
+        colour = tuple(int(np.interp(level, positions, HEATMAP_ANCHORS[:, c])) for c in range(3))
+        draw.line((x, y + 2, x, y + font_size), fill=colour)
+    draw.text((4, y), "low", fill=BANNER_COLOUR, font=font)
+    draw.text((right + 4, y), "high", fill=BANNER_COLOUR, font=font)

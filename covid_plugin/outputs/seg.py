@@ -1,47 +1,29 @@
-"""Findings masks -> one DICOM Segmentation (BINARY), registered to the source slices.
+"""CT findings masks -> one DICOM Segmentation (BINARY), registered to the source slices.
 
 Viewers overlay a SEG on its source by the per-frame references and plane positions that
 highdicom derives from the source images, so the source datasets are passed in the frame order
 of the masks. Only frames that hold a segment are encoded by default, which keeps a 300-slice
 CT with a few lesions small and fast to write.
+
+Radiographs get no SEG: a projection image has no patient frame of reference, and a SEG
+without Plane Orientation/Position breaks viewers that expect them (OHIF v3 fails on it).
+Their outlines go into a presentation state (pr.py) and the SR's image regions instead.
 """
 
 from __future__ import annotations
 
-import copy
+import datetime
 
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
 from covid_plugin.findings import Findings, Mask, ModelInfo
-from covid_plugin.outputs.codes import (
-    AI_FAMILY,
-    ANATOMY_CATEGORIES,
-    RULE_BASED_FAMILY,
-    RULE_BASED_SHA256,
-    coded,
-)
+from covid_plugin.outputs.codes import AI_FAMILY, RULE_BASED_FAMILY, RULE_BASED_SHA256, coded
+from covid_plugin.outputs.colours import segment_colours
+from covid_plugin.outputs.headers import creation_times, models_of, stamp
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.volume import LoadedSeries
-
-# sRGB display colours: anatomy in green, lesions in warm colours, in segment order.
-ANATOMY_COLOUR = (0, 200, 0)
-LESION_COLOURS = ((255, 40, 40), (255, 160, 0), (255, 0, 200), (0, 160, 255))
-OVERLAP_CHECK_FRAMES = 16  # frames per block when checking segments for overlap
-
-
-def segment_colours(masks: list[Mask]) -> list[tuple[int, int, int]]:
-    """The colour of each mask, shared by the SEG (display colour) and the SC (contours)."""
-    colours = []
-    lesion_index = 0
-    for mask in masks:
-        if mask.category.value in ANATOMY_CATEGORIES:
-            colours.append(ANATOMY_COLOUR)
-        else:
-            colours.append(LESION_COLOURS[lesion_index % len(LESION_COLOURS)])
-            lesion_index += 1
-    return colours
 
 
 def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequence:
@@ -56,11 +38,15 @@ def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequ
 
 
 def build_segmentation(
-    findings: Findings, series: LoadedSeries, settings: OutputSettings
+    findings: Findings,
+    series: LoadedSeries,
+    settings: OutputSettings,
+    when: datetime.datetime | None = None,
 ) -> hd.seg.Segmentation | None:
-    """One segment per mask, or None when the findings hold no mask."""
-    if not findings.masks:
+    """One segment per mask, or None when the findings hold no mask or the source is 2D."""
+    if not findings.masks or series.modality != "CT":
         return None
+    when = when or datetime.datetime.now()
     for mask in findings.masks:
         if mask.array.shape != series.array.shape:
             raise ValueError(
@@ -85,7 +71,7 @@ def build_segmentation(
             zip(findings.masks, segment_colours(findings.masks), strict=True), start=1
         )
     ]
-    segmentation = _Segmentation(
+    segmentation = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -99,14 +85,12 @@ def build_segmentation(
         software_versions=settings.software_version,
         device_serial_number=settings.device_serial_number,
         omit_empty_frames=settings.omit_empty_frames,
-        series_description="AI segmentation (research use only)",
+        series_description=settings.seg_series_description,
         content_label="AI_SEG",
         content_description="Automatic segmentation; research use only, not for diagnosis",
+        **creation_times(when),
     )
-    if "FrameOfReferenceUID" not in segmentation:
-        # Without patient coordinates, General Image needs PatientOrientation (Type 2C).
-        segmentation.PatientOrientation = source_images[0].get("PatientOrientation")
-    return segmentation
+    return stamp(segmentation, models_of(findings), settings, when)
 
 
 def _frames_to_encode(
@@ -119,10 +103,6 @@ def _frames_to_encode(
     A multi-frame source must be matched frame for frame, so its masks are put back into the
     source's frame order instead.
     """
-    if series.modality != "CT":
-        return [_without_zero_spacing(ds) for ds in series.datasets], _segments_last(
-            [mask.array for mask in masks]
-        )
     if series.frame_numbers is not None:
         order = np.argsort(series.frame_numbers)
         return list(series.datasets), _segments_last([mask.array for mask in masks], frames=order)
@@ -187,55 +167,3 @@ def _shared_stack(arrays: list[np.ndarray]) -> np.ndarray | None:
         ):
             return None
     return base
-
-
-class _Segmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation with its overlap check run a few frames at a time.
-
-    For a stack of binary segments highdicom decides SegmentsOverlap from the sum over the
-    segment axis, an int64 array eight times the size of one segment (1.2 GB for a 600-slice
-    CT). Checking blocks of frames and combining the answers gives the same value.
-    """
-
-    @classmethod
-    def _check_and_cast_pixel_array(
-        cls,
-        pixel_array: np.ndarray | hd.Volume,
-        segment_numbers: np.ndarray,
-        segmentation_type: hd.seg.SegmentationTypeValues,
-        dtype: type,
-    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
-        check = super()._check_and_cast_pixel_array
-        if (
-            not isinstance(pixel_array, np.ndarray)
-            or pixel_array.ndim != 4
-            or pixel_array.dtype != np.bool_
-            or segmentation_type != hd.seg.SegmentationTypeValues.BINARY
-        ):
-            return check(pixel_array, segment_numbers, segmentation_type, dtype)
-        overlap = hd.seg.SegmentsOverlapValues.NO
-        for start in range(0, pixel_array.shape[0], OVERLAP_CHECK_FRAMES):
-            _, block = check(
-                pixel_array[start : start + OVERLAP_CHECK_FRAMES],
-                segment_numbers,
-                segmentation_type,
-                dtype,
-            )
-            if block == hd.seg.SegmentsOverlapValues.YES:
-                overlap = block
-                break
-        return pixel_array, overlap
-
-
-def _without_zero_spacing(ds: Dataset) -> Dataset:
-    """A radiograph header whose zero PixelSpacing (seen in real CR) is dropped, not copied.
-
-    highdicom copies PixelSpacing into the SEG's pixel measures; a zero spacing there is an
-    invalid object, whereas no pixel measures is valid for an image without patient geometry.
-    """
-    spacing = ds.get("PixelSpacing")
-    if not spacing or all(float(v) > 0 for v in spacing):
-        return ds
-    header = copy.deepcopy(ds)
-    del header.PixelSpacing
-    return header

@@ -11,9 +11,11 @@ from covid_plugin import __version__
 
 @dataclass(frozen=True)
 class OutputSettings:
-    """Equipment identity and series numbers of the objects the node creates.
+    """Equipment identity, series numbers and descriptions of the objects the node creates.
 
     Institution attributes are left out on purpose: the node is not the acquiring site.
+    Series descriptions stay short (about 24 characters) because viewers cut them off in
+    their series thumbnails; the research-use caveat travels in the objects themselves.
     """
 
     manufacturer: str = "covid_plugin"
@@ -23,6 +25,16 @@ class OutputSettings:
     sr_series_number: int = 9901
     seg_series_number: int = 9902
     sc_series_number: int = 9903
+    pr_series_number: int = 9904
+    declined_series_number: int = 9905
+    sr_series_description: str = "AI report (RUO)"
+    seg_series_description: str = "AI segmentation (RUO)"
+    sc_series_description: str = "AI overlay (RUO)"
+    pr_series_description: str = "AI outlines (RUO)"
+    declined_series_description: str = "AI not analysed (RUO)"
+    # A short SR that says why a series was not analysed (lateral film, no lungs, ...), so
+    # that the reader knows the AI looked and declined (IHE AI Results).
+    declined_reports: bool = True
     omit_empty_frames: bool = True
     # Bounds on the secondary capture's longer side: big radiographs are scaled down to stay
     # small, small images are scaled up so that the burned-in text stays legible.

@@ -1,44 +1,53 @@
 """Findings -> a Comprehensive 3D SR holding a TID 1500 Measurement Report.
 
 Structure of the report (all concepts coded, so a PACS or a registry can query them):
+- a TID 1410 "AI result" group: the region the whole-study findings are about (the lungs'
+  convex hull on the key image), with the called class as its finding type;
 - one TID 1501 group per class: finding type = the class concept, one "Probability"
   measurement (unit "1"), with the classifier's TID 4019 algorithm identification;
-- one TID 1501 group with the decided class as a qualitative "Finding" evaluation;
-- one TID 1411 (CT) or TID 1410 (radiograph) group per SEG segment, referencing the segment and
-  holding that segment's measurements (volumes, percent involvement);
+- CT: one TID 1411 group per SEG segment, referencing the segment and holding that segment's
+  measurements (volumes, percent involvement);
+- TID 1410 groups with an image-region outline (SCOORD): each lung and each lesion type by its
+  largest region on the key image (CT: the slice with the largest lesion area; a segment
+  absent there is outlined on its own largest slice);
 - one TID 1501 group for measurements that concern no segment;
-- the intended-use caveat and the pipeline's notes as TEXT "Comment" items.
-Source images are referenced by the evidence sequence, by each segment's source series and,
-for a radiograph, by each group. There is no TID 1600 image library: highdicom needs attributes
-for it that real radiographs lack (ImagerPixelSpacing), and for a CT it would add an entry
-per slice and seconds of writing time.
+- a "Qualitative Evaluations" container with the intended-use caveat and the pipeline's notes
+  as TEXT (TID 1500 rows 12-13).
+Every group references an image (an IMAGE item with a ReferencedSOPSequence) and shares its
+tracking UID with a group that has an image region; see `build_report` for why. There is no
+TID 1600 image library: for a CT it would add an entry per slice and seconds of writing time.
 """
 
 from __future__ import annotations
 
+import datetime
+
 import highdicom as hd
+import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     FindingSite,
     Measurement,
     MeasurementsAndQualitativeEvaluations,
-    QualitativeEvaluation,
     TrackingIdentifier,
 )
 from pydicom import Dataset
+from skimage.morphology import convex_hull_image
 
 from covid_plugin.findings import Classification, Findings, Mask, ModelInfo
 from covid_plugin.findings import Measurement as FindingsMeasurement
 from covid_plugin.outputs.codes import (
     COMMENT,
     DEVICE,
-    FINDING,
     INTENDED_USE,
     NO_UNITS,
     PROBABILITY,
+    QUALITATIVE_EVALUATIONS,
     coded,
     procedure_reported,
 )
+from covid_plugin.outputs.headers import creation_times, models_of, stamp
+from covid_plugin.outputs.regions import Outline, is_anatomy, key_frame, outlines
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.volume import LoadedSeries
 
@@ -47,6 +56,7 @@ MeasurementGroup = (
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
+LUNG_OUTLINES = 2  # a lung mask of a radiograph: the two largest regions, one per side
 
 
 def algorithm(model: ModelInfo, threshold: float | None = None) -> AlgorithmIdentification:
@@ -62,37 +72,61 @@ def build_report(
     series: LoadedSeries,
     settings: OutputSettings,
     segmentation: hd.seg.Segmentation | None = None,
+    when: datetime.datetime | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one pipeline run; `segmentation` is the SEG its ROI groups refer to."""
-    groups: list[MeasurementGroup] = []
+    """The SR for one pipeline run; `segmentation` is the SEG its volumetric groups refer to.
+
+    Viewers that list SR measurements (OHIF) merge the groups that share a tracking UID and
+    need an image region in each merged measurement: a group with none leaves OHIF 3.13 with
+    a blank viewport. So every group without a region of its own shares the tracking UID of
+    one with a region: a segment's volumetric group that of its outline, and the findings
+    about the whole study (probabilities, the call, loose measurements, empty segments) that
+    of the "AI result" region around the lungs on the key image.
+    """
+    when = when or datetime.datetime.now()
+    frame = key_frame(findings.masks, series.array.shape[0]) if series.modality == "CT" else 0
+    summary = hd.UID()  # the tracking UID of everything about the whole study
+    groups: list[MeasurementGroup] = [_summary_group(findings, series, frame, summary)]
     if findings.classification is not None:
-        groups.extend(_classification_groups(findings.classification, series))
+        groups.extend(
+            _classification_groups(findings.classification, _key_image(series, frame), summary)
+        )
     segment_keys: set[str] = set()
-    if segmentation is not None:
-        for number, mask in enumerate(findings.masks, start=1):
-            groups.append(_segment_group(findings, mask, number, segmentation, series))
+    for number, mask in enumerate(findings.masks, start=1):
+        found = _mask_outlines(mask, series, frame)
+        if segmentation is not None:
+            segment_uid = segmentation.SegmentSequence[number - 1].TrackingUID
+            tracking = TrackingIdentifier(
+                uid=segment_uid if found else summary, identifier=mask.label
+            )
+            groups.append(_segment_group(findings, mask, number, segmentation, series, tracking))
             segment_keys.add(mask.key)
+        for index, (outline_frame, outline) in enumerate(found):
+            suffix = f" {index + 1}" if len(found) > 1 else ""
+            uid = segment_uid if segmentation is not None and index == 0 else hd.UID()
+            groups.append(
+                _outline_group(
+                    mask, series, outline_frame, outline,
+                    TrackingIdentifier(uid=uid, identifier=f"{mask.label} outline{suffix}"),
+                )
+            )
     loose = [m for m in findings.measurements if m.mask_key not in segment_keys]
     if loose:
         model = findings.models[0] if findings.models else None
         groups.append(
             MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="measurements"),
+                tracking_identifier=TrackingIdentifier(uid=summary, identifier="measurements"),
                 algorithm_id=algorithm(model) if model else None,
                 measurements=[_measurement(m) for m in loose],
+                source_images=[_key_image(series, frame)],
             )
         )
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(settings),
+        observation_context=observation_context(settings),
         procedure_reported=procedure_reported(findings.kind),
         imaging_measurements=groups,
     )
-    for text in [INTENDED_USE, *findings.notes]:
-        report[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-            )
-        )
+    report[0].ContentSequence.append(comments([INTENDED_USE, *findings.notes]))
     evidence: list[Dataset] = list(series.datasets)
     if segmentation is not None:
         evidence.append(segmentation)
@@ -106,12 +140,13 @@ def build_report(
         manufacturer=settings.manufacturer,
         is_complete=True,
         is_final=False,  # PRELIMINARY: an automatic result nobody has verified
-        series_description="AI measurement report (research use only)",
+        series_description=settings.sr_series_description,
+        **creation_times(when),
     )
-    return sr
+    return stamp(sr, models_of(findings), settings, when)
 
 
-def _observation_context(settings: OutputSettings) -> hd.sr.ObservationContext:
+def observation_context(settings: OutputSettings) -> hd.sr.ObservationContext:
     """The device observer: the node itself, identified the same way on every report."""
     device = hd.sr.ObserverContext(
         observer_type=DEVICE,
@@ -126,37 +161,92 @@ def _observation_context(settings: OutputSettings) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(observer_device_context=device)
 
 
-def _source_images(series: LoadedSeries) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
-    """A radiograph's groups point at the image itself; a CT's rely on the image library."""
-    if series.modality == "CT":
-        return None
-    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in series.datasets]
+def comments(texts: list[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations container holding free-text comments.
+
+    highdicom's MeasurementReport does not build this optional container, so it is made
+    from highdicom's public content items and added as the report's last child.
+    """
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
+            for text in texts
+        ]
+    )
+    return container
+
+
+def _source(series: LoadedSeries, frame: int) -> tuple[Dataset, list[int] | None]:
+    """The dataset holding a frame and, for a multi-frame source, the frame's number."""
+    if series.frame_numbers is not None:
+        return series.datasets[0], [series.frame_numbers[frame]]
+    return series.datasets[frame], None
+
+
+def _key_image(series: LoadedSeries, frame: int) -> hd.sr.SourceImageForMeasurementGroup:
+    return hd.sr.SourceImageForMeasurementGroup.from_source_image(*_source(series, frame))
+
+
+def _region(series: LoadedSeries, frame: int, outline: Outline) -> hd.sr.ImageRegion:
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline.points,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(*_source(series, frame)),
+    )
+
+
+def _summary_group(
+    findings: Findings, series: LoadedSeries, frame: int, tracking_uid: str
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: the region the whole-study findings are about, drawn on the key image.
+
+    The convex hull of the lungs where they were found, else the whole image; its finding
+    type is the called class.
+    """
+    anatomy = np.zeros(series.array.shape[1:], dtype=bool)
+    for mask in findings.masks:
+        if is_anatomy(mask):
+            anatomy |= mask.array[frame].astype(bool)
+    if anatomy.any():
+        region = convex_hull_image(anatomy)
+    else:
+        region = np.ones(series.array.shape[1:], dtype=bool)
+    outline = outlines(region, 1)[0]
+    c = findings.classification
+    called = next((p.code for p in c.probabilities if p.key == c.predicted), None) if c else None
+    model = c.model if c is not None else (findings.models[0] if findings.models else None)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="AI result"),
+        referenced_region=_region(series, frame, outline),
+        finding_type=coded(called) if called else None,
+        algorithm_id=algorithm(model, c.threshold if c else None) if model else None,
+    )
 
 
 def _classification_groups(
-    classification: Classification, series: LoadedSeries
+    classification: Classification,
+    key_image: hd.sr.SourceImageForMeasurementGroup,
+    tracking_uid: str,
 ) -> list[MeasurementsAndQualitativeEvaluations]:
+    """TID 1501: one group per class with its probability, all about the summary region."""
     algorithm_id = algorithm(classification.model, classification.threshold)
-    groups = [
+    return [
         MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=f"probability {p.key}"),
+            tracking_identifier=TrackingIdentifier(
+                uid=tracking_uid, identifier=f"probability {p.key}"
+            ),
             finding_type=coded(p.code),
             algorithm_id=algorithm_id,
             measurements=[Measurement(name=PROBABILITY, value=p.probability, unit=NO_UNITS)],
-            source_images=_source_images(series),
+            source_images=[key_image],
         )
         for p in classification.probabilities
     ]
-    predicted = next(p for p in classification.probabilities if p.key == classification.predicted)
-    groups.append(
-        MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="classification"),
-            algorithm_id=algorithm_id,
-            qualitative_evaluations=[QualitativeEvaluation(FINDING, coded(predicted.code))],
-            source_images=_source_images(series),
-        )
-    )
-    return groups
 
 
 def _segment_group(
@@ -165,45 +255,64 @@ def _segment_group(
     number: int,
     segmentation: hd.seg.Segmentation,
     series: LoadedSeries,
-) -> MeasurementGroup:
-    """TID 1411 (volume) or TID 1410 (radiograph) group about one SEG segment."""
-    segment = segmentation.SegmentSequence[number - 1]
-    tracking = TrackingIdentifier(uid=segment.TrackingUID, identifier=mask.label)
-    measurements = [_measurement(m) for m in findings.measurements if m.mask_key == mask.key]
-    sites = [FindingSite(coded(mask.anatomic_region))] if mask.anatomic_region else None
-    common = {
-        "tracking_identifier": tracking,
-        "finding_type": coded(mask.property_type),
-        "algorithm_id": algorithm(mask.model),
-        "finding_sites": sites,
-        "measurements": measurements or None,
-    }
-    if series.modality == "CT":
-        referenced = hd.sr.ReferencedSegment(
-            sop_class_uid=segmentation.SOPClassUID,
-            sop_instance_uid=segmentation.SOPInstanceUID,
-            segment_number=number,
-            source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
-        )
-        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            referenced_segment=referenced, **common
-        )
-    frame_number = _frame_of(segmentation, number)
-    if frame_number is None:  # an empty segment of a radiograph: nothing to point at
-        return MeasurementsAndQualitativeEvaluations(**common)
-    referenced_frame = hd.sr.ReferencedSegmentationFrame(
+    tracking: TrackingIdentifier,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group about one SEG segment, with that segment's measurements."""
+    referenced = hd.sr.ReferencedSegment(
         sop_class_uid=segmentation.SOPClassUID,
         sop_instance_uid=segmentation.SOPInstanceUID,
-        frame_number=frame_number,
         segment_number=number,
-        source_image=hd.sr.SourceImageForSegmentation.from_source_image(series.datasets[0]),
+        source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
     )
-    # PS3.3 C.17.3.2.3: a reference to SEG frames carries no segment number (the frame says
-    # which segment); highdicom 0.28 writes both, which validators reject.
-    del referenced_frame[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
+    measurements = [_measurement(m) for m in findings.measurements if m.mask_key == mask.key]
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_segment=referenced,
+        finding_type=coded(mask.property_type),
+        algorithm_id=algorithm(mask.model),
+        finding_sites=_sites(mask),
+        measurements=measurements or None,
+    )
+
+
+def _mask_outlines(mask: Mask, series: LoadedSeries, key: int) -> list[tuple[int, Outline]]:
+    """Where a mask is outlined: (frame, outline) pairs, empty for an empty mask.
+
+    A radiograph's lung mask holds both lungs: its two largest regions. On a CT each mask is
+    outlined once, by its largest region on the key slice, or on its own largest slice when
+    it is absent from the key slice (a consolidation elsewhere, say).
+    """
+    if series.modality != "CT":
+        return [(0, o) for o in outlines(mask.array[0], LUNG_OUTLINES if is_anatomy(mask) else 1)]
+    frame = key
+    if not mask.array[key].any():
+        areas = mask.array.reshape(mask.array.shape[0], -1).sum(axis=1)
+        if not areas.any():
+            return []
+        frame = int(np.argmax(areas))
+    return [(frame, o) for o in outlines(mask.array[frame], 1)]
+
+
+def _outline_group(
+    mask: Mask, series: LoadedSeries, frame: int, outline: Outline, tracking: TrackingIdentifier
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: one outlined region of a mask.
+
+    No NUM sits beside the outline: Cornerstone's SR adapter (OHIF 3.13) looks for the
+    region inside a group's first NUM when it has one, and fails to load the group. Volumes
+    are in the segment's volumetric group; a viewer measures the outline's area itself.
+    """
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        referenced_segment=referenced_frame, **common
+        tracking_identifier=tracking,
+        referenced_region=_region(series, frame, outline),
+        finding_type=coded(mask.property_type),
+        algorithm_id=algorithm(mask.model),
+        finding_sites=_sites(mask),
     )
+
+
+def _sites(mask: Mask) -> list[FindingSite] | None:
+    return [FindingSite(coded(mask.anatomic_region))] if mask.anatomic_region else None
 
 
 def _measurement(m: FindingsMeasurement) -> Measurement:
@@ -214,15 +323,3 @@ def _measurement(m: FindingsMeasurement) -> Measurement:
         unit=coded(m.unit),
         finding_sites=[FindingSite(coded(m.finding_site))] if m.finding_site else None,
     )
-
-
-def _frame_of(segmentation: hd.seg.Segmentation, segment_number: int) -> int | None:
-    """The SEG frame (1-based) that holds a radiograph's segment, None if it was omitted."""
-    shared = segmentation.SharedFunctionalGroupsSequence[0]
-    for index, frame in enumerate(segmentation.PerFrameFunctionalGroupsSequence, start=1):
-        identification = frame.get("SegmentIdentificationSequence") or (
-            shared.SegmentIdentificationSequence
-        )
-        if identification[0].ReferencedSegmentNumber == segment_number:
-            return index
-    return None

@@ -1,0 +1,77 @@
+"""Masks -> what the SR, the GSPS and the SC draw: the key image and closed outlines on it.
+
+The key image of a CT is the slice with the largest lesion area (else the largest lung area);
+it is named the way viewers count, by the source image's InstanceNumber and its z position,
+never by an index from the first slice. Outlines are closed polylines in DICOM 2D image
+coordinates (column, row; the top left pixel's centre at 0.5, 0.5), simplified to about a
+pixel, which both SR SCOORD and presentation state graphics take as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.measure import approximate_polygon, find_contours
+
+from covid_plugin.findings import Mask
+from covid_plugin.outputs.codes import ANATOMY_CATEGORIES
+from covid_plugin.volume import LoadedSeries
+
+OUTLINE_TOLERANCE_PX = 0.5  # polygon simplification; keeps SR and GSPS objects small
+MIN_OUTLINE_POINTS = 4  # a closed outline with three corners at least
+
+
+@dataclass(frozen=True)
+class Outline:
+    """The closed outline of one connected region of a mask on one frame."""
+
+    points: np.ndarray  # (n, 2) float32, column then row, first point == last point
+
+
+def is_anatomy(mask: Mask) -> bool:
+    return mask.category.value in ANATOMY_CATEGORIES
+
+
+def key_frame(masks: list[Mask], n_frames: int) -> int:
+    """Frame with the largest lesion area; else the largest anatomy area; else the middle one."""
+    for wanted_anatomy in (False, True):
+        chosen = [m for m in masks if is_anatomy(m) == wanted_anatomy]
+        if chosen:
+            area = sum(m.array.reshape(n_frames, -1).sum(axis=1) for m in chosen)
+            if area.max() > 0:
+                return int(np.argmax(area))
+    return n_frames // 2
+
+
+def key_image_label(series: LoadedSeries, frame: int) -> str:
+    """'image 27, z = -331.7 mm': the key image as a viewer's overlay names it."""
+    if series.frame_numbers is not None:
+        label = f"frame {series.frame_numbers[frame]}"
+    else:
+        number = series.datasets[frame].get("InstanceNumber")
+        label = f"image {number}" if number not in (None, "") else f"image {frame + 1}"
+    if series.positions is not None:
+        label += f", z = {series.positions[frame][2]:.1f} mm"
+    return label
+
+
+def outlines(mask2d: np.ndarray, largest: int | None = None) -> list[Outline]:
+    """Outlines of the connected regions of a 2D mask, largest first (`largest` of them)."""
+    labels, n = ndimage.label(mask2d)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(sizes)[::-1][:largest]
+    found = []
+    for index in order:
+        region = np.pad(labels == index + 1, 1)
+        contour = max(find_contours(region.astype(np.float32), 0.5), key=len)
+        contour = approximate_polygon(contour, OUTLINE_TOLERANCE_PX)
+        if len(contour) < MIN_OUTLINE_POINTS:
+            continue
+        points = contour[:, ::-1] - 1 + 0.5  # (row, col) of the padded mask -> (col, row)
+        points[-1] = points[0]
+        found.append(Outline(points.astype(np.float32)))
+    return found
