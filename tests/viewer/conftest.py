@@ -25,8 +25,10 @@ from tests.viewer.server import viewer_server
 OHIF_VERSION = "3.13.2"
 OHIF_DIST = REPO / "cache" / "ohif" / OHIF_VERSION / "dist"
 CHROMIUM = Path(os.environ.get("COVID_PLUGIN_CHROMIUM", "/usr/bin/chromium"))
-CT_SAMPLE = REPO / "dicom_samples" / "ct-covid_covid-ct-md-P002"
-CXR_SAMPLE = REPO / "dicom_samples" / "cxr-covid_hannover-PA"
+SAMPLES = REPO / "dicom_samples"
+# the first COVID CT and chest X-ray samples (dicom_samples/README.md lists them)
+CT_SAMPLE = sorted(SAMPLES.glob("ct-covid_*"))[0]
+CXR_SAMPLE = sorted(SAMPLES.glob("cxr-covid_*"))[0]
 # the machine has no network: keep Chromium from trying, and render with SwiftShader (no GPU)
 CHROMIUM_ARGS = [
     "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",

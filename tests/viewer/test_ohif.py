@@ -85,28 +85,65 @@ def test_ct_seg_segments_listed_and_drawn_on_lung(page, viewer, screenshots_dir)
     assert report["on_soft_tissue"] < 0.03, report
 
 
+def outlined_findings(sr: pydicom.Dataset) -> list[str]:
+    """The findings of the SR's measurement groups that carry an image region (SCOORD): the
+    ones a viewer can place on an image and so list as measurements."""
+    def has_region(item) -> bool:
+        return any(child.ValueType in ("SCOORD", "SCOORD3D") or has_region(child)
+                   for child in item.get("ContentSequence", []))
+
+    def finding(group) -> str | None:
+        for item in group.ContentSequence:
+            if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "121071":
+                return str(item.ConceptCodeSequence[0].CodeMeaning)
+        return None
+
+    measurements = next(item for item in sr.ContentSequence
+                        if item.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return [name for group in measurements.ContentSequence
+            if has_region(group) and (name := finding(group))]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "OHIF 3.13.2 lists SR measurements only when it can rehydrate them: a TrackingIdentifier "
+    "'Cornerstone3DTools@^0.1.0:PlanarFreehandROI' and a NUM with the SCOORD as its INFERRED "
+    "FROM child; today's SR groups are drawn as a preview and the panel stays empty"))
 def test_ct_sr_measurements_in_the_measurement_panel(page, viewer, screenshots_dir):
+    expected = outlined_findings(viewer.ct.result("SR"))
+    assert expected, "the SR has no measurement group with an image region"
     open_study(page, viewer.url, viewer.ct.study_uid)
     open_series(page, "SR")
     answer_prompt(page, "Yes", timeout_s=15)  # "track these measurements?"
     wait_until_rendered(page)
     open_panel(page, "trackedMeasurements")
-    rows = wait_for_rows(page, minimum=1)
+    rows = wait_for_rows(page, minimum=len(expected), timeout_s=15)
     save_screenshot(page, screenshots_dir, "ct-sr")
     assert page.log.crashes() == []
-    assert rows, "the measurement panel lists none of the SR's measurements"
+    assert sorted(rows) == sorted(expected), "the measurement panel does not list the SR's " \
+        "measurements (OHIF draws non-rehydratable SR groups as a preview only)"
 
 
-@pytest.mark.parametrize("which", ["ct", "cxr"])
-def test_every_result_opens_without_page_error(page, viewer, screenshots_dir, which):
+# GSPS: OHIF 3.13.2 has no presentation-state display ("Unsupported displaySet", a warning
+# badge on the thumbnail); it must still not break the app.
+NOT_DRAWN_BY_OHIF = {"PR"}
+
+
+@pytest.mark.parametrize("which, modalities", [("ct", ["OT"]), ("cxr", None)],
+                         ids=["ct-secondary-capture", "cxr-every-result"])
+def test_results_open_without_page_error(page, viewer, screenshots_dir, which, modalities):
+    """The CT's SEG and SR have their own tests above; here the rest, one after another."""
     study = getattr(viewer, which)
     open_study(page, viewer.url, study.study_uid)
-    for modality in sorted(study.results):
+    for modality in modalities or sorted(study.results):
         thumbnails = series_thumbnail(page, modality)
         assert thumbnails.count() == len(study.results[modality]), modality
+        before = wait_until_rendered(page)
         open_series(page, modality)
         answer_prompt(page, "Yes", timeout_s=5)
-        pixels = wait_until_rendered(page)
-        save_screenshot(page, screenshots_dir, f"{which}-{modality.lower()}-opened")
+        after = wait_until_rendered(page)
+        save_screenshot(page, screenshots_dir, f"{which}-{modality.lower()}")
         assert page.log.crashes() == [], f"opening the {modality} result crashed OHIF"
-        assert pixels.std() > 10, f"the viewport is blank after opening the {modality} result"
+        assert after.std() > 10, f"the viewport is blank after opening the {modality} result"
+        if modality not in NOT_DRAWN_BY_OHIF:
+            changed = (np.abs(after.astype(int) - before.astype(int)).max(axis=2) > 40).mean()
+            assert changed > 0.005, f"nothing of the {modality} result was drawn"
