@@ -24,7 +24,7 @@ from tests.viewer.server import viewer_server
 
 OHIF_VERSION = "3.13.2"
 OHIF_DIST = REPO / "cache" / "ohif" / OHIF_VERSION / "dist"
-CHROMIUM = Path(os.environ.get("COVID_PLUGIN_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM = Path(os.environ.get("VIEWER_TEST_CHROMIUM", "/usr/bin/chromium"))
 SAMPLES = REPO / "dicom_samples"
 # the first COVID CT and chest X-ray samples (dicom_samples/README.md lists them)
 CT_SAMPLE = sorted(SAMPLES.glob("ct-covid_*"))[0]
@@ -152,8 +152,9 @@ def page(browser) -> Iterator:
 
 @pytest.fixture(scope="session")
 def screenshots_dir() -> Path | None:
-    """Set COVID_PLUGIN_VIEWER_SCREENSHOTS=docs/viewer to refresh the README's pictures."""
-    folder = os.environ.get("COVID_PLUGIN_VIEWER_SCREENSHOTS")
+    """Set VIEWER_TEST_SCREENSHOTS=docs/viewer to refresh the README's pictures (not a
+    COVID_PLUGIN_* name: the node's config reads every variable with that prefix)."""
+    folder = os.environ.get("VIEWER_TEST_SCREENSHOTS")
     if not folder:
         return None
     path = Path(folder) if Path(folder).is_absolute() else REPO / folder
