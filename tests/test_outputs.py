@@ -153,20 +153,32 @@ def cr_objects(cr_series: LoadedSeries, tmp_path_factory: pytest.TempPathFactory
 def save(objects: list[pydicom.Dataset], folder: Path) -> list[Path]:
     paths = []
     for obj in objects:
-        path = folder / f"{obj.Modality}.dcm"
+        path = folder / f"{obj.SeriesNumber}_{obj.Modality}.dcm"
         obj.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def one(paths: list[Path], modality: str) -> Path:
+    """The one object of a modality among `paths` (saved as <series number>_<modality>.dcm)."""
+    (path,) = [p for p in paths if p.stem.endswith(f"_{modality}")]
+    return path
+
+
+def segs(paths: list[Path]) -> list[pydicom.Dataset]:
+    """The SEG objects among `paths`: lungs first, then lesions."""
+    return [pydicom.dcmread(p) for p in paths if p.stem.endswith("_SEG")]
 
 
 def test_write_all_makes_seg_sr_sc_in_new_series_of_the_source_study(
     ct_series: LoadedSeries, ct_objects: list[Path]
 ) -> None:
     objects = [pydicom.dcmread(p) for p in ct_objects]
-    assert [o.Modality for o in objects] == ["SEG", "SR", "OT"]
+    assert [o.Modality for o in objects] == ["SEG", "SEG", "SR", "OT"]
+    assert [o.SeriesDescription for o in objects[:2]] == ["AI lungs (RUO)", "AI lesions (RUO)"]
     source = ct_series.datasets[0]
     series_uids = {o.SeriesInstanceUID for o in objects}
-    assert len(series_uids) == 3 and source.SeriesInstanceUID not in series_uids
+    assert len(series_uids) == 4 and source.SeriesInstanceUID not in series_uids
     for obj in objects:
         assert obj.StudyInstanceUID == source.StudyInstanceUID
         assert obj.PatientID == source.PatientID
@@ -183,13 +195,13 @@ def test_every_object_passes_dciodvfy(objects: str, request: pytest.FixtureReque
 @pytest.mark.dcmtk
 @requires_dcmpschk
 def test_presentation_state_passes_dcmpschk(cr_objects: list[Path]) -> None:
-    assert dcmpschk_passes(cr_objects[0])
+    assert dcmpschk_passes(one(cr_objects, "PR"))
 
 
 @pytest.mark.dcmtk
 @requires_dsrdump
 def test_sr_parses_and_carries_the_coded_report(ct_objects: list[Path]) -> None:
-    text = dsrdump(ct_objects[1])
+    text = dsrdump(one(ct_objects, "SR"))
     for expected in (
         "Imaging Measurement Report",
         '(169069000,SCT,"Computed tomography of chest")',
@@ -204,7 +216,7 @@ def test_sr_parses_and_carries_the_coded_report(ct_objects: list[Path]) -> None:
         '"Algorithm Name")="ct-lesion"',
         f'"Algorithm Parameters")="weights_sha256={"a1" * 32}"',
         '"Algorithm Parameters")="threshold=0.5"',
-        '"Referenced Segment")=(SG image,,3)',
+        '"Referenced Segment")=(SG image,,1)',
         "Source Series for Segmentation",
         "Research use only; not for diagnosis",
         "lung apices are not covered",
@@ -212,21 +224,23 @@ def test_sr_parses_and_carries_the_coded_report(ct_objects: list[Path]) -> None:
         assert expected in text, expected
 
 
-def test_sr_references_the_seg_and_the_source_images(
+def test_sr_references_the_segs_and_the_source_images(
     ct_series: LoadedSeries, ct_objects: list[Path]
 ) -> None:
-    seg = pydicom.dcmread(ct_objects[0])
-    sr = hd.sr.srread(ct_objects[1])
+    lungs, lesions = segs(ct_objects)
+    sr = hd.sr.srread(one(ct_objects, "SR"))
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
         for series in study.ReferencedSeriesSequence
         for item in series.ReferencedSOPSequence
     }
-    assert evidence == {ds.SOPInstanceUID for ds in ct_series.datasets} | {seg.SOPInstanceUID}
+    sources = {ds.SOPInstanceUID for ds in ct_series.datasets}
+    assert evidence == sources | {lungs.SOPInstanceUID, lesions.SOPInstanceUID}
     groups = sr.content.get_volumetric_roi_measurement_groups()
-    assert len(groups) == 4
-    for number, group in enumerate(groups, start=1):
+    expected = [(lungs, 1), (lungs, 2), (lesions, 1), (lesions, 2)]
+    assert len(groups) == len(expected)
+    for group, (seg, number) in zip(groups, expected, strict=True):
         referenced = group.referenced_segment
         assert referenced.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert referenced.referenced_segment_numbers == [number]
@@ -237,40 +251,60 @@ def test_sr_references_the_seg_and_the_source_images(
 def test_seg_frames_are_registered_to_the_source_slices(
     ct_series: LoadedSeries, ct_objects: list[Path]
 ) -> None:
-    seg = hd.seg.segread(ct_objects[0])
-    assert seg.SegmentationType == "BINARY"
-    assert seg.number_of_segments == 4
-    assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
-    algorithm = seg.SegmentSequence[2].SegmentationAlgorithmIdentificationSequence[0]
+    lungs, lesions = (hd.seg.segread(p) for p in ct_objects if p.stem.endswith("_SEG"))
+    for seg in (lungs, lesions):
+        assert seg.SegmentationType == "BINARY" and seg.SegmentsOverlap == "NO"
+        assert seg.number_of_segments == 2
+        assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    algorithm = lesions.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("ct-lesion", "0.3.0")
-    # empty frames omitted: 2 x 60 lung frames + 11 GGO frames + 3 consolidation frames
-    assert seg.NumberOfFrames == 2 * 60 + 11 + 3
+    # empty frames omitted: 2 x 60 lung frames; 11 GGO frames + 3 consolidation frames
+    assert lungs.NumberOfFrames == 2 * 60 and lesions.NumberOfFrames == 11 + 3
     findings = ct_findings(ct_series)
     uids = [ds.SOPInstanceUID for ds in ct_series.datasets]
     for index in (12, 30, 45):
-        pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=[uids[index]], segment_numbers=[1, 2, 3, 4]
-        )
-        for number, mask in enumerate(findings.masks):
-            np.testing.assert_array_equal(pixels[0, ..., number], mask.array[index])
-    for frame in seg.PerFrameFunctionalGroupsSequence:
-        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
-        position = frame.PlanePositionSequence[0].ImagePositionPatient
-        index = uids.index(source.ReferencedSOPInstanceUID)
-        assert [float(v) for v in position] == pytest.approx(ct_series.positions[index])
+        for seg, masks in ((lungs, findings.masks[:2]), (lesions, findings.masks[2:])):
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[uids[index]], segment_numbers=[1, 2],
+                assert_missing_frames_are_empty=True,
+            )
+            for number, mask in enumerate(masks):
+                np.testing.assert_array_equal(pixels[0, ..., number], mask.array[index])
+    for seg in (lungs, lesions):
+        for frame in seg.PerFrameFunctionalGroupsSequence:
+            source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+            position = frame.PlanePositionSequence[0].ImagePositionPatient
+            index = uids.index(source.ReferencedSOPInstanceUID)
+            assert [float(v) for v in position] == pytest.approx(ct_series.positions[index])
+
+
+def test_overlapping_masks_of_one_group_are_encoded_as_overlapping(
+    ct_series: LoadedSeries,
+) -> None:
+    """Segments of one SEG normally do not overlap; when a pipeline's masks do, the SEG says
+    so and keeps every pixel of each."""
+    findings = ct_findings(ct_series)
+    findings.masks[3].array = findings.masks[2].array.copy()  # consolidation == GGO
+    lesions = write_all(findings, ct_series)[1]
+    assert lesions.SeriesDescription == "AI lesions (RUO)" and lesions.SegmentsOverlap == "YES"
+    seg = hd.seg.Segmentation.from_dataset(lesions)
+    uid = ct_series.datasets[30].SOPInstanceUID
+    pixels = seg.get_pixels_by_source_instance([uid], segment_numbers=[1, 2])
+    np.testing.assert_array_equal(pixels[0, ..., 0], pixels[0, ..., 1])
+    assert pixels[0, ..., 0].sum() == findings.masks[2].array[30].sum()
 
 
 def test_empty_frames_are_kept_when_asked(ct_series: LoadedSeries) -> None:
     settings = OutputSettings(omit_empty_frames=False)
     findings = ct_findings(ct_series)
-    seg = write_all(findings, ct_series, settings)[0]
-    assert seg.NumberOfFrames == 4 * len(ct_series.datasets)
+    lungs, lesions = write_all(findings, ct_series, settings)[:2]
+    assert lungs.NumberOfFrames == lesions.NumberOfFrames == 2 * len(ct_series.datasets)
 
 
 def test_secondary_capture_shows_the_key_slice(
     ct_series: LoadedSeries, ct_objects: list[Path]
 ) -> None:
-    sc = pydicom.dcmread(ct_objects[2])
+    sc = pydicom.dcmread(one(ct_objects, "OT"))
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
     assert sc.BurnedInAnnotation == "YES"
     assert "RESEARCH USE ONLY" in sc.ImageComments
@@ -353,43 +387,51 @@ def _image_references(item: pydicom.Dataset) -> list[pydicom.Dataset]:
     return found
 
 
-def test_sr_has_planar_outlines_on_the_key_slice_that_ohif_can_draw(
+def _regions(group: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """A group's image regions: SCOORDs at its top level (TID 1410) or under a NUM (TID 300)."""
+    found = []
+    for item in group.ContentSequence:
+        if item.ValueType == "SCOORD":
+            found.append(item)
+        elif item.ValueType == "NUM":
+            found.extend(c for c in item.get("ContentSequence", []) if c.ValueType == "SCOORD")
+    return found
+
+
+def _finding(group: pydicom.Dataset) -> str | None:
+    return next((str(i.ConceptCodeSequence[0].CodeMeaning) for i in group.ContentSequence
+                 if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"),
+                None)
+
+
+def test_sr_outlines_lungs_and_lesions_on_the_key_slice(
     ct_series: LoadedSeries, ct_objects: list[Path]
 ) -> None:
-    sr = hd.sr.srread(ct_objects[1])
-    planar = sr.content.get_planar_roi_measurement_groups()
-    names = [str(g.finding_type.meaning) for g in planar]
+    sr = pydicom.dcmread(one(ct_objects, "SR"))
+    outlined = [(g, _regions(g)[0]) for g in _groups(sr) if _regions(g)]
     # the AI result region, one outline per lung and per lesion type
-    assert names == ["COVID-19", "Right lung", "Left lung", "Ground glass opacity",
-                     "Lung consolidation"]
+    assert [_finding(g) for g, _ in outlined] == [
+        "COVID-19", "Right lung", "Left lung", "Ground glass opacity", "Lung consolidation"]
     uids = [ds.SOPInstanceUID for ds in ct_series.datasets]
     slices = []
-    for group in planar:
-        region = group.roi
-        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-        points = region.value
+    for _, region in outlined:
+        assert region.GraphicType == "POLYLINE"
+        points = np.reshape(region.GraphicData, (-1, 2))
         np.testing.assert_array_equal(points[0], points[-1])  # closed
-        reference = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        slices.append(uids.index(reference))
+        image = region.ContentSequence[0]
+        slices.append(uids.index(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
     # the key slice (largest lesion area, index 30) except for the consolidation, which is
     # absent there and outlined on its own largest slice
     assert slices[:4] == [30, 30, 30, 30] and slices[4] in (12, 13, 14)
-    ggo = planar[3]
-    xs, ys = ggo.roi.value[:, 0], ggo.roi.value[:, 1]
+    ggo_group, ggo = outlined[3]
+    points = np.reshape(ggo.GraphicData, (-1, 2))
+    xs, ys = points[:, 0], points[:, 1]
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == pytest.approx((100, 300, 200, 300), abs=1)
-
-
-@pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
-def test_outline_groups_load_into_cornerstone_tools(
-    objects: str, request: pytest.FixtureRequest
-) -> None:
-    """Cornerstone's SR adapter takes the region from a group's first NUM when there is one;
-    an outline group must therefore hold its SCOORD and no NUM beside it."""
-    sr = pydicom.dcmread(request.getfixturevalue(objects)[1])
-    for group in _groups(sr):
-        kinds = [item.ValueType for item in group.ContentSequence]
-        if "SCOORD" in kinds:
-            assert "NUM" not in kinds, group.ContentSequence[0].TextValue
+    area = next(i for i in ggo_group.ContentSequence if i.ValueType == "NUM")
+    assert area.ConceptNameCodeSequence[0].CodeMeaning == "Area"
+    spacing = ct_series.spacing[1] * ct_series.spacing[2]
+    value = float(area.MeasuredValueSequence[0].NumericValue)
+    assert value == pytest.approx(100 * 200 * spacing, rel=0.03)
 
 
 def _ohif_measurements(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
@@ -398,7 +440,7 @@ def _ohif_measurements(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
     for group in _groups(sr):
         uid = next(i.UID for i in group.ContentSequence if i.ValueType == "UIDREF"
                    and i.ConceptNameCodeSequence[0].CodeValue == "112040")
-        merged.setdefault(uid, []).extend(group.ContentSequence)
+        merged.setdefault(uid, []).append(group)
     return merged
 
 
@@ -408,13 +450,40 @@ def test_every_merged_measurement_has_an_image_region_ohif_can_place(
 ) -> None:
     """OHIF reads coords[0].ReferencedSOPSequence of each measurement; a group without an
     SCOORD (in itself or a group with its tracking UID) leaves it with a blank viewport."""
-    sr = pydicom.dcmread(request.getfixturevalue(objects)[1])
-    for items in _ohif_measurements(sr).values():
-        regions = [i for i in items if i.ValueType == "SCOORD"]
-        assert regions, [i.ConceptNameCodeSequence[0].CodeMeaning for i in items]
+    sr = pydicom.dcmread(one(request.getfixturevalue(objects), "SR"))
+    for groups in _ohif_measurements(sr).values():
+        regions = [r for g in groups for r in _regions(g)]
+        assert regions, [g.ContentSequence[0].TextValue for g in groups]
         image = regions[0].ContentSequence[0]
         assert image.ValueType == "IMAGE"
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+
+
+@pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
+def test_outlines_load_into_cornerstone_tools(
+    objects: str, request: pytest.FixtureRequest
+) -> None:
+    """OHIF lists a measurement when Cornerstone's SR adapter can load its first group: the
+    freehand-ROI tracking identifier and an area NUM inferred from the outline. Outlines on
+    an image without a pixel size have no area: TID 1410 groups, drawn but not listed."""
+    sr = pydicom.dcmread(one(request.getfixturevalue(objects), "SR"))
+    spacing = objects == "ct_objects"  # the CR test image has a zero PixelSpacing
+    listed = 0
+    for groups in _ohif_measurements(sr).values():
+        first = groups[0]
+        if not _regions(first):
+            continue
+        identifier = first.ContentSequence[0].TextValue
+        kinds = [item.ValueType for item in first.ContentSequence]
+        if spacing:
+            assert identifier.startswith("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:")
+            num = next(i for i in first.ContentSequence if i.ValueType == "NUM")
+            assert num.ContentSequence[0].ValueType == "SCOORD"
+            assert num.ContentSequence[0].RelationshipType == "INFERRED FROM"
+            listed += 1
+        else:
+            assert "SCOORD" in kinds and "NUM" not in kinds
+    assert listed == (5 if spacing else 0)
 
 
 def test_an_empty_segment_is_reported_with_the_ai_result_region(ct_series: LoadedSeries) -> None:
@@ -423,16 +492,15 @@ def test_an_empty_segment_is_reported_with_the_ai_result_region(ct_series: Loade
     findings.masks[3].array = np.zeros_like(findings.masks[3].array)
     sr = next(o for o in write_all(findings, ct_series) if o.Modality == "SR")
     merged = _ohif_measurements(sr)
-    summary = next(items for items in merged.values()
-                   if any(getattr(i, "TextValue", "") == "AI result" for i in items))
-    assert any(i.ValueType == "SCOORD" for i in summary)
-    assert "Consolidation" in [getattr(i, "TextValue", "") for i in summary]
-    for items in merged.values():
-        assert any(i.ValueType == "SCOORD" for i in items)
+    summary = next(groups for groups in merged.values()
+                   if groups[0].ContentSequence[0].TextValue.endswith(":AI result"))
+    assert "Consolidation" in [g.ContentSequence[0].TextValue for g in summary]
+    for groups in merged.values():
+        assert any(_regions(g) for g in groups)
 
 
 def test_every_measurement_group_references_an_image(ct_objects: list[Path]) -> None:
-    sr = pydicom.dcmread(ct_objects[1])
+    sr = pydicom.dcmread(one(ct_objects, "SR"))
     for group in _groups(sr):
         references = _image_references(group)
         assert references, group.ContentSequence[0].TextValue
@@ -443,7 +511,7 @@ def test_radiograph_overlay_is_a_presentation_state_with_outlines(
     cr_series: LoadedSeries, cr_objects: list[Path]
 ) -> None:
     """No SEG for a radiograph (no patient geometry; OHIF fails on one): a GSPS instead."""
-    pr = pydicom.dcmread(cr_objects[0])
+    pr = pydicom.dcmread(one(cr_objects, "PR"))
     assert pr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"
     assert pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == (
         cr_series.datasets[0].SOPInstanceUID
@@ -461,16 +529,16 @@ def test_radiograph_overlay_is_a_presentation_state_with_outlines(
         np.testing.assert_array_equal(points[0], points[-1])
     text = by_layer["AI_RESULT"].TextObjectSequence[0].UnformattedTextValue
     assert "COVID-19 81 %" in text
-    sr = hd.sr.srread(cr_objects[1])
+    sr = hd.sr.srread(one(cr_objects, "SR"))
     planar = sr.content.get_planar_roi_measurement_groups()
     assert [str(g.finding_type.meaning) for g in planar] == ["COVID-19", "Lung", "Lung", "Lesion"]
 
 
 def test_segments_have_distinct_colours_that_do_not_blend(ct_objects: list[Path]) -> None:
-    seg = pydicom.dcmread(ct_objects[0])
-    lab = [np.array(s.RecommendedDisplayCIELabValue, float) for s in seg.SegmentSequence]
-    assert len({tuple(v) for v in lab}) == len(lab)
-    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    segments = [s for seg in segs(ct_objects) for s in seg.SegmentSequence]
+    lab = [np.array(s.RecommendedDisplayCIELabValue, float) for s in segments]
+    assert len({tuple(v) for v in lab}) == len(lab) == 4
+    labels = [s.SegmentLabel for s in segments]
     colours = dict(zip(labels, lab, strict=True))
     # GGO and consolidation far apart in hue (a* is red-green, b* is yellow-blue)
     ggo, consolidation = colours["Ground glass opacity"], colours["Consolidation"]
@@ -494,7 +562,7 @@ def test_sc_text_names_values_threshold_and_key_image_as_viewers_do(
 
 
 def test_sc_banner_has_a_colour_legend(ct_objects: list[Path]) -> None:
-    pixels = pydicom.dcmread(ct_objects[2]).pixel_array[512:].astype(int)
+    pixels = pydicom.dcmread(one(ct_objects, "OT")).pixel_array[512:].astype(int)
     magenta = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] > 180)
     blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 60) & (pixels[..., 1] < 180)
     assert magenta.sum() > 50 and blue.sum() > 50  # consolidation and left-lung swatches
@@ -527,7 +595,7 @@ def test_every_object_is_dated_and_names_its_processing_algorithms(
 
 
 def test_sc_is_explicit_vr_and_names_the_study(ct_objects: list[Path], ct_series) -> None:
-    sc = pydicom.dcmread(ct_objects[2])
+    sc = pydicom.dcmread(one(ct_objects, "OT"))
     assert sc.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert sc.StudyDescription == ct_series.datasets[0].StudyDescription
 

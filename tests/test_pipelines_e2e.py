@@ -60,9 +60,11 @@ def test_ct_outputs_are_valid_and_reference_the_source(run_output):
     assert set(objects) == {SOP_SR, SOP_SEG, SOP_SC}
     for path in (out / series_uid).glob("*.dcm"):
         assert dciodvfy_errors(path) == [], path.name
-    seg = objects[SOP_SEG]
-    labels = [s.SegmentLabel for s in seg.SegmentSequence]
-    assert labels[:2] == ["Right lung", "Left lung"]
+    segs = [pydicom.dcmread(p) for p in (out / series_uid).glob("*.dcm")]
+    segs = sorted((ds for ds in segs if ds.SOPClassUID == SOP_SEG), key=lambda ds: ds.SeriesNumber)
+    assert [s.SegmentLabel for seg in segs for s in seg.SegmentSequence][:2] == [
+        "Right lung", "Left lung"]  # the lungs SEG, then the lesions SEG
+    seg = segs[0]
     sources = {ds.SOPInstanceUID for ds in map(pydicom.dcmread, CT_COVID.glob("*.dcm"))}
     referenced = {
         ref.ReferencedSOPInstanceUID
@@ -118,10 +120,10 @@ def test_orthanc_sends_a_ct_study_and_files_sr_seg_sc(node_factory, orthanc_fact
     def new_series() -> list[str]:
         return [s for s in orthanc.get(f"/studies/{study}")["Series"] if s not in source_series]
 
-    found = wait_for(lambda: len(new_series()) == 3 and new_series(), timeout=300,
-                     what="SR, SEG and SC filed under the source study")
+    found = wait_for(lambda: len(new_series()) == 4 and new_series(), timeout=300,
+                     what="SR, two SEGs (lungs, lesions) and SC filed under the source study")
     modalities = sorted(orthanc.get(f"/series/{s}")["MainDicomTags"]["Modality"] for s in found)
-    assert modalities == ["OT", "SEG", "SR"]
+    assert modalities == ["OT", "SEG", "SEG", "SR"]
     # what the PACS holds is what we validated: fetch each object back and check it
     for series in found:
         for instance in orthanc.get(f"/series/{series}")["Instances"]:

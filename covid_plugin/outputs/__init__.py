@@ -18,7 +18,7 @@ from covid_plugin.outputs.declined import build_declined_report
 from covid_plugin.outputs.headers import lenient_patient_attributes
 from covid_plugin.outputs.pr import build_presentation_state
 from covid_plugin.outputs.sc import build_secondary_capture
-from covid_plugin.outputs.seg import build_segmentation
+from covid_plugin.outputs.seg import build_segmentations, segmentations_of
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.outputs.sr import build_report
 from covid_plugin.volume import LoadedSeries
@@ -30,7 +30,7 @@ __all__ = [
     "build_presentation_state",
     "build_report",
     "build_secondary_capture",
-    "build_segmentation",
+    "build_segmentations",
     "write_all",
     "write_declined",
 ]
@@ -55,25 +55,27 @@ class OutputError(ValueError):
 def write_all(
     findings: Findings, series: LoadedSeries, settings: OutputSettings | None = None
 ) -> list[Dataset]:
-    """All objects for one pipeline run, in sending order: SEG or GSPS (if any masks), SR, SC.
+    """All objects for one pipeline run, in sending order: SEGs or GSPS (if any masks), SR, SC.
 
-    The SEG goes first because the SR refers to its segments. A CT's masks go into a SEG, a
-    radiograph's outlines into a presentation state. Patient attributes that are not valid
-    DICOM are blanked in the copies, not fatal. highdicom's and pydicom's refusals (a source
-    header without a required attribute, an invalid UID) become an OutputError that names the
-    series and the attributes, never their values; our own errors are not disguised as that.
+    The SEGs go first because the SR refers to their segments. A CT's masks go into two SEGs
+    (lungs, lesions), a radiograph's outlines into a presentation state. Patient attributes
+    that are not valid DICOM are blanked in the copies, not fatal. highdicom's and pydicom's
+    refusals (a source header without a required attribute, an invalid UID) become an
+    OutputError that names the series and the attributes, never their values; our own errors
+    are not disguised as that.
     """
     settings = settings or OutputSettings()
     when = datetime.datetime.now()
     lenient_patient_attributes(series.datasets)
     try:
-        segmentation = build_segmentation(findings, series, settings, when)
+        segments = build_segmentations(findings, series, settings, when)
         presentation = build_presentation_state(findings, series, settings, when)
-        report = build_report(findings, series, settings, segmentation, when)
+        report = build_report(findings, series, settings, segments, when)
         capture = build_secondary_capture(findings, series, settings, when)
     except HEADER_ERRORS as error:
         raise _as_output_error(error, series.series_instance_uid) from error
-    return [obj for obj in (segmentation, presentation, report, capture) if obj is not None]
+    others = [obj for obj in (presentation, report, capture) if obj is not None]
+    return [*segmentations_of(segments), *others]
 
 
 def write_declined(

@@ -27,8 +27,10 @@ class OutputSettings:
     sc_series_number: int = 9903
     pr_series_number: int = 9904
     declined_series_number: int = 9905
+    lesion_seg_series_number: int = 9906
     sr_series_description: str = "AI report (RUO)"
-    seg_series_description: str = "AI segmentation (RUO)"
+    seg_series_description: str = "AI lungs (RUO)"
+    lesion_seg_series_description: str = "AI lesions (RUO)"
     sc_series_description: str = "AI overlay (RUO)"
     pr_series_description: str = "AI outlines (RUO)"
     declined_series_description: str = "AI not analysed (RUO)"

@@ -26,12 +26,14 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodedConcept,
     FindingSite,
     Measurement,
     MeasurementsAndQualitativeEvaluations,
     TrackingIdentifier,
 )
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 from skimage.morphology import convex_hull_image
 
 from covid_plugin.findings import Classification, Findings, Mask, ModelInfo
@@ -48,6 +50,7 @@ from covid_plugin.outputs.codes import (
 )
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
 from covid_plugin.outputs.regions import Outline, is_anatomy, key_frame, outlines
+from covid_plugin.outputs.seg import SegmentRef, segmentations_of
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.volume import LoadedSeries
 
@@ -57,6 +60,14 @@ MeasurementGroup = (
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
 LUNG_OUTLINES = 2  # a lung mask of a radiograph: the two largest regions, one per side
+# The tracking identifier prefix by which Cornerstone's SR adapter (OHIF 3.x) recognises a
+# closed outline it can load as a freehand ROI into the measurement panel; the rest of the
+# identifier is our label. Other readers see an ordinary text identifier.
+FREEHAND_OUTLINE = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+
+
+def outline_identifier(label: str) -> str:
+    return f"{FREEHAND_OUTLINE}:{label}"
 
 
 def algorithm(model: ModelInfo, threshold: float | None = None) -> AlgorithmIdentification:
@@ -71,10 +82,10 @@ def build_report(
     findings: Findings,
     series: LoadedSeries,
     settings: OutputSettings,
-    segmentation: hd.seg.Segmentation | None = None,
+    segments: dict[str, SegmentRef] | None = None,
     when: datetime.datetime | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one pipeline run; `segmentation` is the SEG its volumetric groups refer to.
+    """The SR for one pipeline run; `segments` say where each mask's SEG segment is.
 
     Viewers that list SR measurements (OHIF) merge the groups that share a tracking UID and
     need an image region in each merged measurement: a group with none leaves OHIF 3.13 with
@@ -91,26 +102,32 @@ def build_report(
         groups.extend(
             _classification_groups(findings.classification, _key_image(series, frame), summary)
         )
-    segment_keys: set[str] = set()
-    for number, mask in enumerate(findings.masks, start=1):
+    segments = segments or {}
+    for mask in findings.masks:
         found = _mask_outlines(mask, series, frame)
-        if segmentation is not None:
-            segment_uid = segmentation.SegmentSequence[number - 1].TrackingUID
+        segment = segments.get(mask.key)
+        segment_uid = (
+            segment.segmentation.SegmentSequence[segment.number - 1].TrackingUID
+            if segment is not None else None
+        )
+        for index, (outline_frame, outline) in enumerate(found):
+            suffix = f" {index + 1}" if len(found) > 1 else ""
+            groups.append(
+                _outline_group(
+                    series, outline_frame, outline,
+                    tracking_uid=segment_uid if segment_uid and index == 0 else hd.UID(),
+                    label=f"{mask.label} outline{suffix}",
+                    finding_type=coded(mask.property_type),
+                    algorithm_id=algorithm(mask.model),
+                    finding_sites=_sites(mask),
+                )
+            )
+        if segment is not None:  # after its outline: OHIF names a merged group by the first
             tracking = TrackingIdentifier(
                 uid=segment_uid if found else summary, identifier=mask.label
             )
-            groups.append(_segment_group(findings, mask, number, segmentation, series, tracking))
-            segment_keys.add(mask.key)
-        for index, (outline_frame, outline) in enumerate(found):
-            suffix = f" {index + 1}" if len(found) > 1 else ""
-            uid = segment_uid if segmentation is not None and index == 0 else hd.UID()
-            groups.append(
-                _outline_group(
-                    mask, series, outline_frame, outline,
-                    TrackingIdentifier(uid=uid, identifier=f"{mask.label} outline{suffix}"),
-                )
-            )
-    loose = [m for m in findings.measurements if m.mask_key not in segment_keys]
+            groups.append(_segment_group(findings, mask, segment, series, tracking))
+    loose = [m for m in findings.measurements if m.mask_key not in segments]
     if loose:
         model = findings.models[0] if findings.models else None
         groups.append(
@@ -128,8 +145,7 @@ def build_report(
     )
     report[0].ContentSequence.append(comments([INTENDED_USE, *findings.notes]))
     evidence: list[Dataset] = list(series.datasets)
-    if segmentation is not None:
-        evidence.append(segmentation)
+    evidence.extend(segmentations_of(segments))
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -202,8 +218,8 @@ def _region(series: LoadedSeries, frame: int, outline: Outline) -> hd.sr.ImageRe
 
 def _summary_group(
     findings: Findings, series: LoadedSeries, frame: int, tracking_uid: str
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410: the region the whole-study findings are about, drawn on the key image.
+) -> MeasurementGroup:
+    """The region the whole-study findings are about, outlined on the key image.
 
     The convex hull of the lungs where they were found, else the whole image; its finding
     type is the called class.
@@ -216,15 +232,16 @@ def _summary_group(
         region = convex_hull_image(anatomy)
     else:
         region = np.ones(series.array.shape[1:], dtype=bool)
-    outline = outlines(region, 1)[0]
     c = findings.classification
     called = next((p.code for p in c.probabilities if p.key == c.predicted), None) if c else None
     model = c.model if c is not None else (findings.models[0] if findings.models else None)
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="AI result"),
-        referenced_region=_region(series, frame, outline),
+    return _outline_group(
+        series, frame, outlines(region, 1)[0],
+        tracking_uid=tracking_uid,
+        label="AI result",
         finding_type=coded(called) if called else None,
         algorithm_id=algorithm(model, c.threshold if c else None) if model else None,
+        finding_sites=None,
     )
 
 
@@ -252,16 +269,15 @@ def _classification_groups(
 def _segment_group(
     findings: Findings,
     mask: Mask,
-    number: int,
-    segmentation: hd.seg.Segmentation,
+    segment: SegmentRef,
     series: LoadedSeries,
     tracking: TrackingIdentifier,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group about one SEG segment, with that segment's measurements."""
     referenced = hd.sr.ReferencedSegment(
-        sop_class_uid=segmentation.SOPClassUID,
-        sop_instance_uid=segmentation.SOPInstanceUID,
-        segment_number=number,
+        sop_class_uid=segment.segmentation.SOPClassUID,
+        sop_instance_uid=segment.segmentation.SOPInstanceUID,
+        segment_number=segment.number,
         source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
     )
     measurements = [_measurement(m) for m in findings.measurements if m.mask_key == mask.key]
@@ -294,21 +310,65 @@ def _mask_outlines(mask: Mask, series: LoadedSeries, key: int) -> list[tuple[int
 
 
 def _outline_group(
-    mask: Mask, series: LoadedSeries, frame: int, outline: Outline, tracking: TrackingIdentifier
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410: one outlined region of a mask.
+    series: LoadedSeries,
+    frame: int,
+    outline: Outline,
+    *,
+    tracking_uid: str,
+    label: str,
+    finding_type: CodedConcept | None,
+    algorithm_id: AlgorithmIdentification | None,
+    finding_sites: list[FindingSite] | None,
+) -> MeasurementGroup:
+    """One outlined region as a group viewers can draw, and OHIF can also list.
 
-    No NUM sits beside the outline: Cornerstone's SR adapter (OHIF 3.13) looks for the
-    region inside a group's first NUM when it has one, and fails to load the group. Volumes
-    are in the segment's volumetric group; a viewer measures the outline's area itself.
+    Where the pixels have a physical size: a TID 1501 group with the region's area, whose NUM
+    is INFERRED FROM the outline (TID 300). This is the form Cornerstone's SR adapter (OHIF
+    3.x) loads into its measurement panel as a freehand ROI, when the tracking identifier
+    names that tool. Without a pixel size there is no area: a TID 1410 planar ROI group,
+    which OHIF draws but does not list.
     """
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        referenced_region=_region(series, frame, outline),
-        finding_type=coded(mask.property_type),
-        algorithm_id=algorithm(mask.model),
-        finding_sites=_sites(mask),
+    common = {
+        "finding_type": finding_type,
+        "algorithm_id": algorithm_id,
+        "finding_sites": finding_sites,
+    }
+    if series.modality != "CT" and not _has_physical_spacing(series.datasets[0]):
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=label),
+            referenced_region=_region(series, frame, outline),
+            **common,
+        )
+    x, y = outline.points[:, 0].astype(float), outline.points[:, 1].astype(float)
+    pixels = 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+    region = hd.sr.ScoordContentItem(
+        name=codes.DCM.ImageRegion,
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline.points,
+        relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
     )
+    region.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.SourceImageForRegion.from_source_image(*_source(series, frame))]
+    )
+    area = hd.sr.NumContentItem(
+        name=codes.SCT.Area,
+        value=round(pixels * float(series.spacing[1]) * float(series.spacing[2]), 1),
+        unit=codes.UCUM.SquareMillimeter,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    area.ContentSequence = hd.sr.ContentSequence([region])
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=tracking_uid, identifier=outline_identifier(label)
+        ),
+        measurements=[Measurement.from_sequence([area])],
+        **common,
+    )
+
+
+def _has_physical_spacing(ds: Dataset) -> bool:
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return bool(spacing) and all(float(v) > 0 for v in spacing)
 
 
 def _sites(mask: Mask) -> list[FindingSite] | None:
