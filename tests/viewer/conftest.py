@@ -73,6 +73,10 @@ class Study:
     def result(self, modality: str) -> pydicom.Dataset:
         return self.results[modality][0]
 
+    def segs(self) -> list[pydicom.Dataset]:
+        """The SEG series in series-number order (lungs and lesions may be separate SEGs)."""
+        return sorted(self.results.get("SEG", []), key=lambda ds: int(ds.SeriesNumber))
+
 
 @dataclass
 class Viewer:

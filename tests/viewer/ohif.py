@@ -72,15 +72,19 @@ def wait_until_rendered(page: Page, timeout_s: float = 60.0, interval_s: float =
     raise AssertionError(f"viewport still changing after {timeout_s:.0f} s")
 
 
-def series_thumbnail(page: Page, modality: str) -> Locator:
-    """A series in the study browser, by its modality badge (descriptions may change)."""
-    label = page.locator('[data-cy="series-modality-label"]', has_text=modality)
-    return page.locator('[data-cy^="study-browser-thumbnail"]', has=label)
+def series_thumbnail(page: Page, modality: str, description: str | None = None) -> Locator:
+    """Series in the study browser, by modality badge and, when given, series description."""
+    thumbnails = page.locator('[data-cy^="study-browser-thumbnail"]', has=page.locator(
+        '[data-cy="series-modality-label"]', has_text=modality))
+    if description is not None:
+        thumbnails = thumbnails.filter(has=page.locator(
+            '[data-cy="series-description-label"]', has_text=description))
+    return thumbnails
 
 
-def open_series(page: Page, modality: str, index: int = 0) -> None:
+def open_series(page: Page, modality: str, description: str | None = None) -> None:
     """Double-click a series into the active viewport, as a radiologist does."""
-    series_thumbnail(page, modality).nth(index).dblclick()
+    series_thumbnail(page, modality, description).first.dblclick()
 
 
 def answer_prompt(page: Page, button: str = "Yes", timeout_s: float = 30.0) -> bool:
