@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.conftest import NodeProcess, StoreSCP, rider_files, wait_for  # noqa: E402
 
-CXR = REPO / "dicom_samples" / "cxr-covid_hannover-PA"
+CXR = REPO / "dicom_samples" / "cxr-covid_ieee8023-PA"
 
 
 def make_ct(n_slices: int) -> list[pydicom.Dataset]:

@@ -39,6 +39,9 @@ def test_declined_series_yields_the_not_analysed_report() -> None:
     assert report.Modality == "SR"
     texts = [item.TextValue for item in report.ContentSequence if item.ValueType == "TEXT"]
     assert any(REASON in text for text in texts)
+    purposes = [item.PurposeOfReferenceCodeSequence[0].CodeMeaning
+                for item in report.ContributingEquipmentSequence]
+    assert "Processing Algorithm" in purposes  # IHE AI Results: on every object, this one too
 
 
 def test_without_a_decliner_a_declined_series_yields_nothing() -> None:

@@ -14,6 +14,7 @@ from pydicom import Dataset
 from pydicom.datadict import keyword_dict
 
 from covid_plugin.findings import Findings, ModelInfo
+from covid_plugin.outputs.codes import RULE_BASED_SHA256
 from covid_plugin.outputs.declined import build_declined_report
 from covid_plugin.outputs.headers import lenient_patient_attributes
 from covid_plugin.outputs.pr import build_presentation_state
@@ -84,10 +85,17 @@ def write_declined(
     settings: OutputSettings | None = None,
     models: list[ModelInfo] | None = None,
 ) -> list[Dataset]:
-    """The 'not analysed' SR for a series a pipeline declined, or nothing when turned off."""
+    """The 'not analysed' SR for a series a pipeline declined, or nothing when turned off.
+
+    Without `models` (a pipeline declines before any model ran), the node's own selection
+    rules are named as the processing algorithm.
+    """
     settings = settings or OutputSettings()
     if not settings.declined_reports:
         return []
+    models = models or [
+        ModelInfo(f"{settings.model_name} rules", settings.software_version, RULE_BASED_SHA256)
+    ]
     lenient_patient_attributes(series.datasets)
     try:
         return [build_declined_report(list(series.datasets), reason, settings, models)]

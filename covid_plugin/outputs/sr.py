@@ -1,15 +1,17 @@
 """Findings -> a Comprehensive 3D SR holding a TID 1500 Measurement Report.
 
 Structure of the report (all concepts coded, so a PACS or a registry can query them):
-- a TID 1410 "AI result" group: the region the whole-study findings are about (the lungs'
-  convex hull on the key image), with the called class as its finding type;
+- an "AI result" outline: the region the whole-study findings are about (the lungs' convex
+  hull on the key image), with the called class as its finding type;
 - one TID 1501 group per class: finding type = the class concept, one "Probability"
   measurement (unit "1"), with the classifier's TID 4019 algorithm identification;
+- one outline per lung and per lesion type, by its largest region on the key image (CT: the
+  slice with the largest lesion area; a segment absent there is outlined on its own largest
+  slice). Where the pixels have a physical size an outline is a TID 1501 group whose "Area"
+  NUM is INFERRED FROM the outline SCOORD (TID 300), the form OHIF lists as a measurement;
+  otherwise a TID 1410 planar ROI group;
 - CT: one TID 1411 group per SEG segment, referencing the segment and holding that segment's
   measurements (volumes, percent involvement);
-- TID 1410 groups with an image-region outline (SCOORD): each lung and each lesion type by its
-  largest region on the key image (CT: the slice with the largest lesion area; a segment
-  absent there is outlined on its own largest slice);
 - one TID 1501 group for measurements that concern no segment;
 - a "Qualitative Evaluations" container with the intended-use caveat and the pipeline's notes
   as TEXT (TID 1500 rows 12-13).
