@@ -13,9 +13,10 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
-from covid_plugin.config import ConfigError, load_settings
+from covid_plugin.config import ConfigError, DicomwebDestination, load_settings
 from covid_plugin.node.stow import StowSender
-from tests.conftest import CHEST_CR, wait_for
+from covid_plugin.store.outbox import OutboxItem
+from tests.conftest import CHEST_CR, REPO, wait_for
 from tests.reverse_proxy import reverse_proxy
 from tests.test_node_ingest import index, send
 
@@ -56,17 +57,42 @@ def test_dicomweb_destination_in_toml(tmp_path):
             load_settings(config, environ={})
 
 
-def test_results_are_stored_by_stow_rs(node_factory, dicomweb_factory):
+def test_results_are_stored_by_stow_rs_beside_a_dicom_peer(node_factory, dicomweb_factory,
+                                                           storescp_factory):
     orthanc = dicomweb_factory().start()
-    node = dicomweb_node(node_factory, orthanc, max_attempts=3)
+    pacs = storescp_factory().start()
+    node = node_factory({
+        "destinations": [{"kind": "dicomweb", "url": orthanc.dicomweb_url},
+                         {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
+        "outbox": {"max_attempts": 3} | FAST_OUTBOX,
+    }).start()
     assert send(node.port, [pydicom.dcmread(CHEST_CR)]) == [0]
-    wait_for(lambda: (rows := outbox_rows(node)) and {r["state"] for r in rows} == {"sent"},
-             timeout=60, what="results sent")
-    rows = outbox_rows(node)
-    assert {r["dest_url"] for r in rows} == {orthanc.dicomweb_url}
-    assert stored_uids(orthanc) == {r["sop_instance_uid"] for r in rows}
+    wait_for(lambda: (rows := outbox_rows(node)) and len(rows) == 4
+             and {r["state"] for r in rows} == {"sent"}, timeout=60, what="results sent")
+    web = [r for r in outbox_rows(node) if r["dest_url"]]
+    assert {r["dest_url"] for r in web} == {orthanc.dicomweb_url} and len(web) == 2
+    assert stored_uids(orthanc) == {r["sop_instance_uid"] for r in web}
+    assert len(pacs.files()) == 2  # the same results by C-STORE to the DICOM peer
     listing = node.cli("outbox", "--state", "sent").stdout
-    assert listing.count(orthanc.dicomweb_url) == len(rows) == 2
+    assert listing.count(orthanc.dicomweb_url) == 2
+    assert listing.count(f"{pacs.ae_title}@127.0.0.1:{pacs.port}") == 2
+
+
+def test_a_large_batch_is_posted_in_chunks(dicomweb_factory):
+    """dicomweb-client sends a body over 1 MB with chunked transfer encoding; Orthanc takes it.
+    The 30 slices of the CT sample (7 MB) stand in for a large SEG."""
+    orthanc = dicomweb_factory().start()
+    files = sorted((REPO / "dicom_samples").glob("ct-covid_*/*.dcm"))
+    assert sum(f.stat().st_size for f in files) > 2_000_000
+    url = orthanc.dicomweb_url
+    items = [OutboxItem(id=n, job_id=None, path=f, sop_instance_uid="", dest_ae="",
+                        dest_host="127.0.0.1", dest_port=orthanc.http_port, state="pending",
+                        attempts=0, next_attempt_at=0.0, last_error=None, dest_url=url)
+             for n, f in enumerate(files)]
+    sender = StowSender([DicomwebDestination(kind="dicomweb", url=url)])
+    assert set(sender.deliver(items).values()) == {None}
+    assert stored_uids(orthanc) == {str(pydicom.dcmread(f, stop_before_pixels=True)
+                                        .SOPInstanceUID) for f in files}
 
 
 def test_stow_server_down_retries_with_backoff_then_delivers(node_factory, dicomweb_factory):
