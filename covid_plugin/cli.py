@@ -44,14 +44,22 @@ def _setup_logging(level: str) -> None:
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     from covid_plugin.ml.spec import ModelIntegrityError
-    from covid_plugin.service import Node
+    from covid_plugin.service import Node, PipelinesNotFound
+    from covid_plugin.store.lock import DataDirInUse
 
     try:
         node = Node(settings)
-        node.start()
-    except (ModelIntegrityError, OSError) as exc:
+    except PipelinesNotFound as exc:
+        print(f"covid-plugin: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except (DataDirInUse, ModelIntegrityError, OSError) as exc:
         print(f"covid-plugin: cannot start: {exc}", file=sys.stderr)
         return 1
+    try:
+        node.start()
+    except (ModelIntegrityError, OSError) as exc:  # e.g. the port is taken
+        print(f"covid-plugin: cannot start: {exc}", file=sys.stderr)
+        return 1  # exiting releases the data dir lock
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -66,8 +74,29 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     from covid_plugin.store.jobs import JobQueue
 
     for job in JobQueue(Database(settings.db_path)).all():
-        print(f"{job.id:6d}  {job.state:9s} {job.modality:3s} {job.calling_ae:16s} "
-              f"{job.series_uid}  {job.reason or ''}")
+        if args.state and job.state != args.state:
+            continue
+        print(f"{job.id:6d}  {job.state:11s} tries={job.attempts} {job.modality:3s} "
+              f"{job.calling_ae:16s} {job.series_uid}  {job.reason or ''}")
+    return 0
+
+
+def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
+    """Give quarantined or failed jobs a fresh set of attempts."""
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.jobs import JobQueue
+
+    n = JobQueue(Database(settings.db_path)).requeue(args.ids)
+    print(f"{n} job(s) queued again")
+    return 0 if n else 1
+
+
+def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
+    """Apply the retention policy now (or, with --dry-run, say what it would remove)."""
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.retention import purge
+
+    print(purge(settings, Database(settings.db_path), dry_run=args.dry_run).summary())
     return 0
 
 
@@ -96,11 +125,31 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _health_tls(settings: Settings):
+    """The node's own certificate as the health check's client identity.
+
+    The check connects to this node on this machine, so it does not verify the server's
+    certificate; it presents the node's certificate, which a node that requires client
+    certificates signed by `tls.ca_file` must accept (use a certificate that CA signed).
+    """
+    import ssl
+
+    if not settings.tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(settings.tls.cert_file), str(settings.tls.key_file))
+    return ctx
+
+
 def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
-    """Checks the store and the listener (C-ECHO) from outside the running node."""
+    """Checks the store and the listener (C-ECHO) from outside the running node: over TLS
+    when the node requires it, as `health_ae_title`, which the allow list always admits."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from covid_plugin.observability import operations_health
     from covid_plugin.store.db import Database
     from covid_plugin.store.jobs import JobQueue
 
@@ -110,21 +159,36 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         report["jobs"] = JobQueue(db).counts()
         report["outbox"] = _outbox(settings).counts()
         report["store"] = True
+        report.update(operations_health(
+            settings.data_dir,
+            [j.id for j in JobQueue(db).stuck(settings.jobs.stuck_after_s)], [],
+            _outbox(settings).backlog()))
     except Exception as exc:  # report the failure, as a health check must
         report["store"] = False
         report["store_error"] = str(exc)
-    ae = AE(ae_title="COVID_HEALTH")
+    ae = AE(ae_title=settings.health_ae_title)
     ae.add_requested_context(Verification)
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
-    assoc = ae.associate(host, settings.port, ae_title=settings.ae_title)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host,
+                                                                       settings.host)
+    ssl_context = _health_tls(settings)
+    tls_args = (ssl_context, host) if ssl_context is not None else None
+    assoc = ae.associate(host, settings.port, ae_title=settings.ae_title, tls_args=tls_args)
     report["echo"] = False
+    report["tls"] = tls_args is not None
     if assoc.is_established:
         status = assoc.send_c_echo()
         report["echo"] = getattr(status, "Status", None) == 0
         assoc.release()
-    report["ok"] = report["store"] and report["echo"]
+    report["ok"] = report["store"] and report["echo"] and not report.get("problems")
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    """The effective configuration: embedded defaults, then the file, environment and flags."""
+    print(settings.model_dump_json(indent=2))
+    return 0
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -145,48 +209,76 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(args.samples or REPO / "dicom_samples", workdir)
 
 
+CONFIG_HELP = "TOML or JSON config file (env COVID_PLUGIN_CONFIG)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """`--config` is accepted before and after the command (`covid-plugin listen --config
+    node.toml` as the README writes it, and `covid-plugin --config node.toml listen`)."""
     parser = argparse.ArgumentParser(prog="covid-plugin", description=__doc__)
-    parser.add_argument("--config", type=Path, default=None,
-                        help="TOML or JSON config file (env COVID_PLUGIN_CONFIG)")
+    parser.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand without --config keeps the value given before it
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    listen = sub.add_parser("listen", help="run the DICOM node")
+    listen = sub.add_parser("listen", parents=[common], help="run the DICOM node")
     listen.add_argument("--ae-title")
     listen.add_argument("--port", type=int)
     listen.add_argument("--data-dir", type=Path)
     listen.add_argument("--metrics-port", type=int)
     listen.set_defaults(func=cmd_listen)
 
-    run = sub.add_parser("run", help="run the pipelines on a folder of DICOM files")
+    run = sub.add_parser("run", parents=[common],
+                         help="run the pipelines on a folder of DICOM files")
     run.add_argument("folder", type=Path)
     run.add_argument("--out", type=Path, required=True)
     run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="node + local PACS peer + dicom_samples/, end to end")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="node + local PACS peer + dicom_samples/, end to end")
     demo.add_argument("--samples", type=Path, help="default: dicom_samples/")
     demo.add_argument("--workdir", type=Path, help="default: a new temporary folder")
     demo.set_defaults(func=cmd_demo)
 
-    jobs = sub.add_parser("jobs", help="list jobs and their states")
+    jobs = sub.add_parser("jobs", parents=[common], help="list jobs and their states")
+    jobs.add_argument("--state", choices=["received", "queued", "running", "done", "failed",
+                                          "rejected", "quarantined", "superseded"])
     jobs.add_argument("--data-dir", type=Path)
     jobs.set_defaults(func=cmd_jobs)
 
-    outbox = sub.add_parser("outbox", help="list outbox items")
+    requeue = sub.add_parser("requeue", parents=[common],
+                             help="run quarantined or failed jobs again")
+    requeue.add_argument("ids", nargs="+", type=int)
+    requeue.add_argument("--data-dir", type=Path)
+    requeue.set_defaults(func=cmd_requeue)
+
+    purge = sub.add_parser("purge", parents=[common],
+                           help="remove what the retention policy says has expired")
+    purge.add_argument("--dry-run", action="store_true", help="only say what would go")
+    purge.add_argument("--data-dir", type=Path)
+    purge.set_defaults(func=cmd_purge)
+
+    outbox = sub.add_parser("outbox", parents=[common], help="list outbox items")
     outbox.add_argument("--state", choices=["pending", "sent", "dead"])
     outbox.add_argument("--data-dir", type=Path)
     outbox.set_defaults(func=cmd_outbox)
 
-    retry = sub.add_parser("retry", help="re-send dead outbox items")
+    retry = sub.add_parser("retry", parents=[common], help="re-send dead outbox items")
     retry.add_argument("ids", nargs="*", type=int)
     retry.add_argument("--all", action="store_true")
     retry.add_argument("--data-dir", type=Path)
     retry.set_defaults(func=cmd_retry)
 
-    health = sub.add_parser("health", help="check the store and C-ECHO the node")
+    health = sub.add_parser("health", parents=[common],
+                            help="check the store and C-ECHO the node")
     health.add_argument("--port", type=int)
     health.add_argument("--data-dir", type=Path)
     health.set_defaults(func=cmd_health)
+
+    config = sub.add_parser("config", parents=[common],
+                            help="print the effective configuration (defaults included)")
+    config.set_defaults(func=cmd_config)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -20,13 +21,41 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 ENV_PREFIX = "COVID_PLUGIN_"
+# COVID_PLUGIN_* variables that are not settings: the config file's path, and where the tests
+# and training find the shared data set
+NOT_SETTINGS = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "DATA"}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _readable(path: Path | None, what: str) -> None:
+    if path is not None and not path.is_file():
+        raise ValueError(f"{what} {path} is not a readable file")
+
+
+class PeerTls(_Strict):
+    """TLS towards one destination: verify its certificate, present ours if it asks for one."""
+
+    ca_file: Path | None = None  # CA that signed the destination's certificate; None: system CAs
+    cert_file: Path | None = None  # our client certificate (PEM), when the destination wants one
+    key_file: Path | None = None
+    server_name: str | None = None  # name in the destination's certificate; default: its host
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _files(self) -> PeerTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (the client certificate)")
+        for path, what in ((self.ca_file, "ca_file"), (self.cert_file, "cert_file"),
+                           (self.key_file, "key_file")):
+            _readable(path, what)
+        return self
 
 
 class Peer(_Strict):
@@ -36,6 +65,7 @@ class Peer(_Strict):
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: PeerTls | None = None  # set: results go to this peer over TLS only
 
 
 class DicomwebDestination(_Strict):
@@ -84,6 +114,39 @@ class TlsSettings(_Strict):
     key_file: Path | None = None
     ca_file: Path | None = None  # when set, clients must present a certificate signed by it
 
+    @model_validator(mode="after")
+    def _files(self) -> TlsSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("enabled = true needs cert_file and key_file")
+        if self.enabled:
+            for path, what in ((self.cert_file, "cert_file"), (self.key_file, "key_file"),
+                               (self.ca_file, "ca_file")):
+                _readable(path, what)
+        return self
+
+
+class NetworkSettings(_Strict):
+    """Bounds on what one connection may hold, so that no client can freeze the listener.
+
+    Every connection's TLS handshake, association request and idle time are timed; a peer
+    address may hold only part of the association slots.
+    """
+
+    tls_handshake_timeout_s: float = Field(default=10.0, gt=0)
+    acse_timeout_s: float = Field(default=15.0, gt=0)  # connect -> association request/release
+    idle_timeout_s: float = Field(default=60.0, gt=0)  # nothing received: association aborted
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    max_associations: int = Field(default=32, ge=1)
+    max_associations_per_peer: int = Field(default=16, ge=1)  # per remote IP address
+
+
+class StorageLimits(_Strict):
+    """When the listener stops taking data, before the disk is full or memory runs out."""
+
+    min_free_percent: float = Field(default=10.0, ge=0, lt=100)  # of the data dir's file system
+    min_free_mb: float = Field(default=1024.0, ge=0)
+    max_instance_mb: float = Field(default=256.0, gt=0)
+
 
 class SelectionSettings(_Strict):
     """Which completed series become jobs; everything else is recorded as rejected, with why."""
@@ -103,17 +166,57 @@ class OutboxSettings(_Strict):
     poll_interval_s: float = Field(default=0.5, gt=0)
 
 
+class JobSettings(_Strict):
+    """How often a job is tried, and how long a series may wait for a sender that broke off."""
+
+    # a job claimed this many times without an outcome (the process died: out of memory, a
+    # crash) or failed for lack of disk this many times is quarantined, not tried again
+    max_attempts: int = Field(default=3, ge=1)
+    # a job put back because the node ran out of disk waits this long before the next try
+    retry_after_s: float = Field(default=60.0, gt=0)
+    # a series whose last association was aborted (or cut by a node restart) waits this long
+    # for the sender to send it again, then is recorded as incomplete and not processed
+    incomplete_timeout_s: float = Field(default=3600.0, gt=0)
+    # health reports a job 'running' for longer than this as stuck
+    stuck_after_s: float = Field(default=1800.0, gt=0)
+
+
+class RetentionSettings(_Strict):
+    """How long the node keeps what it holds; null keeps it for ever. Applied every
+    `interval_s` by the running node, and on demand by `covid-plugin purge`."""
+
+    spool_days: float | None = Field(default=7.0, ge=0)  # received instances of ended jobs
+    rejected_days: float | None = Field(default=7.0, ge=0)  # refused instances (patient data)
+    results_days: float | None = Field(default=7.0, ge=0)  # result files no longer to be sent
+    db_days: float | None = Field(default=90.0, ge=0)  # rows of ended jobs and their outbox
+    # a size cap on spool + rejected + results together: past it, the oldest removable
+    # files go first, whatever their age
+    max_total_gb: float | None = Field(default=None, gt=0)
+    interval_s: float = Field(default=3600.0, gt=0)
+
+
+class CtSettings(_Strict):
+    """Chest CT inference (the lesion network runs on `device`, slice batches of this size)."""
+
+    batch_size: int = Field(default=4, ge=1, le=512)  # larger batches pay off on a GPU
+
+
 class Settings(_Strict):
     """Everything the node reads at start."""
 
     ae_title: str = Field(default="COVID_PLUGIN", min_length=1, max_length=16)
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only; "0.0.0.0" (all interfaces) is a choice
     port: int = Field(default=11112, ge=0, le=65535)
     data_dir: Path = Path("var")
-    allowed_callers: list[str] = []  # empty: any calling AE title is accepted
+    allowed_callers: list[str] = []  # the PACS AE titles that may send
+    accept_any_caller: bool = False  # needed (true) to listen beyond loopback with no list
+    check_called_ae: bool = True  # refuse associations addressed to another AE title
+    health_ae_title: str = Field(default="COVID_HEALTH", min_length=1, max_length=16)
     unsupported_sop_classes: Literal["refuse", "discard"] = "refuse"
     max_pdu: int = Field(default=4 * 1024 * 1024, ge=0)
     tls: TlsSettings = TlsSettings()
+    network: NetworkSettings = NetworkSettings()
+    storage: StorageLimits = StorageLimits()
     quiet_period_s: float = Field(default=10.0, ge=0)
     selection: SelectionSettings = SelectionSettings()
     # calling AE title -> where its results go back ("return address"); used when no
@@ -121,17 +224,21 @@ class Settings(_Strict):
     return_addresses: dict[str, Peer] = {}
     destinations: list[Destination] = []
     outbox: OutboxSettings = OutboxSettings()
+    jobs: JobSettings = JobSettings()
+    retention: RetentionSettings = RetentionSettings()
     # send a short "not analysed" SR for a series a pipeline declines (lateral film, no lungs,
     # outside the validated population), so the reader knows the AI looked (IHE AI Results)
     declined_reports: bool = True
     models_dir: Path = Path(__file__).resolve().parent.parent / "models"
-    pipelines: str = "covid_plugin.pipelines:default_pipelines"
+    pipelines: str = Field(default="covid_plugin.pipelines:default_pipelines",
+                           pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     device: str = "auto"
+    ct: CtSettings = CtSettings()
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a Prometheus on another host scrape
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
-    @field_validator("ae_title")
+    @field_validator("ae_title", "health_ae_title")
     @classmethod
     def _ae_title_is_ascii(cls, value: str) -> str:
         if not value.isascii() or "\\" in value:
@@ -142,6 +249,21 @@ class Settings(_Strict):
     @classmethod
     def _strip_callers(cls, value: list[str]) -> list[str]:
         return [v.strip() for v in value]
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _open_node_needs_a_caller_list(self) -> Settings:
+        """Listening beyond this machine with no allow list is a choice the admin writes down."""
+        if not self.allowed_callers and not self.accept_any_caller and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host} is reachable from other machines and allowed_callers is "
+                "empty: list the PACS AE titles in allowed_callers, or set "
+                "accept_any_caller = true to accept any calling AE title")
+        return self
 
     @property
     def spool_dir(self) -> Path:
@@ -154,6 +276,15 @@ class Settings(_Strict):
     @property
     def results_dir(self) -> Path:
         return self.data_dir / "results"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable from elsewhere
+        return False
 
 
 class ConfigError(ValueError):
@@ -171,7 +302,7 @@ def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
     """COVID_PLUGIN_PORT=104, COVID_PLUGIN_TLS__ENABLED=true; values may be JSON (lists, dicts)."""
     out: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        if not key.startswith(ENV_PREFIX) or key in NOT_SETTINGS:
             continue
         path = key[len(ENV_PREFIX):].lower().split("__")
         try:
@@ -216,6 +347,7 @@ def load_settings(
         return Settings.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc

@@ -80,6 +80,17 @@ class Measurement:
     finding_site: Code | None = None
 
 
+@dataclass(frozen=True)
+class Predecessor:
+    """An earlier SR of the same source series that this run's SR replaces (the series was
+    run again because more instances arrived); the SR lists it as a predecessor document."""
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
 @dataclass
 class Findings:
     """Everything one pipeline run learned about one series."""
@@ -92,3 +103,4 @@ class Findings:
     heatmap: np.ndarray | None = None  # float32 in [0, 1], same shape as the series' frames
     models: list[ModelInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    predecessors: list[Predecessor] = field(default_factory=list)

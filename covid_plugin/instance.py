@@ -45,6 +45,7 @@ class InstanceHeader:
     body_part: str
     description: str
     image_type: str
+    source_ae: str | None = None  # file meta (0002,0016): the AE title that sent it to us
 
 
 def _uid(ds: pydicom.Dataset, keyword: str, sop_uid: str | None) -> str:
@@ -76,11 +77,33 @@ def _check_pixel_data(ds: pydicom.Dataset, size: int, transfer_syntax: UID, sop_
                 * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8
             )
         except (AttributeError, TypeError, ValueError) as exc:
-            raise InvalidInstance(f"image pixel module incomplete: {exc}", sop_uid) from exc
+            # the exception's text can quote the value: name the module, not the value
+            raise InvalidInstance("image pixel module incomplete", sop_uid) from exc
         if elem.length < expected:
             raise InvalidInstance(
                 f"Pixel Data holds {elem.length} bytes, the image needs {expected}", sop_uid
             )
+
+
+def _check_image_geometry(ds: pydicom.Dataset, sop_uid: str) -> None:
+    """Values no decoder can use; the reasons never quote the value itself.
+
+    PixelSpacing 0 is not refused here: real radiographs carry it for "unknown" (the NEMA
+    RG1 chest CR does), and a radiograph needs no spacing. The CT loader names it instead.
+    """
+    try:
+        for keyword in ("Rows", "Columns"):
+            value = ds.get(keyword)
+            if value is not None and int(value) < 1:
+                raise InvalidInstance(f"{keyword} must be 1 or more", sop_uid, 0xA900)
+        bits = ds.get("BitsAllocated")
+        if bits is not None and int(bits) != 1 and (int(bits) < 8 or int(bits) % 8):
+            raise InvalidInstance("BitsAllocated must be 1 or a multiple of 8", sop_uid)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidInstance):
+            raise
+        raise InvalidInstance("image pixel module has a value that is not a number",
+                              sop_uid) from exc
 
 
 def read_header(data: bytes, command_sop_uid: str | None = None) -> InstanceHeader:
@@ -93,6 +116,7 @@ def read_header(data: bytes, command_sop_uid: str | None = None) -> InstanceHead
     if command_sop_uid and sop_uid != command_sop_uid:
         raise InvalidInstance("SOP Instance UID differs from the C-STORE request's", sop_uid)
     transfer_syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    _check_image_geometry(ds, sop_uid)
     _check_pixel_data(ds, len(data), transfer_syntax, sop_uid)
     image_type = ds.get("ImageType", [])
     if isinstance(image_type, str):
@@ -110,4 +134,6 @@ def read_header(data: bytes, command_sop_uid: str | None = None) -> InstanceHead
             for k in ("StudyDescription", "SeriesDescription", "ProtocolName")
         ).strip(),
         image_type="\\".join(str(v) for v in image_type).upper(),
+        source_ae=str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        or None,
     )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -34,6 +36,10 @@ class Metrics:
         self.rejected = Counter(
             "covid_plugin_instances_rejected", "Instances refused with a failure status",
             ["reason"], registry=self.registry)
+        self.refused_connections = Counter(
+            "covid_plugin_connections_refused",
+            "Connections closed or associations refused before any instance, by reason "
+            "(peer_limit, tls_timeout, tls_failed, disk)", ["reason"], registry=self.registry)
         self.discarded = Counter(
             "covid_plugin_instances_discarded", "Instances of unprocessed SOP classes discarded",
             registry=self.registry)
@@ -70,6 +76,32 @@ class _StateCollector(Collector):
             for state, n in sorted(by_state.items()):
                 family.add_metric([state], n)
             yield family
+
+
+DISK_USED_ALERT_PERCENT = 95.0  # health turns unhealthy past this use of the data dir's disk
+
+
+def operations_health(data_dir: Path, stuck_jobs: list[int], unrecorded_jobs: list[int],
+                      outbox_backlog: dict[str, Any]) -> dict[str, Any]:
+    """The queue and disk part of a health report; `problems` lists what makes it unhealthy."""
+    usage = shutil.disk_usage(data_dir if data_dir.exists() else data_dir.parent)
+    used = 100.0 * (usage.total - usage.free) / usage.total if usage.total else 0.0
+    problems = []
+    if stuck_jobs:
+        problems.append(f"job(s) running for too long: {', '.join(map(str, stuck_jobs))}")
+    if unrecorded_jobs:
+        problems.append("outcome of job(s) not written yet (is the disk full?): "
+                        + ", ".join(map(str, unrecorded_jobs)))
+    if used >= DISK_USED_ALERT_PERCENT:
+        problems.append(f"data disk {used:.0f}% used")
+    return {
+        "stuck_jobs": stuck_jobs,
+        "unrecorded_jobs": unrecorded_jobs,
+        "disk": {"free_bytes": usage.free, "total_bytes": usage.total,
+                 "used_percent": round(used, 1)},
+        "outbox_backlog": outbox_backlog,
+        "problems": problems,
+    }
 
 
 class HealthServer:

@@ -1,11 +1,20 @@
 """When a series is complete, and whether it becomes a job.
 
 DICOM has no "end of series" message, so a series is complete once no instance has arrived
-for the quiet period and no association that delivered to it is still open. The selection
-rules then keep what the pipelines can honestly process and record why the rest was refused.
+for the quiet period, no association that delivered to it is still open, and the last
+association that delivered to it was released normally. A sender that was killed, or
+aborted, or a node that restarted in the middle of a transfer, leaves a series that may be
+partial: it waits for the sender to send again (a PACS retries a failed transfer) and, if
+nothing comes, is recorded as incomplete instead of being processed. After a start-up the
+node also waits one quiet period before it closes anything: senders cut off by the restart
+need that long to come back.
+The selection rules then keep what the pipelines can honestly process and record why the rest
+was refused.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from covid_plugin.config import SelectionSettings
 from covid_plugin.store.jobs import SeriesRecord
@@ -14,9 +23,34 @@ _MULTIFRAME_CT = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 _SCOUT_WORDS = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW")
 
 
-def is_complete(series: SeriesRecord, now: float, quiet_period_s: float,
-                active_series: set[str]) -> bool:
-    return series.series_uid not in active_series and now - series.last_at >= quiet_period_s
+Completion = Literal["wait", "complete", "incomplete"]
+
+
+def completion(series: SeriesRecord, now: float, quiet_period_s: float, active_series: set[str],
+               held_until: float = 0.0, incomplete_timeout_s: float = 3600.0) -> Completion:
+    """'complete' to close the series, 'incomplete' to record that it will not be processed,
+    'wait' while either may still happen."""
+    if series.series_uid in active_series or now < held_until:
+        return "wait"
+    if now - series.last_at < quiet_period_s:
+        return "wait"
+    if delivered_cleanly(series):
+        return "complete"
+    broke_off = max(series.last_at, series.interrupted_at or 0.0)
+    return "incomplete" if now - broke_off >= incomplete_timeout_s else "wait"
+
+
+def delivered_cleanly(series: SeriesRecord) -> bool:
+    """Every instance came before a normal release, and no abort followed that release."""
+    released = series.released_at
+    return (released is not None and released >= series.last_at
+            and (series.interrupted_at is None or released >= series.interrupted_at))
+
+
+def incomplete_reason(series: SeriesRecord, incomplete_timeout_s: float) -> str:
+    return (f"incomplete: the transfer broke off after {series.n_instances} instance(s) "
+            f"(association aborted or node restarted) and was not resent within "
+            f"{incomplete_timeout_s:g} s")
 
 
 def rejection_reason(series: SeriesRecord, rules: SelectionSettings) -> str | None:

@@ -2,14 +2,20 @@
 
 It is the only place where pixel data is decoded and models run, on its own thread, so that
 the listener keeps answering while a CT is being segmented. A job killed half-way is run again
-from the start at the next start-up (its partial result files are discarded first).
+from the start at the next start-up (its partial result files are discarded first), up to the
+attempt cap. Every way a job can end is recorded; when even that write fails (the disk is
+full), the outcome is kept and written on a later round, so no job stays 'running'.
+A series run again because more instances arrived names the earlier run's report as its
+predecessor, and says so in the report, so that a PACS and a reader can tell which one stands.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -21,15 +27,19 @@ from urllib.parse import urlsplit
 from pydicom import Dataset
 
 from covid_plugin.config import DicomwebDestination, Peer, Settings
-from covid_plugin.findings import Findings
+from covid_plugin.findings import Findings, Predecessor
 from covid_plugin.observability import Metrics
 from covid_plugin.outputs import OutputError, write_declined
-from covid_plugin.series import is_complete, rejection_reason
-from covid_plugin.store.jobs import Delivery, Job, JobQueue
+from covid_plugin.series import completion, incomplete_reason, rejection_reason
+from covid_plugin.store.jobs import Delivery, Job, JobQueue, ReportRef
+from covid_plugin.store.retention import purge
 from covid_plugin.store.spool import Spool
 from covid_plugin.volume import LoadedSeries, SeriesError, load_series_files
 
 log = logging.getLogger(__name__)
+
+# the disk, not the series, is at fault: the job is tried again later
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class SeriesSkipped(Exception):
@@ -83,6 +93,21 @@ def save_durably(datasets: list[Dataset], folder: Path) -> list[tuple[Path, str]
     return saved
 
 
+def _superseding(writer: Writer, previous: list[ReportRef], n_before: int,
+                 n_now: int) -> Writer:
+    """The writer for a re-run: its report names the earlier reports as predecessors and says,
+    in words a reader sees in the SR and on the secondary capture, that it replaces them."""
+    reports = [Predecessor(r.study_uid, r.series_uid, r.sop_class_uid, r.sop_instance_uid)
+               for r in previous]
+
+    def write(findings: Findings, series: LoadedSeries) -> list[Dataset]:
+        findings.predecessors = reports
+        findings.notes.append(f"Replaces the earlier AI result for this series "
+                              f"({n_before} instances); this one used {n_now}.")
+        return writer(findings, series)
+    return write
+
+
 @dataclass
 class Analysis:
     """What came of running one pipeline over one series' files."""
@@ -124,7 +149,12 @@ def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer,
                 except OutputError as error:
                     out.problems.append(f"report cannot be encoded: {error.reason}")
         except OutputError as exc:
-            out.problems.append(f"results cannot be encoded: {exc.reason}")
+            # the library's message can quote a header value (a birth date, a name): the
+            # reason, which `covid-plugin jobs` prints, names only the kind of error
+            cause = type(exc.__cause__ or exc).__name__
+            log.warning("results for series %s cannot be encoded (%s)", exc.series_uid, cause)
+            log.debug("encoding error details", exc_info=exc)
+            out.problems.append(f"results cannot be encoded ({cause}); details at DEBUG")
     return out
 
 
@@ -144,6 +174,9 @@ class Worker:
         self.on_result = on_result  # the demo prints findings; the node itself needs none
         self._pipelines = {m: p for p in pipelines for m in p.modalities}
         self._models: dict[str, Any] = {}
+        self._held_until = 0.0  # no series is closed before one quiet period after start
+        self._unrecorded: list[tuple[Job, Callable[[], None]]] = []  # outcomes not yet written
+        self._next_purge = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
 
@@ -155,6 +188,8 @@ class Worker:
             self._models_for(pipeline)
             log.info("%s pipeline models loaded in %.1f s", pipeline.name,
                      time.monotonic() - started)
+        self._held_until = time.time() + self.settings.quiet_period_s
+        self._next_purge = time.time() + self.settings.quiet_period_s
         self._thread.start()
 
     def stop(self) -> None:
@@ -164,13 +199,23 @@ class Worker:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def unrecorded(self) -> list[int]:
+        """Jobs whose outcome could not be written yet (health reports them)."""
+        return [job.id for job, _ in self._unrecorded]
+
     def close_complete_series(self) -> int:
         """Queue or reject every series that has gone quiet; returns how many were closed."""
         active, t, closed = self.active_series(), time.time(), 0
+        timeout = self.settings.jobs.incomplete_timeout_s
         for series in self.jobs.open_series():
-            if not is_complete(series, t, self.settings.quiet_period_s, active):
+            state = completion(series, t, self.settings.quiet_period_s, active,
+                               self._held_until, timeout)
+            if state == "wait":
                 continue
-            reason = rejection_reason(series, self.settings.selection)
+            if state == "incomplete":
+                reason: str | None = incomplete_reason(series, timeout)
+            else:
+                reason = rejection_reason(series, self.settings.selection)
             if reason is None and series.modality not in self._pipelines:
                 reason = f"no pipeline for modality {series.modality}"
             self.jobs.close(series.job_id, reason)
@@ -185,22 +230,70 @@ class Worker:
         return closed
 
     def run_one(self) -> bool:
-        """Run the oldest queued job, if any; returns whether there was one."""
+        """Run the next queued job, if any; returns whether there was one.
+
+        Nothing is claimed while an earlier outcome is still unwritten: the store cannot take
+        writes, and a claim would only add a second job to recover.
+        """
+        if not self.record_pending():
+            return False
         job = self.jobs.claim()
         if job is None:
             return False
         started = time.monotonic()
         try:
-            outcome = self._process(job)
+            outcome, record = self._process(job)
+        except OSError as exc:
+            outcome, record = self._io_failure(job, exc)
         except Exception as exc:  # one bad job must not stop the others
-            log.exception("job %d (series %s) failed", job.id, job.series_uid)
-            self.jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
-            self.metrics.jobs.labels(outcome="failed").inc()
-            return True
+            # no exception text in the reason or at INFO: it can quote header values
+            log.error("job %d (series %s) failed: %s", job.id, job.series_uid,
+                      type(exc).__name__)
+            log.debug("job %d failure details", job.id, exc_info=exc)
+            reason = f"internal error ({type(exc).__name__}); details at DEBUG"
+            outcome, record = "failed", lambda: self.jobs.fail(job.id, reason)
+        self._record(job, record)
         self.metrics.jobs.labels(outcome=outcome).inc()
         log.info("job %d (series %s) %s in %.2f s", job.id, job.series_uid, outcome,
                  time.monotonic() - started)
         return True
+
+    def record_pending(self) -> bool:
+        """Write outcomes that could not be written before; True when none is left."""
+        pending, self._unrecorded = self._unrecorded, []
+        for job, record in pending:
+            self._record(job, record)
+        return not self._unrecorded
+
+    def _record(self, job: Job, record: Callable[[], None]) -> None:
+        try:
+            record()
+        except (sqlite3.Error, OSError) as exc:
+            log.error("job %d (series %s): outcome not recorded (%s); will retry", job.id,
+                      job.series_uid, exc)
+            self._unrecorded.append((job, record))
+
+    def _io_failure(self, job: Job, exc: OSError) -> tuple[str, Callable[[], None]]:
+        """A file operation failed: for lack of space the job is tried later (the disk, not
+        the series, is at fault), anything else fails it."""
+        shutil.rmtree(self._folder(job), ignore_errors=True)  # give back what it had taken
+        detail = exc.strerror or str(exc)
+        if exc.errno not in _NO_SPACE:
+            log.error("job %d (series %s) failed: %s", job.id, job.series_uid, detail)
+            reason = f"a file could not be read or written: {detail}"
+            return "failed", lambda: self.jobs.fail(job.id, reason)
+        log.error("job %d (series %s): no space for results (%s); will retry", job.id,
+                  job.series_uid, detail)
+
+        def record() -> None:
+            state = self.jobs.retry_later(job.id, f"no space to write results ({detail})")
+            if state == "quarantined":
+                log.error("job %d (series %s) quarantined after %d attempts", job.id,
+                          job.series_uid, job.attempts)
+        return "retry", record
+
+    def _folder(self, job: Job) -> Path:
+        return self.settings.results_dir / str(job.id)
 
     def _models_for(self, pipeline: Pipeline) -> Any:
         if pipeline.name not in self._models:
@@ -208,21 +301,30 @@ class Worker:
                 self.settings.models_dir, self.settings.device)
         return self._models[pipeline.name]
 
-    def _process(self, job: Job) -> str:
+    def _process(self, job: Job) -> tuple[str, Callable[[], None]]:
+        """Run the job; returns its outcome and how to record it."""
         pipeline = self._pipelines[job.modality]
-        outcome = analyse(pipeline, self._models_for(pipeline),
-                          self.spool.instance_paths(job.series_uid), self.writer,
+        paths = self.spool.instance_paths(job.series_uid)
+        earlier, n_before, previous = self.jobs.previous_run(job)
+        writer = self.writer
+        if earlier is not None:
+            log.info("job %d re-runs series %s: its results replace those of job %d", job.id,
+                     job.series_uid, earlier)
+            writer = _superseding(self.writer, previous, n_before, len(paths))
+        outcome = analyse(pipeline, self._models_for(pipeline), paths, writer,
                           write_declined if self.settings.declined_reports else None)
         results, note = outcome.results, outcome.note
         if not results:
             if outcome.skipped == len(outcome.problems):
-                self.jobs.skip(job.id, note or "skipped")
-                return "skipped"
-            self.jobs.fail(job.id, note or "no result")
-            return "failed"
-        folder = self.settings.results_dir / str(job.id)
+                return "skipped", lambda: self.jobs.skip(job.id, note or "skipped")
+            return "failed", lambda: self.jobs.fail(job.id, note or "no result")
+        folder = self._folder(job)
         shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted earlier run
-        saved = save_durably([ds for _, datasets in results for ds in datasets], folder)
+        datasets = [ds for _, objects in results for ds in objects]
+        saved = save_durably(datasets, folder)
+        reports = [ReportRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                             str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+                   for ds in datasets if ds.Modality == "SR"]
         deliveries = [
             delivery(destination, path, uid)
             for destination in destinations_for(self.settings, job.calling_ae)
@@ -231,11 +333,21 @@ class Worker:
         if not deliveries:
             log.warning("job %d: no destination configured for %s; results kept in %s",
                         job.id, job.calling_ae, folder)
-        self.jobs.finish(job.id, deliveries, note)
         if self.on_result is not None:
             for findings, _ in results:
                 self.on_result(job, findings, [path for path, _ in saved])
-        return "done"
+        return "done", lambda: self.jobs.finish(job.id, deliveries, note, reports,
+                                                supersedes=earlier)
+
+    def purge_if_due(self) -> None:
+        """Apply the retention policy every `retention.interval_s`."""
+        t = time.time()
+        if t < self._next_purge:
+            return
+        self._next_purge = t + self.settings.retention.interval_s
+        report = purge(self.settings, self.spool.db, dry_run=False)
+        if report.total_files or report.total_rows:
+            log.info("retention: %s", report.summary())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -243,6 +355,7 @@ class Worker:
                 self.close_complete_series()
                 if self.run_one():
                     continue
+                self.purge_if_due()
             except Exception:  # the store was busy or broken for a moment: try again
                 log.exception("worker round failed")
             self._stop.wait(0.2)

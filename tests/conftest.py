@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,17 +25,56 @@ RIDER_CT = DATA / "dicom" / "tcia-rider-pilot_0117_chest-ct-nsclc"
 CHEST_CR = DATA / "dicom" / "nema-wg04_RG1_chest-cr" / "RG1_J2KI.dcm"
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
+        ext = d / f"{name}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1\n")
+        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"),
+                 "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+                 "-extfile", str(ext), "-out", str(d / f"{name}.pem"))
+    return {p.stem + p.suffix: p for p in d.iterdir()}
+
+
+def tls_client_context(pki: dict[str, Path], with_cert: bool = True) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca.pem"]))
+    if with_cert:
+        ctx.load_cert_chain(str(pki["client.pem"]), str(pki["client.key"]))
+    return ctx
+
+
+def tls_node_config(pki: dict[str, Path]) -> dict:
+    """A listener that requires TLS and a client certificate signed by the test CA."""
+    return {"tls": {"enabled": True, "cert_file": str(pki["server.pem"]),
+                    "key_file": str(pki["server.key"]), "ca_file": str(pki["ca.pem"])}}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def echo(port: int, called: str = "COVID_PLUGIN", calling: str = "TESTSCU") -> bool:
+def echo(port: int, called: str = "COVID_PLUGIN", calling: str = "TESTSCU",
+         ssl_context: ssl.SSLContext | None = None, bind_address: str = "",
+         timeout: float = 5) -> bool:
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = 5
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    tls_args = (ssl_context, "127.0.0.1") if ssl_context else None
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args,
+                         bind_address=(bind_address, 0))
     if not assoc.is_established:
         return False
     status = assoc.send_c_echo()
@@ -79,8 +119,8 @@ class NodeProcess:
         """Start and wait until `ready()` (default: a plain C-ECHO succeeds)."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "covid_plugin.cli", "--config", str(self.config_path),
-             "listen"],
+            [sys.executable, "-m", "covid_plugin.cli", "listen", "--config",
+             str(self.config_path)],  # the README's form
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
         )

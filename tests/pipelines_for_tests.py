@@ -1,12 +1,15 @@
 """A deterministic pipeline for node tests: the real writers, no model.
 
 Its 'probability' is a fixed function of the pixels, so a test can tell a rerun from a new
-result; TEST_PIPELINE_DELAY_S makes it slow enough to be killed mid-job.
+result; TEST_PIPELINE_DELAY_S makes it slow enough to be killed mid-job, and
+TEST_PIPELINE_CRASH_MODALITY=CT makes it kill its own process on a CT series, as running out
+of memory would.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -31,6 +34,8 @@ class MeanIntensityPipeline:
         delay = float(os.environ.get("TEST_PIPELINE_DELAY_S", "0"))
         if delay:
             time.sleep(delay)
+        if series.modality in os.environ.get("TEST_PIPELINE_CRASH_MODALITY", "").split(","):
+            os.kill(os.getpid(), signal.SIGKILL)
         p = float(1 / (1 + np.exp(-float(series.array.mean()) / 1000.0)))
         classification = Classification(
             MODEL, [ClassProbability("covid", COVID, p), ClassProbability("normal", NORMAL, 1 - p)],

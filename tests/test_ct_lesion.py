@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,9 +11,9 @@ from covid_plugin.ml.ct_lesion import hu_to_network_input, thorax_box, to_networ
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit, unit_to_hu, window_bounds
 from covid_plugin.ml.spec import ModelSpec
+from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.data import read_grey
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 SPEC = ModelSpec(
     name="ct-lesion", version="test", task="segmentation", labels=[],

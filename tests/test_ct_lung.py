@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from covid_plugin.ml.ct_lung import LEFT_LUNG, RIGHT_LUNG, lung_volumes_ml, segment_lungs
+from tests.conftest import DATA, REPO  # COVID_PLUGIN_DATA, default ../shared/data
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 
 
@@ -66,3 +64,34 @@ def test_dense_consolidation_enclosed_by_lung_stays_lung():
 def test_rejects_a_2d_image():
     with pytest.raises(ValueError):
         segment_lungs(np.zeros((64, 64), np.float32), (1.0, 1.0, 1.0))
+
+
+def _normal_sample():
+    from covid_plugin.volume import load_series_files
+
+    samples = REPO / "dicom_samples"
+    return load_series_files(sorted((samples / "ct-normal_covid-ct-md-normal002").glob("*.dcm")))
+
+
+def test_cardiac_fat_pad_wrapped_by_the_lung_is_not_lung():
+    # normal002's lowest sample slices: the left lung wraps around the cardiac apex and its fat
+    # pad, which 2D hole filling took as lung (37 mL of > -300 HU tissue in one 3D piece); it
+    # continues into the mediastinum, so it is not a hole. Vessels stay (small pieces).
+    from scipy import ndimage as ndi
+
+    series = _normal_sample()
+    labels = segment_lungs(series.array, series.spacing, series.orientation)
+    pieces, n = ndi.label((labels > 0) & (series.array > -300))
+    voxel_ml = float(np.prod(series.spacing)) / 1000.0
+    assert n > 0 and np.bincount(pieces.ravel())[1:].max() * voxel_ml < 15.0
+
+
+def test_trachea_and_main_bronchi_are_not_lung():
+    # normal002 sample block (carina level): the main bronchi's lumen (< -950 HU, 3D pieces
+    # near the midline between the lungs); the old 2D blob seeds missed it (3.3 mL as lung)
+    from training.ct_lung import airway_as_lung_ml
+
+    series = _normal_sample()
+    hu, spacing = series.array, series.spacing
+    labels = segment_lungs(hu, spacing, series.orientation)
+    assert airway_as_lung_ml(hu, labels, spacing) < 0.3

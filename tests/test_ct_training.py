@@ -14,9 +14,9 @@ from covid_plugin.ml.ct_cls import CtClassifier
 from covid_plugin.ml.ct_lesion import LesionSegmenter
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.spec import ModelIntegrityError, load_spec
+from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.__main__ import main
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 
 

@@ -23,10 +23,10 @@ from covid_plugin.ml.cxr import (
     unit_range,
 )
 from covid_plugin.ml.spec import ModelIntegrityError, sha256_of
+from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.cxr import load_cache, network_batch
 from training.data import read_grey, read_manifests
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "cxr" / "manifest.csv").is_file(),
                                 reason="shared/data not present")
 

@@ -156,3 +156,96 @@ def test_write_error_returns_out_of_resources(node_factory):
     assert echo(node.port)
     assert index(node).execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
     assert "could not store" in node.log()
+
+
+def test_rows_zero_and_odd_bits_allocated_are_refused_at_receive(node_factory):
+    node = node_factory().start()
+    no_rows = pydicom.dcmread(rider_files(1)[0])
+    no_rows.Rows = 0
+    odd_bits = pydicom.dcmread(rider_files(2)[1])
+    odd_bits.BitsAllocated = 7
+    assert send(node.port, [no_rows, odd_bits]) == [0xA900, 0xC000]
+    reasons = [r[0] for r in index(node).execute("SELECT reason FROM rejected_instances")]
+    assert reasons == ["Rows must be 1 or more", "BitsAllocated must be 1 or a multiple of 8"]
+    assert index(node).execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+
+
+def test_recovery_keeps_the_sender_as_the_return_address(node_factory):
+    """A file spooled but not indexed (a crash between rename and commit) is re-indexed at
+    start under the AE title that sent it, read from its file meta (0002,0016)."""
+    node = node_factory({"quiet_period_s": 3600}).start()
+    assert storescu(node.port, rider_files(3)).returncode == 0
+    node.kill9()
+    db = index(node)
+    paths = [Path(r["path"]) for r in db.execute("SELECT path FROM instances")]
+    assert {str(pydicom.dcmread(p).file_meta.SourceApplicationEntityTitle) for p in paths} \
+        == {"STORESCU"}
+    with db:  # the index forgets them, as if the node died before its commit
+        db.execute("DELETE FROM jobs")
+        db.execute("DELETE FROM series")
+        db.execute("DELETE FROM instances")
+    db.close()
+    node.start()
+    rows = index(node).execute("SELECT calling_ae FROM instances").fetchall()
+    assert [r["calling_ae"] for r in rows] == ["STORESCU"] * 3
+    series = index(node).execute("SELECT calling_ae FROM series").fetchall()
+    assert [r["calling_ae"] for r in series] == ["STORESCU"]
+
+
+def test_new_study_and_series_directories_are_fsynced(tmp_path, monkeypatch):
+    """The file's directory entry is durable only if each created directory's parent is
+    synced too: spool/<study> in spool/, spool/<study>/<series> in spool/<study>/."""
+    import os
+
+    from covid_plugin.instance import read_header
+    from covid_plugin.store import spool as spool_module
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.spool import Spool
+
+    spool = Spool(tmp_path / "spool", Database(tmp_path / "db.sqlite"))
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", recording_fsync)
+    data = rider_files(1)[0].read_bytes()
+    header = read_header(data)
+    stored = spool.store(header, data, "PACS1")
+    series_dir = stored.path.parent
+    assert {spool.root, series_dir.parent, series_dir} <= set(synced)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+@pytest.mark.parametrize("birth_date", ["00000000", "1950"])
+def test_header_values_never_reach_job_reasons(node_factory, birth_date):
+    """A non-standard PatientBirthDate once failed the job with the value in `jobs.reason`,
+    which `covid-plugin jobs` prints. Whatever the outcome, the value is not in it."""
+    node = node_factory({"selection": {"min_ct_slices": 2}}).start()
+    datasets = [pydicom.dcmread(f) for f in rider_files(3)]
+    for ds in datasets:
+        ds.PatientBirthDate = birth_date
+    assert send(node.port, datasets) == [0, 0, 0]
+    wait_for(lambda: index(node).execute(
+        "SELECT 1 FROM jobs WHERE state IN ('done', 'failed')").fetchone(), timeout=30,
+        what="the job to end")
+    listing = node.cli("jobs").stdout
+    assert birth_date not in listing and "out of range" not in listing
+    assert birth_date not in node.log()
+
+
+def test_encoding_errors_are_recorded_without_the_library_message():
+    from covid_plugin.outputs import OutputError
+    from covid_plugin.worker import analyse
+    from tests.pipelines_for_tests import MeanIntensityPipeline
+
+    def writer(findings, series):
+        try:
+            raise ValueError("Unable to convert '1950' to 'DA' object")
+        except ValueError as error:
+            raise OutputError(f"cannot encode results: {error}", "1.2.3") from error
+
+    outcome = analyse(MeanIntensityPipeline(), None, rider_files(2), writer)
+    assert outcome.problems == ["results cannot be encoded (ValueError); details at DEBUG"]

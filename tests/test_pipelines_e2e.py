@@ -92,16 +92,19 @@ def test_cxr_outputs_are_valid(run_output):
 
 
 def test_lateral_film_is_skipped_with_the_reason(tmp_path):
+    """The ViewPosition rule needs no model: the pipeline skips before it touches one (it used
+    to spawn a whole `covid-plugin run`, 39 s, to check this)."""
+    from covid_plugin.outputs import write_all
+    from covid_plugin.pipelines.cxr import CxrPipeline
+    from covid_plugin.worker import analyse
+
     ds = pydicom.dcmread(next(CXR_COVID.glob("*.dcm")))
     ds.ViewPosition = "LL"
-    folder = tmp_path / "in"
-    folder.mkdir()
-    ds.save_as(folder / "lateral.dcm")
-    result = subprocess.run(
-        [sys.executable, "-m", "covid_plugin.cli", "run", str(folder), "--out",
-         str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert "skipped" in result.stdout and "lateral view (ViewPosition LL)" in result.stdout
+    ds.save_as(tmp_path / "lateral.dcm")
+    outcome = analyse(CxrPipeline(), {}, [tmp_path / "lateral.dcm"], write_all)
+    assert outcome.results == [] and outcome.skipped == 1
+    assert outcome.problems == [
+        "skipped by the cxr pipeline: lateral view (ViewPosition LL); only frontal films"]
 
 
 @requires_dciodvfy

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from covid_plugin.config import SelectionSettings
-from covid_plugin.series import is_complete, rejection_reason
+from covid_plugin.series import completion, rejection_reason
 from covid_plugin.store.jobs import SeriesRecord
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -14,7 +14,7 @@ CR = "1.2.840.10008.5.1.4.1.1.1"
 def series(**kw) -> SeriesRecord:
     base = dict(job_id=1, series_uid="1.2.3", study_uid="1.2", modality="CT", sop_class_uid=CT,
                 body_part="CHEST", description="", image_type="ORIGINAL\\PRIMARY\\AXIAL",
-                calling_ae="PACS", n_instances=120, last_at=100.0)
+                calling_ae="PACS", n_instances=120, last_at=100.0, released_at=100.5)
     return SeriesRecord(**(base | kw))
 
 
@@ -23,9 +23,32 @@ RULES = SelectionSettings()
 
 def test_complete_needs_quiet_period_and_no_open_association():
     s = series()
-    assert not is_complete(s, now=105.0, quiet_period_s=10, active_series=set())
-    assert is_complete(s, now=110.0, quiet_period_s=10, active_series=set())
-    assert not is_complete(s, now=500.0, quiet_period_s=10, active_series={"1.2.3"})
+    assert completion(s, now=105.0, quiet_period_s=10, active_series=set()) == "wait"
+    assert completion(s, now=110.0, quiet_period_s=10, active_series=set()) == "complete"
+    assert completion(s, now=500.0, quiet_period_s=10, active_series={"1.2.3"}) == "wait"
+
+
+def test_nothing_completes_before_one_quiet_period_after_start_up():
+    s = series()  # quiet for long, but the node only just started
+    assert completion(s, now=500.0, quiet_period_s=10, active_series=set(),
+                      held_until=505.0) == "wait"
+    assert completion(s, now=505.0, quiet_period_s=10, active_series=set(),
+                      held_until=505.0) == "complete"
+
+
+def test_a_transfer_that_broke_off_is_incomplete_until_resent_or_timed_out():
+    aborted = series(released_at=None, interrupted_at=100.2)  # sender killed mid-series
+    assert completion(aborted, 200.0, 10, set(), incomplete_timeout_s=600) == "wait"
+    assert completion(aborted, 700.3, 10, set(), incomplete_timeout_s=600) == "incomplete"
+    # an earlier clean release does not cover instances that came after it
+    cut = series(released_at=50.0, interrupted_at=None)  # e.g. the node itself was killed
+    assert completion(cut, 200.0, 10, set(), incomplete_timeout_s=600) == "wait"
+    # the sender sends again and releases: complete
+    resent = series(last_at=300.0, released_at=300.5, interrupted_at=100.2)
+    assert completion(resent, 311.0, 10, set(), incomplete_timeout_s=600) == "complete"
+    # an abort after the last clean release holds it again
+    again = series(released_at=100.5, interrupted_at=101.0)
+    assert completion(again, 200.0, 10, set(), incomplete_timeout_s=600) == "wait"
 
 
 def test_chest_ct_and_chest_radiograph_are_selected():

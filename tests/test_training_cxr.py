@@ -12,12 +12,12 @@ import torch
 
 from covid_plugin.ml.cxr import MODELS_DIR, CxrClassifier, preprocess
 from covid_plugin.ml.spec import load_spec
+from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.__main__ import main
 from training.cxr import augment, balanced_weights, checkpoint_path, load_cache, load_items
 from training.data import Item, leakage_groups, make_split, read_grey
 from training.metrics import bootstrap_auc, expected_calibration_error, macro_f1
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "cxr" / "manifest.csv").is_file(),
                                 reason="shared/data not present")
 

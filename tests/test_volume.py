@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from covid_plugin.volume import SeriesError, load_series, load_series_files
+from covid_plugin.volume import LoadedSeries, SeriesError, load_series, load_series_files
 from tests.conftest import CHEST_CR, DATA, rider_files
 from tests.dicom_validators import DCIODVFY, dciodvfy_errors
 
@@ -143,6 +143,14 @@ def test_mixed_orientation_is_rejected() -> None:
         load_series(datasets)
 
 
+def test_zero_pixel_spacing_is_rejected_with_reason() -> None:
+    datasets = read_all(rider_files(3))
+    for ds in datasets:
+        ds.PixelSpacing = [0, 0]
+    with pytest.raises(SeriesError, match="PixelSpacing must be two positive numbers"):
+        load_series(datasets)
+
+
 def test_mixed_size_is_rejected() -> None:
     datasets = read_all(rider_files(3))
     small = datasets[1]
@@ -231,3 +239,14 @@ def test_dicom_samples_load_and_are_valid(folder: str, modality: str, frames: in
         assert series.array.min() >= 0 and series.array.max() == pytest.approx(1.0, abs=0.05)
     if DCIODVFY is not None:
         assert dciodvfy_errors(paths[0]) == []
+
+
+def test_spill_to_disk_keeps_the_values_and_frees_the_array():
+    from covid_plugin.volume import spill_to_disk
+
+    array = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    series = LoadedSeries("CT", "1.2", "1.3", array.copy(), (1.0, 1.0, 1.0), [])
+    spill_to_disk(series)
+    assert isinstance(series.array, np.memmap)
+    assert series.array.dtype == np.int16 and not series.array.flags.writeable
+    np.testing.assert_array_equal(series.array, array)

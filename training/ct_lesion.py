@@ -218,8 +218,13 @@ def write_spec(out: Path, data: Path, n_train: int, steps: int, limit: int | Non
         },
         "intensity": window,
         "spacing": None,
-        "thresholds": {},
-        "output": {"0": "none", "1": "ggo", "2": "consolidation", "restricted_to": "ct-lung"},
+        # the network's own operating point until `evaluate ct-lesion` chooses both on the
+        # real HU patients (training/ct_lopo.py)
+        "thresholds": {"lesion_probability": 0.5, "min_lesion_ml": 0.0},
+        "output": {"0": "none", "1": "ggo", "2": "consolidation", "restricted_to": "ct-lung",
+                   "postprocess": "softmax, [1,2,2,2,1]/8 low-pass (decoder checkerboard), "
+                                  "bilinear resize, lesion where P(GGO)+P(consolidation) >= "
+                                  "lesion_probability, 3D lesions < min_lesion_ml dropped"},
         "data": {
             "sources": [{
                 "name": "MedSeg COVID-19 CT segmentation (SIRM images), Inf-Net export",

@@ -15,17 +15,58 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from covid_plugin.ml import ct_lung
 from covid_plugin.ml.ct_lung import lung_volumes_ml, segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit
 from training.ct_plots import LUNG_COLOURS, overlay, save_grid, tile
-from training.ct_series import SOURCES, load_hu_series
+from training.ct_series import FULL_SERIES, SOURCES, load_hu_series
 
 REPO = Path(__file__).resolve().parents[1]
 DISPLAY_WINDOW = (-1350.0, 150.0)  # a lung window for the overlays only
 # plausible adult lung volume per mm of craniocaudal extent through the mid/lower chest (mL/mm)
 PLAUSIBLE_ML_PER_MM = (5.0, 40.0)
+AIRWAY_CHECK_MM = 30.0  # lumen (< -950 HU) this close to the midline: trachea, main bronchi
+# the same voxels stored another way: (array flips (slices, rows, cols), ImageOrientationPatient)
+STORAGE_VARIANTS = {
+    "mirrored_columns": ((True, False, True), (-1, 0, 0, 0, 1, 0)),
+    "mirrored_rows": ((True, True, False), (1, 0, 0, 0, -1, 0)),
+    "prone": ((False, True, True), (-1, 0, 0, 0, -1, 0)),
+}
+
+
+def airway_as_lung_ml(hu: np.ndarray, labels: np.ndarray, spacing) -> float:
+    """mL of airway lumen labelled lung: 3D pieces (>= 0.5 mL) of air-dense voxels (< -950 HU)
+    within AIRWAY_CHECK_MM of the midline between the lungs, i.e. the trachea and main bronchi
+    (single noisy lung voxels below -950 HU are not pieces of that size). Should be 0."""
+    cols = np.flatnonzero((labels > 0).any(axis=(0, 1)))
+    if cols.size == 0:
+        return 0.0
+    midline = (cols[0] + cols[-1]) / 2
+    central = np.abs(np.arange(hu.shape[2]) - midline) < AIRWAY_CHECK_MM / spacing[2]
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    pieces, n = ndi.label((hu < -950) & central)
+    big = np.bincount(pieces.ravel(), minlength=n + 1) * voxel_ml >= 0.5
+    big[0] = False
+    return float(((labels > 0) & big[pieces]).sum() * voxel_ml)
+
+
+def storage_check(hu: np.ndarray, spacing, reference: dict[str, float]) -> dict[str, dict]:
+    """Right/left volumes when the series is stored mirrored or prone (same patient positions)."""
+    out = {}
+    for name, (flips, orientation) in STORAGE_VARIANTS.items():
+        index = tuple(slice(None, None, -1 if flip else None) for flip in flips)
+        labels = segment_lungs(np.ascontiguousarray(hu[index]), spacing, orientation)
+        volumes = lung_volumes_ml(labels, spacing)
+        out[name] = {
+            "right_ml": volumes["right_ml"], "left_ml": volumes["left_ml"],
+            "same_sides": bool(abs(volumes["right_ml"] - reference["right_ml"])
+                               <= 0.01 * reference["right_ml"]
+                               and abs(volumes["left_ml"] - reference["left_ml"])
+                               <= 0.01 * reference["left_ml"]),
+        }
+    return out
 
 
 def spec() -> dict:
@@ -43,7 +84,8 @@ def spec() -> dict:
         "input": {
             "volume": "float32 HU (slices, rows, cols) sorted along the slice normal",
             "working_grid": "in-plane block mean to about 256 px, labels repeated back",
-            "orientation": "standard axial: patient right on image left",
+            "orientation": "from ImageOrientationPatient: turned to LPS (SimpleITK DICOMOrient) "
+                           "and back; right/left are the patient's",
         },
         "intensity": {
             "kind": "hu_thresholds",
@@ -55,14 +97,20 @@ def spec() -> dict:
         "spacing": None,
         "thresholds": {
             "min_lung_ml": ct_lung.MIN_LUNG_ML,
+            "min_airway_ml": ct_lung.MIN_AIRWAY_ML,
             "max_airway_ml": ct_lung.MAX_AIRWAY_ML,
+            "airway_band": ct_lung.AIRWAY_BAND,
+            "airway_wall_mm": ct_lung.AIRWAY_WALL_MM,
+            "max_bridged_hole_cm2": ct_lung.MAX_BRIDGED_HOLE_CM2,
             "closing_mm": ct_lung.CLOSING_MM,
             "padding_share": ct_lung.PADDING_SHARE,
         },
         "output": {"0": "background", "1": "right_lung", "2": "left_lung"},
-        "method": "threshold -> body -> airway removal -> 3D components -> left/right split "
-                  "(eroded seeds + watershed) -> per-slice closing and hole filling "
-                  "(scipy.ndimage, scikit-image); rule-based, nothing trained",
+        "method": "orient to LPS (SimpleITK) -> threshold -> body -> airway removal (midline "
+                  "3D lumen components) -> 3D components -> left/right split (eroded seeds + "
+                  "watershed) -> per-slice closing and hole filling, holes open to the "
+                  "mediastinum in 3D left out -> back to the source grid (scipy.ndimage, "
+                  "scikit-image, SimpleITK); rule-based, nothing trained",
         "data": {
             "checked_on": [f"{name}: {licence}" for name, licence in SOURCES.values()],
             "split": "none (no parameters fitted); every real HU series is a check",
@@ -80,7 +128,8 @@ def train(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-lung")
-    series_list = load_hu_series(data)[: args.limit]
+    series_list = (load_hu_series(data)[: args.limit]
+                   + load_hu_series(data, which=FULL_SERIES)[: args.limit])
     results, rows = {}, []
     for series in series_list:
         start = time.perf_counter()
@@ -101,8 +150,11 @@ def evaluate(args: argparse.Namespace) -> int:
             "two_lungs": bool(volumes["right_ml"] > 0 and volumes["left_ml"] > 0),
             "right_lung_on_image_left": bool(cols[0] is not None and cols[1] is not None
                                              and cols[0] < cols[1]),
+            "airway_labelled_lung_ml": airway_as_lung_ml(series.hu, labels, series.spacing),
             "seconds": seconds,
         }
+        if series.name == "normal002":  # whole chest: stored mirrored and prone, same sides?
+            results[series.name]["storage"] = storage_check(series.hu, series.spacing, volumes)
         picks = sorted({0, series.hu.shape[0] // 2, series.hu.shape[0] - 1})
         rows.append([
             tile(overlay(hu_to_unit(series.hu[i], *DISPLAY_WINDOW), labels[i], LUNG_COLOURS),
@@ -120,11 +172,17 @@ def evaluate(args: argparse.Namespace) -> int:
         "all_plausible": all(r["plausible"] for r in results.values()),
         "all_two_lungs": all(r["two_lungs"] for r in results.values()),
         "all_right_on_image_left": all(r["right_lung_on_image_left"] for r in results.values()),
+        "max_airway_labelled_lung_ml": max(r["airway_labelled_lung_ml"]
+                                           for r in results.values()),
+        "storage_variants_same_sides": all(v["same_sides"] for r in results.values()
+                                           for v in r.get("storage", {}).values()),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     spec_json = json.loads((out / "spec.json").read_text())
     spec_json["metrics"] = {
-        key: metrics[key] for key in ("all_plausible", "all_two_lungs", "all_right_on_image_left")
+        key: metrics[key] for key in ("all_plausible", "all_two_lungs", "all_right_on_image_left",
+                                      "max_airway_labelled_lung_ml",
+                                      "storage_variants_same_sides")
     }
     spec_json["metrics"]["on"] = f"{len(results)} real HU series; details in metrics.json"
     (out / "spec.json").write_text(json.dumps(spec_json, indent=2) + "\n")

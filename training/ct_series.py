@@ -27,6 +27,16 @@ HU_SERIES = {
     "dicom/tcia-covid19-ny-sbu_A072894_chest-ct-1901": "covid",
 }
 
+# the six whole-chest COVID-CT-MD series (every second slice, 4 mm), one per patient
+FULL_SERIES = {
+    "ct_hu/covid-ct-md-series/P001": "covid",
+    "ct_hu/covid-ct-md-series/P002": "covid",
+    "ct_hu/covid-ct-md-series/cap001": "pneumonia_other",
+    "ct_hu/covid-ct-md-series/cap002": "pneumonia_other",
+    "ct_hu/covid-ct-md-series/normal001": "normal",
+    "ct_hu/covid-ct-md-series/normal002": "normal",
+}
+
 SOURCES = {
     "covid-ct-md": ("COVID-CT-MD (Afshar et al., Sci Data 8:121, 2021)", "CC-BY-4.0 (unverified)"),
     "tcia-lung-pet-ct-dx": ("TCIA Lung-PET-CT-Dx, doi:10.7937/TCIA.2020.NNC2-0461", "CC-BY-4.0"),
@@ -78,10 +88,11 @@ def read_series(folder: Path) -> tuple[np.ndarray, tuple[float, float, float], l
     return hu, (slice_spacing, row_sp, col_sp), positions
 
 
-def load_hu_series(data: Path, names: list[str] | None = None) -> list[HuSeries]:
+def load_hu_series(data: Path, names: list[str] | None = None,
+                   which: dict[str, str] | None = None) -> list[HuSeries]:
     """Every HU series the CT models use (or the named folders), with its series-level label."""
     out = []
-    for rel, label in HU_SERIES.items():
+    for rel, label in (which or HU_SERIES).items():
         if names is not None and Path(rel).name not in names:
             continue
         hu, spacing, z = read_series(data / rel)
@@ -92,6 +103,17 @@ def load_hu_series(data: Path, names: list[str] | None = None) -> list[HuSeries]
 def source_of(name: str) -> tuple[str, str]:
     """The citation and licence of a series folder, for model cards."""
     return next(v for k, v in SOURCES.items() if name.startswith(k))
+
+
+def series_slice_labels(data: Path) -> dict[str, dict[float, int]]:
+    """Radiologists' per-slice infection labels of the whole COVID-CT-MD series, by subject and
+    slice z (PROVENANCE.md: label index = InstanceNumber order); blank (normals) reads as 0."""
+    labels: dict[str, dict[float, int]] = defaultdict(dict)
+    with open(data / "ct_hu" / "covid_ct_md_series_labels.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            value = row["infection"]
+            labels[row["subject"]][round(float(row["position_z"]), 1)] = int(value) if value else 0
+    return dict(labels)
 
 
 def covid_ct_md_slice_labels(data: Path) -> dict[str, dict[float, int]]:

@@ -27,17 +27,26 @@ def _ramp(value: float, low: float, high: float) -> float:
     return float(np.clip((value - low) / (high - low), 0.0, 1.0))
 
 
+def peripheral_zone(lung_slice: np.ndarray, spacing: tuple[float, float, float],
+                    peripheral_mm: float) -> np.ndarray:
+    """Lung pixels of one slice within `peripheral_mm` of the lung border (pleura)."""
+    in_lung = lung_slice > 0
+    return in_lung & (ndi.distance_transform_edt(in_lung, sampling=spacing[1:]) <= peripheral_mm)
+
+
 def lesion_features(
-    lung: np.ndarray, lesion: np.ndarray, spacing: tuple[float, float, float], peripheral_mm: float
+    lung: np.ndarray, lesion: np.ndarray, spacing: tuple[float, float, float],
+    peripheral_mm: float, peripheral: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Burden and distribution of lesions inside the lungs (percentages and fractions).
 
     Counted slice by slice: whole-volume boolean temporaries of a 600-slice CT would take
-    150 MB each.
+    150 MB each. `peripheral` (the `peripheral_zone` of every slice) saves recomputing it when
+    one lung mask is scored with many lesion masks (evaluation).
     """
     lung_n = {RIGHT_LUNG: 0, LEFT_LUNG: 0}
     lesion_n = {RIGHT_LUNG: 0, LEFT_LUNG: 0}
-    peripheral = ggo = 0
+    n_peripheral = ggo = 0
     for i in range(lung.shape[0]):
         in_lung = lung[i] > 0
         inside = (lesion[i] > 0) & in_lung
@@ -45,16 +54,17 @@ def lesion_features(
             side = lung[i] == value
             lung_n[value] += int(side.sum())
             lesion_n[value] += int((inside & side).sum())
-        if inside.any():  # distance to the lung border (pleura), in mm, in this slice
-            depth = ndi.distance_transform_edt(in_lung, sampling=spacing[1:])
-            peripheral += int((inside & (depth <= peripheral_mm)).sum())
+        if inside.any():
+            zone = (peripheral[i] if peripheral is not None
+                    else peripheral_zone(lung[i], spacing, peripheral_mm))
+            n_peripheral += int((inside & zone).sum())
             ggo += int((inside & (lesion[i] == 1)).sum())
     n_lesion = sum(lesion_n.values())
     return {
         "involvement_percent": 100 * n_lesion / max(sum(lung_n.values()), 1),
         "right_percent": 100 * lesion_n[RIGHT_LUNG] / max(lung_n[RIGHT_LUNG], 1),
         "left_percent": 100 * lesion_n[LEFT_LUNG] / max(lung_n[LEFT_LUNG], 1),
-        "peripheral_fraction": peripheral / n_lesion if n_lesion else 0.0,
+        "peripheral_fraction": n_peripheral / n_lesion if n_lesion else 0.0,
         "ggo_fraction": ggo / n_lesion if n_lesion else 0.0,
     }
 

@@ -4,6 +4,17 @@ The network was trained on 8-bit slices cropped to the thorax, longer side 256 p
 reaches that domain through the same steps, in this order, for training and for the node:
 crop to the thorax (lung bounding box plus a margin), apply the HU window (ct_window), resize
 the longer side to `input.size` and pad the shorter one (`to_network_input`).
+
+From the network's output to labels, also one path for evaluation and the node
+(`network_probabilities`, `labels_from_probabilities`): softmax, a low-pass filter at the
+network's resolution, resize to the crop, then "lesion" where the lesion probability (GGO +
+consolidation) reaches the spec's `lesion_probability` and GGO vs consolidation by the larger
+of the two. The filter is there because the UNet's decoder upsamples with stride-2 transposed
+convolutions (kernel 3), whose uneven overlap adds a fixed checkerboard of period 2 and 4 px
+to the logits; where GGO and consolidation are nearly tied, an argmax turned it into a
+regular grid of alternating labels, which the bilinear resize to the crop widened to ~3 px.
+The [1, 2, 2, 2, 1] / 8 kernel has zeros at exactly those two periods. Lesions smaller than
+`min_lesion_ml` in 3D (single vessels cut across, noise) are dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import UNet
+from scipy import ndimage as ndi
 
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit, window_bounds
@@ -22,6 +34,17 @@ from covid_plugin.ml.spec import ModelSpec, load_spec
 
 NONE, GGO, CONSOLIDATION = 0, 1, 2
 TYPICAL_SPACING = (2.0, 0.7, 0.7)
+# zeros of its frequency response at 1/4 and 1/2 cycles per pixel: the transposed-conv grid
+ANTI_GRID_KERNEL = (1.0, 2.0, 2.0, 2.0, 1.0)
+DEFAULT_LESION_PROBABILITY = 0.5
+DEFAULT_MIN_LESION_ML = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when torch sees a GPU, else the CPU; anything else as torch names it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def build_network(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> UNet:
@@ -93,44 +116,121 @@ def hu_to_network_input(
     return to_network_input(torch.from_numpy(unit)[:, None], int(spec.input["size"]))
 
 
+def network_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) logits -> class probabilities with the decoder's checkerboard filtered out."""
+    probs = logits.softmax(dim=1)
+    channels = probs.shape[1]
+    kernel = torch.tensor(ANTI_GRID_KERNEL, dtype=probs.dtype, device=probs.device)
+    kernel = kernel / kernel.sum()
+    pad = len(ANTI_GRID_KERNEL) // 2
+    probs = F.pad(probs, (pad, pad, pad, pad), mode="replicate")
+    probs = F.conv2d(probs, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+    return F.conv2d(probs, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+
+
+def labels_from_probabilities(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, 3, H, W) probabilities -> uint8 (B, H, W): lesion where P(GGO) + P(consolidation)
+    reaches `threshold`, labelled with the likelier of the two."""
+    lesion = (probs[:, GGO] + probs[:, CONSOLIDATION]) >= threshold
+    kind = torch.where(probs[:, CONSOLIDATION] > probs[:, GGO], CONSOLIDATION, GGO)
+    return (kind * lesion).to(torch.uint8)
+
+
+def drop_small_lesions(lesion: np.ndarray, spacing: tuple[float, float, float],
+                       min_ml: float) -> None:
+    """In place: remove 3D lesion components (26-connected) smaller than `min_ml`.
+
+    Labelled as uint16 inside the lesions' bounding box, so a 600-slice CT does not need a
+    full int32 label volume (600 MB).
+    """
+    if min_ml <= 0:
+        return
+    found = np.nonzero(lesion.any(axis=(1, 2)))[0]
+    if found.size == 0:
+        return
+    rows = np.nonzero(lesion.any(axis=(0, 2)))[0]
+    cols = np.nonzero(lesion.any(axis=(0, 1)))[0]
+    box = (slice(found[0], found[-1] + 1), slice(rows[0], rows[-1] + 1),
+           slice(cols[0], cols[-1] + 1))
+    view = lesion[box]
+    try:
+        components = np.empty(view.shape, np.uint16)
+        n = ndi.label(view > 0, structure=np.ones((3, 3, 3), bool), output=components)
+    except RuntimeError:  # more than 65535 lesions: fall back to int32 labels
+        components, n = ndi.label(view > 0, structure=np.ones((3, 3, 3), bool))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    small = np.bincount(components.ravel(), minlength=n + 1) * voxel_ml < min_ml
+    small[0] = False
+    view[small[components]] = NONE
+
+
 class LesionSegmenter:
     """Loads the lesion UNet from its model folder and labels every slice of a HU volume."""
 
-    def __init__(self, spec: ModelSpec, network: torch.nn.Module, batch_size: int = 4):
+    def __init__(self, spec: ModelSpec, network: torch.nn.Module, batch_size: int = 4,
+                 device: str | torch.device = "cpu"):
         self.spec = spec
-        self.network = network.eval()
+        self.device = torch.device(device)
+        self.network = network.eval().to(self.device)
         self.batch_size = batch_size
+        self.threshold = float(spec.thresholds.get("lesion_probability",
+                                                   DEFAULT_LESION_PROBABILITY))
+        self.min_lesion_ml = float(spec.thresholds.get("min_lesion_ml", DEFAULT_MIN_LESION_ML))
 
     @classmethod
-    def load(cls, model_dir: Path) -> LesionSegmenter:
+    def load(cls, model_dir: Path, device: str = "cpu", batch_size: int = 4) -> LesionSegmenter:
         spec = load_spec(model_dir)  # refuses weights whose sha256 differs from spec.json
         network = build_network(tuple(spec.input["channels"]))
         state = torch.load(model_dir / spec.weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
-        return cls(spec, network)
+        return cls(spec, network, batch_size, resolve_device(device))
 
     @torch.inference_mode()
-    def predict(self, hu: np.ndarray, lung: np.ndarray | None = None) -> np.ndarray:
+    def predict_probabilities(self, hu: np.ndarray,
+                              lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lesion probability float16, kind uint8 1 GGO / 2 consolidation), 0 outside the
+        lungs: what evaluation needs to choose the lesion threshold; the node uses `predict`."""
+        probability = np.zeros(hu.shape, np.float16)
+        kind = np.zeros(hu.shape, np.uint8)
+        for index, probs, inside in self._batches(hu, lung):
+            probability[index] = (probs[:, GGO] + probs[:, CONSOLIDATION]).half().numpy() * inside
+            kind[index] = labels_from_probabilities(probs, 0.0).numpy() * inside
+        return probability, kind
+
+    @torch.inference_mode()
+    def predict(self, hu: np.ndarray, lung: np.ndarray | None = None,
+                spacing: tuple[float, float, float] | None = None) -> np.ndarray:
         """uint8 (slices, rows, cols): 0 none, 1 GGO, 2 consolidation, inside the lungs only.
 
-        Without `lung`, the lungs are segmented from HU first (they also set the crop).
+        Without `lung`, the lungs are segmented from HU first (they also set the crop);
+        without `spacing` a typical chest CT spacing sizes the smallest lesion kept.
         """
         if lung is None:  # spacing only sets the smallest lung piece kept: assume a typical one
-            lung = segment_lungs(hu, TYPICAL_SPACING)
+            lung = segment_lungs(hu, spacing or TYPICAL_SPACING)
+        out = self._run(hu, lung)
+        drop_small_lesions(out, spacing or TYPICAL_SPACING, self.min_lesion_ml)
+        return out
+
+    def _run(self, hu: np.ndarray, lung: np.ndarray) -> np.ndarray:
+        out = np.zeros(hu.shape, np.uint8)
+        for index, probs, inside in self._batches(hu, lung):
+            out[index] = labels_from_probabilities(probs, self.threshold).numpy() * inside
+        return out
+
+    def _batches(self, hu: np.ndarray, lung: np.ndarray):
+        """(index into the volume, CPU probabilities (B, 3, crop rows, crop cols), lung mask)
+        for each batch of slices that holds lung."""
         # any() reads labels as lung/not lung: no full-volume boolean copy is needed
         box = thorax_box(lung, float(self.spec.input.get("crop_margin", 0.08)))
-        out = np.zeros(hu.shape, np.uint8)
         crop_rows, crop_cols = box[0].stop - box[0].start, box[1].stop - box[1].start
         for start in range(0, hu.shape[0], self.batch_size):
             stop = min(start + self.batch_size, hu.shape[0])
             if not lung[start:stop].any():
                 continue
             x, place = hu_to_network_input(hu[start:stop], box, self.spec)
-            logits = self.network(x)[
+            probs = network_probabilities(self.network(x.to(self.device)))[
                 :, :, place.top : place.top + place.rows, place.left : place.left + place.cols
             ]
-            logits = F.interpolate(logits, size=(crop_rows, crop_cols), mode="bilinear")
-            labels = logits.argmax(dim=1).to(torch.uint8).numpy()
-            out[start:stop, box[0], box[1]] = labels * (lung[start:stop, box[0], box[1]] > 0)
-        return out
-
+            probs = F.interpolate(probs, size=(crop_rows, crop_cols), mode="bilinear").cpu()
+            index = (slice(start, stop), box[0], box[1])
+            yield index, probs, lung[index] > 0

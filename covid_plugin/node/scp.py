@@ -14,6 +14,8 @@ from collections import defaultdict
 
 from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -23,12 +25,13 @@ from pynetdicom.sop_class import (
     LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from covid_plugin.config import Settings, TlsSettings
 from covid_plugin.instance import InvalidInstance, read_header
+from covid_plugin.node.server import GuardedAssociationServer, serve
 from covid_plugin.observability import Metrics
-from covid_plugin.store.spool import Spool
+from covid_plugin.store.jobs import JobQueue
+from covid_plugin.store.spool import Spool, disk_refusal
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ TRANSFER_SYNTAXES = [
 ]
 
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_NOT_AUTHORIZED = 0x0124
+_MB = 1024 * 1024
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -86,16 +91,18 @@ class StorageSCP:
         self.metrics = metrics
         self._active: dict[int, set[str]] = defaultdict(set)  # association id -> series UIDs
         self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedAssociationServer | None = None
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
+        net = self.settings.network
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.maximum_associations = 16
+        ae.network_timeout = net.idle_timeout_s  # an association silent this long is aborted
+        ae.acse_timeout = net.acse_timeout_s  # a connection that never asks is closed
+        ae.dimse_timeout = net.dimse_timeout_s
+        ae.maximum_associations = net.max_associations
+        ae.require_called_aet = self.settings.check_called_ae
         ae.add_supported_context(Verification)
         processed = set(PROCESSED_SOP_CLASSES)
         for sop_class in PROCESSED_SOP_CLASSES:
@@ -105,7 +112,9 @@ class StorageSCP:
                 if cx.abstract_syntax not in processed:
                     ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         if self.settings.allowed_callers:
-            ae.require_calling_aet = self.settings.allowed_callers
+            # `covid-plugin health` echoes as health_ae_title; it may echo, never store
+            ae.require_calling_aet = [*self.settings.allowed_callers,
+                                      self.settings.health_ae_title]
         return ae
 
     @property
@@ -118,15 +127,18 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_RELEASED, self._on_ended),
-            (evt.EVT_ABORTED, self._on_ended),
-            (evt.EVT_CONN_CLOSE, self._on_ended),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_interrupted),
+            (evt.EVT_CONN_CLOSE, self._on_interrupted),  # after a release: nothing left to do
         ]
         ssl_context = _ssl_context(self.settings.tls) if self.settings.tls.enabled else None
-        self._server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
-            ssl_context=ssl_context,
+        self._server = self.ae.make_server(
+            (self.settings.host, self.settings.port), evt_handlers=handlers,
+            ssl_context=ssl_context, server_class=GuardedAssociationServer,
+            limits=self.settings.network, refusal=self._refusal,
+            on_refused=lambda why: self.metrics.refused_connections.labels(reason=why).inc(),
         )
+        serve(self._server)
         log.info("listening as %s on %s:%d%s", self.settings.ae_title, self.settings.host,
                  self.port, " (TLS)" if ssl_context else "")
 
@@ -134,6 +146,10 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def _refusal(self) -> str | None:
+        """Why the node cannot take data now, or None."""
+        return disk_refusal(self.settings.data_dir, self.settings.storage)
 
     def active_series(self) -> set[str]:
         """Series that an open association has delivered to: not complete yet."""
@@ -155,20 +171,50 @@ class StorageSCP:
         log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
                     event.assoc.requestor.address)
 
-    def _on_ended(self, event: evt.Event) -> None:
+    def _on_released(self, event: evt.Event) -> None:
+        self._ended(event.assoc, released=True)
+
+    def _on_interrupted(self, event: evt.Event) -> None:
+        self._ended(event.assoc, released=False)
+
+    def _ended(self, assoc: Association, released: bool) -> None:
+        """Record how the association ended for the series it delivered to, then forget it.
+
+        The record comes first: a series must not look finished to the worker before its
+        abort is written. An aborted or lost association leaves its series incomplete until
+        the sender sends it again (series.py decides).
+        """
         with self._lock:
-            self._active.pop(id(event.assoc), None)
+            series = set(self._active.get(id(assoc), ()))
+        if series:
+            if not released:
+                log.warning("association from %s ended without release; %d series held as "
+                            "possibly incomplete", assoc.requestor.ae_title, len(series))
+            try:
+                JobQueue(self.spool.db).associations_ended(series, released)
+            except Exception:  # the store is unwritable: the quiet period still applies
+                log.exception("could not record the end of an association from %s",
+                              assoc.requestor.ae_title)
+        with self._lock:
+            self._active.pop(id(assoc), None)
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling = event.assoc.requestor.ae_title
         sop_uid = str(event.request.AffectedSOPInstanceUID)
         sop_class = event.request.AffectedSOPClassUID
+        if self.settings.allowed_callers and calling == self.settings.health_ae_title:
+            log.warning("refused instance %s: %s is the health check's AE title, which may "
+                        "only echo", sop_uid, calling)
+            return _status(STATUS_NOT_AUTHORIZED, "calling AE title may not store")
         if sop_class not in PROCESSED_SOP_CLASSES:
             self.metrics.discarded.inc()
             log.info("discarded %s from %s: SOP class %s is not processed", sop_uid, calling,
                      getattr(sop_class, "name", sop_class))
             return 0x0000
-        data = event.encoded_dataset()
+        refusal = self._refuse_for_resources(event, sop_uid, calling)
+        if refusal is not None:
+            return refusal
+        data = _with_source_ae(event, calling)
         try:
             header = read_header(data, sop_uid)
         except InvalidInstance as exc:
@@ -192,3 +238,33 @@ class StorageSCP:
             self.metrics.duplicates.inc()
             log.info("instance %s from %s already held; kept once", sop_uid, calling)
         return 0x0000
+
+    def _refuse_for_resources(self, event: evt.Event, sop_uid: str, calling: str) -> Dataset | None:
+        """0xA700 for an instance over the size limit, or while the disk is below its mark."""
+        with event.request.DataSet.getbuffer() as view:  # the size, without copying the bytes
+            size = view.nbytes
+        limit_mb = self.settings.storage.max_instance_mb
+        if size > limit_mb * _MB:
+            self.metrics.rejected.labels(reason="too_large").inc()
+            log.warning("refused instance %s from %s: %.0f MB, above storage.max_instance_mb "
+                        "(%.0f MB)", sop_uid, calling, size / _MB, limit_mb)
+            return _status(STATUS_OUT_OF_RESOURCES,
+                           f"instance {size / _MB:.0f} MB over the {limit_mb:.0f} MB limit")
+        refusal = self._refusal()
+        if refusal is not None:
+            self.metrics.rejected.labels(reason="out_of_resources").inc()
+            log.error("refused instance %s from %s: %s", sop_uid, calling, refusal)
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: disk below watermark")
+        return None
+
+
+def _with_source_ae(event: evt.Event, calling: str) -> bytes:
+    """The instance in file format, with the sender's AE title in the file meta (0002,0016).
+
+    The return address then travels with the file: start-up recovery re-indexes a spooled
+    file under the AE title that sent it, and its results still go back there.
+    """
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = calling
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta),
+                     event.encoded_dataset(include_meta=False)))

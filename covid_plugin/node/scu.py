@@ -8,6 +8,7 @@ sender (node/stow.py) has the same `deliver` method; an item with a URL goes to 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Protocol
 from pydicom import dcmread
 from pynetdicom import AE
 
+from covid_plugin.config import Peer, PeerTls
 from covid_plugin.observability import Metrics
 from covid_plugin.store.outbox import Outbox, OutboxItem
 
@@ -27,12 +29,34 @@ def _context_of(path: Path) -> tuple[str, str]:
     return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
 
 
-class DicomSender:
-    """Sends files to one DICOM peer; returns, per outbox item, None on success or the error."""
+def client_context(tls: PeerTls) -> ssl.SSLContext:
+    """Verify the destination's certificate; present ours when one is configured."""
+    ctx = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx.check_hostname = tls.check_hostname
+    if tls.cert_file is not None and tls.key_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx
 
-    def __init__(self, calling_ae: str, timeout_s: float = 30.0) -> None:
+
+class DicomSender:
+    """Sends files to one DICOM peer; returns, per outbox item, None on success or the error.
+
+    An outbox row names its destination by AE title, host and port; the configured peer with
+    that address says whether to use TLS and with which certificates.
+    """
+
+    def __init__(self, calling_ae: str, peers: list[Peer] | None = None,
+                 timeout_s: float = 30.0) -> None:
         self.calling_ae = calling_ae
         self.timeout_s = timeout_s
+        self._tls = {(p.ae_title, p.host, p.port): p.tls for p in peers or [] if p.tls}
+
+    def _tls_args(self, item: OutboxItem) -> tuple[ssl.SSLContext, str] | None:
+        tls = self._tls.get((item.dest_ae, item.dest_host, item.dest_port))
+        if tls is None:
+            return None
+        return client_context(tls), tls.server_name or item.dest_host
 
     def deliver(self, items: list[OutboxItem]) -> dict[int, str | None]:
         first = items[0]
@@ -53,9 +77,16 @@ class DicomSender:
             ae.add_requested_context(sop_class, sorted(syntaxes))
         if not sendable:
             return results
-        assoc = ae.associate(first.dest_host, first.dest_port, ae_title=first.dest_ae)
+        try:
+            tls_args = self._tls_args(first)
+        except (OSError, ValueError) as exc:  # certificate files unreadable since start
+            error = f"TLS set-up for {first.dest_ae} failed: {exc}"
+            return results | {item.id: error for item in sendable}
+        assoc = ae.associate(first.dest_host, first.dest_port, ae_title=first.dest_ae,
+                             tls_args=tls_args)
         if not assoc.is_established:
-            error = f"association with {first.dest_ae}@{first.dest_host}:{first.dest_port} failed"
+            error = (f"association with {first.dest_ae}@{first.dest_host}:{first.dest_port}"
+                     f"{' (TLS)' if tls_args else ''} failed")
             return results | {item.id: error for item in sendable}
         try:
             for item in sendable:

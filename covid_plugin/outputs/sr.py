@@ -159,9 +159,23 @@ def build_report(
         is_complete=True,
         is_final=False,  # PRELIMINARY: an automatic result nobody has verified
         series_description=settings.sr_series_description,
+        previous_versions=_previous_versions(findings),
         **creation_times(when),
     )
     return stamp(sr, models_of(findings), settings, when)
+
+
+def _previous_versions(findings: Findings) -> list[Dataset] | None:
+    """Earlier reports this one replaces, as highdicom's PredecessorDocumentsSequence input."""
+    versions = []
+    for earlier in findings.predecessors:
+        ds = Dataset()
+        ds.StudyInstanceUID = earlier.study_uid
+        ds.SeriesInstanceUID = earlier.series_uid
+        ds.SOPClassUID = earlier.sop_class_uid
+        ds.SOPInstanceUID = earlier.sop_instance_uid
+        versions.append(ds)
+    return versions or None
 
 
 def observation_context(settings: OutputSettings) -> hd.sr.ObservationContext:

@@ -20,7 +20,7 @@ from covid_plugin.ml.ct_lesion import LesionSegmenter
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.spec import load_spec
 from covid_plugin.pipelines import codes
-from covid_plugin.volume import LoadedSeries
+from covid_plugin.volume import LoadedSeries, spill_to_disk
 from covid_plugin.worker import SeriesSkipped
 
 RIGHT, LEFT = 1, 2  # ct_lung labels
@@ -32,22 +32,28 @@ class CtPipeline:
     name = "ct"
     modalities = ("CT",)
 
+    def __init__(self, batch_size: int = 4) -> None:
+        self.batch_size = batch_size  # axial slices per lesion-network forward pass
+
     def load_models(self, models_dir: Path, device: str) -> dict[str, Any]:
+        """`device` "auto" runs the lesion network on CUDA when torch sees a GPU."""
         return {
             "lung_spec": load_spec(models_dir / "ct-lung"),
-            "lesions": LesionSegmenter.load(models_dir / "ct-lesion"),
+            "lesions": LesionSegmenter.load(models_dir / "ct-lesion", device, self.batch_size),
             "classifier": CtClassifier.load(models_dir / "ct-classifier"),
         }
 
     def run(self, series: LoadedSeries, models: dict[str, Any]) -> Findings:
         hu, spacing = series.array, series.spacing
-        lung = segment_lungs(hu, spacing)
+        lung = segment_lungs(hu, spacing, series.orientation)
         lung_ml = float(np.prod(spacing)) / 1000.0 * np.count_nonzero(lung)
         if lung_ml < MIN_LUNG_ML:
             # the classifier's score means nothing without lungs to put lesions in
             raise SeriesSkipped(f"lungs not found ({lung_ml:.0f} mL segmented, needs "
                                 f"{MIN_LUNG_ML:.0f}): not a CT through the chest")
-        lesion = models["lesions"].predict(hu, lung)
+        lesion = models["lesions"].predict(hu, lung, spacing)
+        del hu
+        spill_to_disk(series)  # the HU volume is done with: the masks need that memory
         classifier: CtClassifier = models["classifier"]
         scores = classifier.predict(lung, lesion, spacing)
         lung_model = models["lung_spec"].info()

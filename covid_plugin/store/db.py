@@ -81,7 +81,40 @@ MIGRATIONS: list[str] = [
         received_at REAL NOT NULL
     );
     """,
-    # 2: DICOMweb destinations (STOW-RS) are named by their service URL; NULL for C-STORE peers
+    # 2: quarantined and superseded jobs, a retry-later time, the reports a finished job sent
+    # (JSON, for a later re-run to name as predecessors) and the job it replaced, and how each
+    # series' associations ended. Rebuilding `jobs` is SQLite's way to change a CHECK
+    # constraint, done with foreign keys off (see _migrate). The schema stays small on
+    # purpose: 14 pages, which a node under a 64 KiB file-size limit can still create.
+    """
+    CREATE TABLE jobs_v2 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        series_uid TEXT NOT NULL REFERENCES series(series_uid),
+        state TEXT NOT NULL CHECK (state IN ('received', 'queued', 'running', 'done', 'failed',
+            'rejected', 'quarantined', 'superseded')),
+        reason TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        n_instances_at_queue INTEGER,
+        not_before REAL NOT NULL DEFAULT 0,
+        supersedes INTEGER,
+        reports TEXT
+    );
+    INSERT INTO jobs_v2 (id, series_uid, state, reason, attempts, created_at, updated_at,
+        n_instances_at_queue)
+        SELECT id, series_uid, state, reason, attempts, created_at, updated_at,
+        n_instances_at_queue FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v2 RENAME TO jobs;
+    CREATE INDEX jobs_state ON jobs(state, id);
+    CREATE INDEX jobs_series ON jobs(series_uid, id);
+    CREATE UNIQUE INDEX jobs_open_series ON jobs(series_uid) WHERE state = 'received';
+    ALTER TABLE series ADD COLUMN released_at REAL;
+    ALTER TABLE series ADD COLUMN interrupted_at REAL;
+    UPDATE series SET released_at = last_at;
+    """,
+    # 3: DICOMweb destinations (STOW-RS) are named by their service URL; NULL for C-STORE peers
     "ALTER TABLE outbox ADD COLUMN dest_url TEXT",
 ]
 
@@ -117,10 +150,13 @@ class Database:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            # a COMMIT that fails (disk full) leaves the transaction open: roll it back too,
+            # or every later BEGIN on this thread's connection fails
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -129,13 +165,31 @@ class Database:
             self._local.conn = None
 
     def _migrate(self) -> None:
-        with self.transaction() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={number}")
+        """Apply the missing migrations in one transaction, on a connection with foreign keys
+        off: rebuilding a referenced table (SQLite's 12-step ALTER) needs it; the foreign keys
+        are checked before the commit instead."""
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={number}")
+                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise sqlite3.IntegrityError(f"migration broke foreign keys: {broken[:3]}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            conn.close()
 
 
 def now() -> float:

@@ -107,6 +107,16 @@ class Outbox:
                 (t, t),
             ).rowcount
 
+    def backlog(self) -> dict[str, float | int]:
+        """How much waits to be sent, and for how long the oldest item has waited."""
+        row = self.db.connection().execute(
+            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE state = 'pending'"
+        ).fetchone()
+        dead = self.db.connection().execute(
+            "SELECT COUNT(*) FROM outbox WHERE state = 'dead'").fetchone()[0]
+        waited = round(now() - row["oldest"], 1) if row["oldest"] is not None else 0.0
+        return {"pending": row["n"], "oldest_pending_s": waited, "dead": dead}
+
     def counts(self) -> dict[str, int]:
         rows = self.db.connection().execute(
             "SELECT state, COUNT(*) AS n FROM outbox GROUP BY state"

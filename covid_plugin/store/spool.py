@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from covid_plugin.config import StorageLimits
 from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
 from covid_plugin.store.db import Database, now
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_SENDER = "RECOVERED"  # a file spooled before the sender's AE title was kept with it
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_dirs_durably(folder: Path) -> None:
+    """mkdir -p, fsyncing the parent of every directory created, so that the new study and
+    series directories themselves survive a power cut, not only the file inside them."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+        _fsync_dir(created.parent)
+
+
+def disk_refusal(data_dir: Path, limits: StorageLimits) -> str | None:
+    """Why the data dir's file system cannot take more instances now, or None.
+
+    Checked per association and per instance: refusing while there is still room leaves
+    space for the results, the database and the jobs already queued.
+    """
+    try:
+        usage = shutil.disk_usage(data_dir)
+    except OSError as exc:
+        return f"free space of {data_dir} unknown: {exc.strerror}"
+    free_mb = usage.free / (1024 * 1024)
+    free_percent = 100.0 * usage.free / usage.total if usage.total else 0.0
+    if free_percent < limits.min_free_percent or free_mb < limits.min_free_mb:
+        return (f"free space on the data dir's file system is {free_percent:.1f}% "
+                f"({free_mb:.0f} MB), below storage.min_free_percent {limits.min_free_percent:g}% "
+                f"or storage.min_free_mb {limits.min_free_mb:g} MB")
+    return None
+
+
 class Spool:
     """Files under `root`, indexed in `db`."""
 
@@ -50,7 +85,7 @@ class Spool:
         return self.root / header.study_uid / header.series_uid / f"{header.sop_instance_uid}.dcm"
 
     def _write_durably(self, data: bytes, final: Path) -> None:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs_durably(final.parent)
         tmp = self._tmp / f"{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as fh:
@@ -145,7 +180,8 @@ class Spool:
             except InvalidInstance as exc:
                 log.warning("spooled file %s unreadable at recovery: %s", path.name, exc.reason)
                 continue
-            if self._index(header, path, len(data), calling_ae="RECOVERED"):
+            sender = header.source_ae or UNKNOWN_SENDER
+            if self._index(header, path, len(data), calling_ae=sender):
                 recovered += 1
         if recovered:
             log.info("recovered %d spooled instances missing from the index", recovered)

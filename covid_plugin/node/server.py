@@ -1,0 +1,178 @@
+"""The listening socket: bounded TLS handshakes, per-peer limits and refusals before ACSE.
+
+pynetdicom's server does the TLS handshake in its accept loop, without a timeout: one client
+that connects and sends nothing blocks every later connection. Here the accept loop only
+counts and hands over; the handshake runs on the connection's own thread under a timeout.
+A peer address may hold only `max_associations_per_peer` connections, so that one client
+cannot take every slot; connections past that are closed at once, before any handshake.
+When the node must not take data (disk below its watermark), an association request is
+answered with A-ASSOCIATE-RJ (transient, local limit exceeded): a PACS retries later.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import ssl
+import struct
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.transport import ThreadedAssociationServer
+
+from covid_plugin.config import NetworkSettings
+
+log = logging.getLogger(__name__)
+
+_PDU_ASSOCIATE_RQ = 0x01
+_MAX_RQ_LENGTH = 1 << 20  # an A-ASSOCIATE-RQ is a few kB; anything bigger is not one
+
+
+def _associate_rj(result: int, source: int, diagnostic: int) -> bytes:
+    """A-ASSOCIATE-RJ encoded by pynetdicom's own PDU classes."""
+    primitive = A_ASSOCIATE()
+    primitive.result = result
+    primitive.result_source = source
+    primitive.diagnostic = diagnostic
+    pdu = A_ASSOCIATE_RJ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+# transient, service provider (presentation related), local limit exceeded: "try again later"
+REJECT_LOCAL_LIMIT = _associate_rj(0x02, 0x03, 0x02)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(n - got)
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with bounded handshakes and per-peer limits.
+
+    `refusal()` returns why the node cannot take data now (or None); it is asked once per
+    connection, after TLS and before pynetdicom sees the association request.
+    """
+
+    def __init__(self, ae: Any, address: tuple[str, int], ae_title: str, contexts: list,
+                 ssl_context: ssl.SSLContext | None = None, evt_handlers: list | None = None,
+                 *, limits: NetworkSettings, refusal: Callable[[], str | None],
+                 on_refused: Callable[[str], None] | None = None) -> None:
+        # the handshake happens in finish_request, on the connection's thread, not in
+        # pynetdicom's get_request on the accept loop: the parent gets no context
+        self.tls_context = ssl_context
+        self.limits = limits
+        self.refusal = refusal
+        self.on_refused = on_refused or (lambda reason: None)
+        self._guard = threading.Lock()
+        # connections accepted and not yet handed to pynetdicom: address -> client ports
+        self._pending: defaultdict[str, set[int]] = defaultdict(set)
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers)
+
+    def connections_from(self, host: str) -> int:
+        """Connections this address holds: in handshake, plus live associations (by client
+        port, so that one being handed over is not counted twice)."""
+        live = {a.requestor.port for a in self.active_associations if a.requestor.address == host}
+        return len(self._pending.get(host, set()) | live)
+
+    # --- accept loop (one thread): count and hand over, never block ---
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        host, port = client_address[0], client_address[1]
+        with self._guard:
+            held = self.connections_from(host)
+            if held >= self.limits.max_associations_per_peer:
+                refused = True
+            else:
+                refused = False
+                self._pending[host].add(port)
+        if refused:
+            log.warning("connection from %s closed: it already holds %d connections "
+                        "(network.max_associations_per_peer)", host, held)
+            self.on_refused("peer_limit")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    # --- the connection's own thread ---
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        host, port = client_address[0], client_address[1]
+        try:
+            if self.tls_context is not None:
+                request = self._handshake(request, host)
+                if request is None:
+                    return
+            reason = self.refusal()
+            if reason is not None:
+                self._reject(request, host, reason)
+                return
+            super().finish_request(request, client_address)
+        finally:
+            with self._guard:
+                self._pending[host].discard(port)
+                if not self._pending[host]:
+                    del self._pending[host]
+
+    def _handshake(self, request: socket.socket, host: str) -> ssl.SSLSocket | None:
+        assert self.tls_context is not None
+        request.settimeout(self.limits.tls_handshake_timeout_s)
+        try:
+            wrapped = self.tls_context.wrap_socket(request, server_side=True)
+        except TimeoutError:
+            log.warning("TLS handshake with %s timed out after %.0f s "
+                        "(network.tls_handshake_timeout_s); connection closed", host,
+                        self.limits.tls_handshake_timeout_s)
+            self.on_refused("tls_timeout")
+            request.close()
+            return None
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("TLS handshake with %s failed: %s", host, exc)
+            self.on_refused("tls_failed")
+            request.close()
+            return None
+        wrapped.settimeout(None)  # pynetdicom's socket layer expects a blocking socket
+        return wrapped
+
+    def _reject(self, request: socket.socket, host: str, reason: str) -> None:
+        """Read the association request, answer A-ASSOCIATE-RJ, close."""
+        log.warning("association from %s refused (A-ASSOCIATE-RJ, transient, local limit "
+                    "exceeded): %s", host, reason)
+        self.on_refused("disk")
+        request.settimeout(self.limits.acse_timeout_s)
+        try:
+            header = _recv_exactly(request, 6)
+            pdu_type, length = header[0], struct.unpack(">I", header[2:6])[0]
+            if pdu_type == _PDU_ASSOCIATE_RQ and length <= _MAX_RQ_LENGTH:
+                _recv_exactly(request, length)
+                request.sendall(REJECT_LOCAL_LIMIT)
+                while request.recv(4096):  # let the requestor close first (PS3.8 9.1.4)
+                    pass
+        except OSError:  # the peer went away or timed out: nothing more to tell it
+            pass
+        finally:
+            request.close()
+
+    def shutdown(self) -> None:
+        """Stop serving and close; the server was made with `make_server`, so the AE does not
+        list it among the servers `AE.shutdown` knows."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+def serve(server: GuardedAssociationServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,206 @@
+"""Retention: what the node removes, and when, so that its disk use does not grow for ever.
+
+Four kinds of things age out, each after its own number of days (None keeps it):
+- spooled instances of a series none of whose jobs is still open, queued or running;
+- refused instances under spool/rejected/ (they hold full patient data) and their rows;
+- result files of ended jobs with nothing left to send (dead outbox items included: after
+  `results_days` they can no longer be retried);
+- database rows of ended jobs (their outbox and result rows, then their series).
+A size cap on the files, when set, removes the oldest removable files first until the total
+is under it. Nothing a job still needs is ever a candidate. The running node applies this
+every `interval_s`; `covid-plugin purge [--dry-run]` applies (or previews) it on demand.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from covid_plugin.config import Settings
+from covid_plugin.store.db import Database, now
+
+_DAY = 86400.0
+_OPEN = "('received', 'queued', 'running')"
+_ENDED = "('done', 'failed', 'rejected', 'quarantined', 'superseded')"
+
+
+@dataclass
+class _Candidate:
+    kind: str  # "spool", "rejected" or "results"
+    when: float
+    files: int
+    size: int
+    remove: Callable[[], None]
+
+
+@dataclass
+class PurgeReport:
+    """What was (or, in a dry run, would be) removed."""
+
+    dry_run: bool
+    files: dict[str, int] = field(default_factory=lambda: {"spool": 0, "rejected": 0,
+                                                           "results": 0})
+    bytes: dict[str, int] = field(default_factory=lambda: {"spool": 0, "rejected": 0,
+                                                           "results": 0})
+    rows: dict[str, int] = field(default_factory=dict)
+    kept_bytes: int = 0
+
+    @property
+    def total_files(self) -> int:
+        return sum(self.files.values())
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+    def summary(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        parts = [f"{self.files[k]} {k} file(s) ({self.bytes[k] / 1e6:.1f} MB)"
+                 for k in ("spool", "rejected", "results")]
+        rows = ", ".join(f"{n} {table}" for table, n in sorted(self.rows.items()) if n) or "none"
+        return (f"{verb} {', '.join(parts)}; database rows: {rows}; "
+                f"{self.kept_bytes / 1e6:.1f} MB kept")
+
+
+def _size(paths: list[Path]) -> tuple[int, int]:
+    files = size = 0
+    for path in paths:
+        try:
+            size += path.stat().st_size
+            files += 1
+        except OSError:
+            continue
+    return files, size
+
+
+def _spool_candidates(db: Database) -> list[_Candidate]:
+    """Per series with no open job: its instance files and rows."""
+    conn = db.connection()
+    series = conn.execute(
+        "SELECT series_uid, last_at FROM series s WHERE n_instances > 0 AND NOT EXISTS "
+        f"(SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.state IN {_OPEN})"
+    ).fetchall()
+    out = []
+    for row in series:
+        instances = conn.execute(
+            "SELECT sop_instance_uid, path FROM instances WHERE series_uid = ?",
+            (row["series_uid"],)).fetchall()
+        paths = [Path(r["path"]) for r in instances]
+        files, size = _size(paths)
+
+        def remove(uid=row["series_uid"], instances=instances, paths=paths) -> None:
+            uids = [r["sop_instance_uid"] for r in instances]
+            with db.transaction() as conn:
+                still_open = conn.execute(
+                    f"SELECT 1 FROM jobs WHERE series_uid = ? AND state IN {_OPEN}", (uid,)
+                ).fetchone()
+                if still_open:  # an instance arrived meanwhile: the series is in use again
+                    return
+                conn.executemany("DELETE FROM instances WHERE sop_instance_uid = ?",
+                                 [(u,) for u in uids])
+                conn.execute("UPDATE series SET n_instances = MAX(0, n_instances - ?) "
+                             "WHERE series_uid = ?", (len(uids), uid))
+            for path in paths:
+                path.unlink(missing_ok=True)
+            for folder in {p.parent for p in paths}:
+                try:
+                    folder.rmdir()  # only when empty
+                    folder.parent.rmdir()
+                except OSError:
+                    pass
+        out.append(_Candidate("spool", row["last_at"], files, size, remove))
+    return out
+
+
+def _rejected_candidates(db: Database, folder: Path) -> list[_Candidate]:
+    out = []
+    for path in folder.glob("*.dcm") if folder.is_dir() else []:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+
+        def remove(path=path) -> None:
+            with db.transaction() as conn:
+                conn.execute("DELETE FROM rejected_instances WHERE path = ?", (str(path),))
+            path.unlink(missing_ok=True)
+        out.append(_Candidate("rejected", stat.st_mtime, 1, stat.st_size, remove))
+    return out
+
+
+def _results_candidates(db: Database, results_dir: Path) -> list[_Candidate]:
+    """Result folders of ended jobs with no delivery pending."""
+    rows = db.connection().execute(
+        f"SELECT id, updated_at FROM jobs j WHERE state IN {_ENDED} AND NOT EXISTS "
+        "(SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending')"
+    ).fetchall()
+    out = []
+    for row in rows:
+        folder = results_dir / str(row["id"])
+        if not folder.is_dir():
+            continue
+        files, size = _size([p for p in folder.iterdir() if p.is_file()])
+        out.append(_Candidate("results", row["updated_at"], files, size,
+                              lambda folder=folder: shutil.rmtree(folder, ignore_errors=True)))
+    return out
+
+
+def _purge_rows(db: Database, cutoff: float, dry_run: bool) -> dict[str, int]:
+    """Rows of jobs ended before `cutoff` with nothing pending, then series left empty."""
+    jobs_sql = (f"SELECT id FROM jobs j WHERE state IN {_ENDED} AND updated_at < ? AND NOT "
+                "EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending')")
+    counts: dict[str, int] = {}
+    with db.transaction() as conn:
+        for table, sql in (
+            ("outbox", f"DELETE FROM outbox WHERE job_id IN ({jobs_sql})"),
+            ("jobs", f"DELETE FROM jobs WHERE id IN ({jobs_sql})"),
+        ):
+            counts[table] = conn.execute(sql, (cutoff,)).rowcount
+        counts["series"] = conn.execute(
+            "DELETE FROM series WHERE n_instances = 0 AND NOT EXISTS "
+            "(SELECT 1 FROM jobs j WHERE j.series_uid = series.series_uid) AND NOT EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)"
+        ).rowcount
+        counts["rejected_instances"] = conn.execute(
+            "DELETE FROM rejected_instances WHERE received_at < ? AND path IS NULL", (cutoff,)
+        ).rowcount
+        if dry_run:  # count inside the transaction, then undo
+            conn.execute("ROLLBACK")
+            conn.execute("BEGIN")
+    return counts
+
+
+def purge(settings: Settings, db: Database, dry_run: bool = False,
+          at: float | None = None) -> PurgeReport:
+    """Apply the retention policy at time `at` (default now)."""
+    policy, t = settings.retention, now() if at is None else at
+    report = PurgeReport(dry_run=dry_run)
+    days = {"spool": policy.spool_days, "rejected": policy.rejected_days,
+            "results": policy.results_days}
+    candidates = (_spool_candidates(db) + _rejected_candidates(db, settings.spool_dir / "rejected")
+                  + _results_candidates(db, settings.results_dir))
+    candidates.sort(key=lambda c: c.when)
+
+    total = _tree_size(settings.spool_dir) + _tree_size(settings.results_dir)
+    cap = None if policy.max_total_gb is None else policy.max_total_gb * 1e9
+    for candidate in candidates:
+        limit = days[candidate.kind]
+        expired = limit is not None and candidate.when < t - limit * _DAY
+        if not expired and (cap is None or total <= cap):
+            continue
+        if not dry_run:
+            candidate.remove()
+        report.files[candidate.kind] += candidate.files
+        report.bytes[candidate.kind] += candidate.size
+        total -= candidate.size
+    if policy.db_days is not None:
+        report.rows = _purge_rows(db, t - policy.db_days * _DAY, dry_run)
+    report.kept_bytes = max(total, 0)
+    return report
+
+
+def _tree_size(root: Path) -> int:
+    """Bytes of the files under `root`; files that vanish meanwhile count as nothing."""
+    return _size([p for p in root.rglob("*") if p.is_file()])[1] if root.is_dir() else 0
