@@ -8,6 +8,7 @@ never on fixed sleeps alone, so that a slow machine is slower, not flaky.
 from __future__ import annotations
 
 import io
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,27 @@ def wait_until_rendered(page: Page, timeout_s: float = 60.0, interval_s: float =
             return current
         previous = current
     raise AssertionError(f"viewport still changing after {timeout_s:.0f} s")
+
+
+def displayed_slice(page: Page) -> int:
+    """The image number the viewport shows, from OHIF's "I:56 (1/30)" corner text."""
+    text = page.locator('[data-cy="viewport-overlay-bottom-right"]').first.inner_text()
+    match = re.search(r"\((\d+)/\d+\)", text)
+    if match is None:
+        raise AssertionError(f"no image number in the viewport's corner text: {text!r}")
+    return int(match.group(1))
+
+
+def go_to_slice(page: Page, number: int, max_steps: int = 1000) -> None:
+    """Back to image `number` with OHIF's previous/next image keys (up/down arrows): OHIF
+    jumps to the first slice of a segment when it loads a SEG."""
+    for _ in range(max_steps):
+        current = displayed_slice(page)
+        if current == number:
+            return
+        page.keyboard.press("ArrowUp" if current > number else "ArrowDown")
+        page.wait_for_timeout(150)
+    raise AssertionError(f"could not go back to image {number}")
 
 
 def series_thumbnail(page: Page, modality: str, description: str | None = None) -> Locator:

@@ -16,6 +16,8 @@ from scipy import ndimage
 
 from tests.viewer.ohif import (
     answer_prompt,
+    displayed_slice,
+    go_to_slice,
     open_panel,
     open_series,
     open_study,
@@ -72,11 +74,14 @@ def test_ct_seg_segments_listed_and_drawn_on_lung(page, viewer, screenshots_dir)
     open_study(page, viewer.url, viewer.ct.study_uid)
     open_panel(page, "panelSegmentation")  # the same viewport size with and without the SEG
     before = wait_until_rendered(page)
+    shown = displayed_slice(page)
     for seg in segs:
         open_series(page, "SEG", str(seg.SeriesDescription))
         assert answer_prompt(page, "Yes"), "OHIF did not offer to load the SEG"
         expected = segment_labels(seg)
         listed = wait_for_rows(page, minimum=len(expected))
+        wait_until_rendered(page)
+        go_to_slice(page, shown)  # OHIF jumps to the first slice of the first segment
         after = wait_until_rendered(page)
         assert page.log.crashes() == []
         assert listed == expected
