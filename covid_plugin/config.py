@@ -201,6 +201,21 @@ class CtSettings(_Strict):
     batch_size: int = Field(default=4, ge=1, le=512)  # larger batches pay off on a GPU
 
 
+class CxrPopulationSettings(_Strict):
+    """Whom the chest X-ray model was validated on; other patients get no call, only a reason.
+
+    The classifier is built, calibrated and judged on adults, so children are declined by
+    default. A film whose age cannot be read is analysed by default (`unknown_age`): many
+    de-identified or ICU films carry no age, and the training COVID films are adult hospital
+    patients without a recorded age; "decline" is the strict choice for sites that always
+    send one.
+    """
+
+    min_age_years: float | None = Field(default=18, ge=0)
+    max_age_years: float | None = Field(default=None, ge=0)
+    unknown_age: Literal["analyse", "decline"] = "analyse"
+
+
 class Settings(_Strict):
     """Everything the node reads at start."""
 
@@ -234,6 +249,7 @@ class Settings(_Strict):
                            pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     device: str = "auto"
     ct: CtSettings = CtSettings()
+    cxr_population: CxrPopulationSettings = CxrPopulationSettings()
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a Prometheus on another host scrape
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

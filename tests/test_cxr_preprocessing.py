@@ -106,7 +106,8 @@ def write_model(folder: Path, lung_crop: dict | None = None) -> Path:
         "name": "cxr-classifier", "version": "0", "task": "classification", "weights": "w.pt",
         "weights_sha256": sha256_of(folder / "w.pt"),
         "labels": [{"key": k, "value": "1", "scheme": "SCT", "meaning": k} for k in CLASS_KEYS],
-        "input": {"size": INPUT_SIZE}, "thresholds": {"lateral": 0.5}, "temperature": 1.5,
+        "input": {"size": INPUT_SIZE}, "thresholds": {"covid": 0.5, "lateral": 0.5},
+        "temperature": 1.5,
     }
     if lung_crop is not None:
         spec["lung_crop"] = lung_crop

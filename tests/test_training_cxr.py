@@ -14,7 +14,19 @@ from covid_plugin.ml.cxr import MODELS_DIR, CxrClassifier, preprocess
 from covid_plugin.ml.spec import load_spec
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.__main__ import main
-from training.cxr import augment, balanced_weights, checkpoint_path, load_cache, load_items
+from training.cxr import (
+    OTHER_ABNORMAL,
+    augment,
+    balanced_weights,
+    checkpoint_path,
+    load_cache,
+    load_items,
+    losses,
+    not_covid_loss,
+    targets,
+    with_other_abnormal,
+)
+from training.cxr_export import VERSION_LUNG_CROP
 from training.data import Item, leakage_groups, make_split, read_grey
 from training.metrics import bootstrap_auc, expected_calibration_error, macro_f1
 
@@ -63,12 +75,36 @@ def test_split_keeps_groups_whole_and_the_held_out_source_out_of_training() -> N
     assert set(split.test) <= set(again.test)
 
 
-def test_balanced_weights_give_each_class_and_source_equal_mass() -> None:
-    items = [item("a", "k", "1", "normal")] * 8 + [item("b", "n", "2", "normal")] * 2 + \
-            [item("c", "h", "3", "covid")] * 5
+def test_balanced_weights_classes_equal_sources_by_sqrt_patients_patients_equal() -> None:
+    # normal: source k has 4 patients (8 films, patient k0 has 5), source n 1 patient (2 films)
+    normal_k = [item(f"k{j}", "k", f"k{min(j, 3) if j < 3 else 0}", "normal") for j in range(8)]
+    items = normal_k + [item("n0", "n", "n1", "normal")] * 2 + \
+        [item("c", "h", "h1", "covid")] * 5 + [item("o", "n", "n2", OTHER_ABNORMAL)] * 3
     w = balanced_weights(items, np.arange(len(items))).numpy()
-    assert w[:8].sum() == pytest.approx(w[8:10].sum())
-    assert w[:10].sum() == pytest.approx(w[10:].sum())
+    assert w.sum() == pytest.approx(1.0)
+    normal, covid, other = w[:10].sum(), w[10:15].sum(), w[15:].sum()
+    assert normal == pytest.approx(covid) == pytest.approx(other)  # other-abnormal: a class
+    k_patients = len({it.patient_id for it in normal_k})
+    assert w[:8].sum() / w[8:10].sum() == pytest.approx(np.sqrt(k_patients))
+    per_patient = {p: sum(w[i] for i in range(8) if items[i].patient_id == p)
+                   for p in {it.patient_id for it in normal_k}}
+    assert np.allclose(list(per_patient.values()), w[:8].sum() / k_patients)
+
+
+def test_other_abnormal_films_are_negatives_for_covid_only() -> None:
+    """-log(1 - p_covid) for other-abnormal films; the 3-class CE ignores them."""
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
+    p_covid = torch.softmax(logits[:, :3], 1)[:, 2]
+    assert torch.allclose(not_covid_loss(logits[:, :3]), -torch.log1p(-p_covid))
+    cls, view = torch.tensor([-1, -1]), torch.tensor([-1, -1])
+    other = torch.tensor([True, True])
+    loss = losses(logits, cls, view, torch.tensor(1.0), other)
+    assert loss == pytest.approx(float(-torch.log1p(-p_covid).mean()))
+    assert losses(logits, cls, view, torch.tensor(1.0)) == 0  # unlabelled, not other: nothing
+    films = [item("cxr_adult_findings/images/nih/x.jpg", "nih_cxr14", "p", ""),
+             item("cxr/images/k.jpg", "kermany", "q", "")]
+    assert [with_other_abnormal(f).label for f in films] == [OTHER_ABNORMAL, ""]
+    assert targets([with_other_abnormal(films[0])])[0].tolist() == [-1]
 
 
 def test_augment_is_reproducible_and_stays_in_range() -> None:
@@ -125,7 +161,7 @@ def test_lung_crop_training_pins_the_lung_model_and_the_node_crops_identically(
                  "--lung-crop", str(lungs), "--lung-margin", "0.05"]) == 0
     spec = json.loads((out / "spec.json").read_text())
     lung_spec = load_spec(lungs)
-    assert spec["version"].startswith("2.")
+    assert spec["version"] == VERSION_LUNG_CROP
     assert spec["lung_crop"]["weights_sha256"] == lung_spec.weights_sha256
     assert spec["lung_crop"]["model"] == "cxr-lung" and spec["lung_crop"]["margin"] == 0.05
     clf = CxrClassifier.load(out)  # found in models/, although the classifier is in tmp
@@ -136,3 +172,16 @@ def test_lung_crop_training_pins_the_lung_model_and_the_node_crops_identically(
     for k in (0, len(items) - 1):
         image = read_grey(DATA / items[k].path)
         assert np.array_equal(cached[k].numpy(), preprocess(image, 224, clf.crop)[0])
+
+
+def test_pointing_tests_the_heat_peak_against_boxes_in_image_pixels() -> None:
+    """Boxes (x right, y down, staged-image pixels) against the heatmap's hottest pixel."""
+    from training.cxr_eval import peak_in_boxes
+
+    heat = np.zeros((320, 320), dtype=np.float32)
+    heat[200, 50] = 1.0  # row 200, column 50: x = 50.5, y = 200.5
+    assert peak_in_boxes(heat, [("Pneumonia", 40.0, 190.0, 60.0, 210.0)])
+    assert not peak_in_boxes(heat, [("Pneumonia", 190.0, 40.0, 210.0, 60.0)])  # x/y swapped
+    half = np.zeros((160, 160), dtype=np.float32)
+    half[100, 25] = 1.0  # the same place on a half-size heatmap
+    assert peak_in_boxes(half, [("Pneumonia", 40.0, 190.0, 60.0, 210.0)], scale=(0.5, 0.5))

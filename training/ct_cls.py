@@ -94,9 +94,8 @@ def call_sample(segmenter: LesionSegmenter, rule: dict[str, float], chosen: dict
     """The normal sample series (dicom_samples) through the node's path with given thresholds."""
     hu, spacing, _ = read_series(NORMAL_SAMPLE)
     lung = segment_lungs(hu, spacing)
-    segmenter.threshold = chosen["lesion_probability"]
-    segmenter.min_lesion_ml = chosen["min_lesion_ml"]
-    lesion = segmenter.predict(hu, lung, spacing)
+    _, lesion = segmenter.predict_with_decision(
+        hu, lung, spacing, (chosen["lesion_probability"], chosen["min_lesion_ml"]))
     features = lesion_features(lung, lesion, spacing, rule["peripheral_mm"])
     score = rule_score(features, rule)
     return {"thresholds": chosen, "score": score, "called_covid": score >= chosen["decision"],
@@ -158,6 +157,14 @@ def evaluate(args: argparse.Namespace) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     spec_json = json.loads((out / "spec.json").read_text())
     spec_json["thresholds"]["decision"] = chosen["decision"]
+    # the decision's own lesion mask (burden features), apart from ct-lesion's measurement mask
+    spec_json["thresholds"]["lesion_probability"] = chosen["lesion_probability"]
+    spec_json["thresholds"]["min_lesion_ml"] = chosen["min_lesion_ml"]
+    spec_json["thresholds_use"] = (
+        "decision: lesion_probability and min_lesion_ml build the lesion mask the rule's "
+        "features are computed on (not the mask the node writes and measures, which is "
+        "ct-lesion's measurement setting); decision is the score threshold; all three chosen "
+        "leave-one-patient-out (training/ct_lopo.py), shipped as chosen on all patients")
     spec_json["data"]["split"] = spec()["data"]["split"]
     spec_json["metrics"] = {
         "auc_lopo": metrics["lopo"]["auc"]["auc"],

@@ -3,12 +3,13 @@
 Kinds of evidence, kept apart in metrics.json:
 - Dice/IoU on the 48 Inf-Net test slices (8-bit, the training domain; no patient ids, so the
   same patient may appear in training: optimistic).
-- On the real HU patients, through the node's own path (lungs from HU, HU window from
-  spec.json, crop, network, filter, threshold): the lesion threshold and smallest lesion are
-  chosen leave-one-patient-out (training/ct_lopo.py) and written to spec.json as chosen on
-  all patients; false-positive lesion volume of each normal patient with the setting chosen
-  without it; slice-level detection AUC against the COVID-CT-MD slice labels on the whole
-  series; the before/after picture of the label grid.
+- The measurement setting (the mask the node writes and measures) from the trade-off table
+  of training/ct_lesion_tradeoff.py: MedSeg Dice (selection on the training slices, test
+  reported) against false-positive lesion volume on the normal HU patients (leave one normal
+  out), lesion mL of every real HU patient; written to spec.json `thresholds`.
+- On the real HU patients, through the node's own path: slice-level detection AUC against the
+  COVID-CT-MD slice labels (each patient at the decision's lesion setting chosen without it,
+  training/ct_lopo.py), volumes at the measurement setting, the label grid before/after.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ from monai.networks.utils import one_hot
 
 from covid_plugin.ml.ct_lesion import (
     LesionSegmenter,
+    filter_lesions,
     hu_to_network_input,
-    labels_from_probabilities,
-    network_probabilities,
     thorax_box,
 )
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit, window_bounds
-from training import ct_lopo
+from training import ct_lesion_tradeoff, ct_lopo
 from training.ct_cls import THRESHOLDS as RULE
+from training.ct_lesion_tradeoff import MEDSEG_SPACING, medseg_probabilities
 from training.ct_plots import LESION_COLOURS, overlay, save_grid, tile
 from training.ct_series import read_series, series_slice_labels
 from training.metrics import bootstrap_auc
@@ -86,28 +87,27 @@ def slice_metrics(pred: torch.Tensor, true: torch.Tensor, seed: int) -> dict:
 
 
 def evaluate_test_slices(segmenter: LesionSegmenter, data: Path, limit: int | None, seed: int,
-                         out: Path | None) -> dict:
+                         out: Path | None, setting: tuple[float, float, float]) -> dict:
+    """Dice/IoU of the MedSeg test slices at one measurement setting (probability, smallest
+    lesion, smallest mean probability), each slice filtered in 2D as `ct_lesion_tradeoff`
+    does; the overlay picture when `out` is given."""
     from training.ct_lesion import load_slices
 
     slices = load_slices(data, "test", limit)
-    x = torch.stack([s["image"] for s in slices])
-    true = torch.stack([s["label"] for s in slices]).long()
-    with torch.inference_mode():  # the node's own path from logits to labels
-        pred = torch.cat([
-            labels_from_probabilities(network_probabilities(segmenter.network(x[i:i + 8])),
-                                      segmenter.threshold)[:, None].long()
-            for i in range(0, len(x), 8)
-        ])
-    pred = pred * torch.stack([s["valid"] for s in slices])  # padding is never lesion
+    probability, kind, reference = medseg_probabilities(segmenter, slices)
+    pred = torch.from_numpy(np.stack([
+        filter_lesions(probability[i:i + 1], kind[i:i + 1], MEDSEG_SPACING, *setting)[0]
+        for i in range(len(slices))]))[:, None].long()
+    true = torch.from_numpy(reference)[:, None]
     metrics = slice_metrics(pred, true, seed)
     metrics["n_slices"] = len(slices)
-    metrics["lesion_probability"] = segmenter.threshold
+    metrics["setting"] = list(setting)
     metrics["note"] = LEAKAGE_NOTE
     if out is None:
         return metrics
     rows = []
     for i in np.linspace(0, len(slices) - 1, min(6, len(slices))).astype(int):
-        grey = x[i, 0].numpy()
+        grey = slices[i]["image"][0].numpy()
         rows.append([
             tile(overlay(grey, np.zeros_like(grey), {}), 200, "8-bit slice"),
             tile(overlay(grey, true[i, 0].numpy(), LESION_COLOURS), 200, "reference"),
@@ -115,34 +115,6 @@ def evaluate_test_slices(segmenter: LesionSegmenter, data: Path, limit: int | No
         ])
     save_grid(rows, out / "overlay_test_slices.png")
     return metrics
-
-
-GOAL_NORMAL_ML, GOAL_NORMAL_PERCENT = 5.0, 0.5
-
-
-def false_positives_on_normals(patients: list[ct_lopo.Patient], lopo: list[dict],
-                               shipped: tuple[float, float]) -> dict:
-    """Lesion volume and involvement of every normal patient: with the setting chosen without
-    it (the honest figure) and with the shipped setting (chosen with it)."""
-    out = {}
-    chosen = {row["patient"]: row["chosen"] for row in lopo}
-    for patient in patients:
-        if patient.label != "normal":
-            continue
-        fold = chosen[patient.name]
-        held_out = patient.settings[(fold["lesion_probability"], fold["min_lesion_ml"])]
-        final = patient.settings[shipped]
-        out[patient.name] = {
-            "slices": patient.slices, "lung_ml": patient.lung_ml,
-            "lopo_setting": [fold["lesion_probability"], fold["min_lesion_ml"]],
-            "lopo_lesion_ml": held_out["lesion_ml"],
-            "lopo_involvement_percent": held_out["involvement_percent"],
-            "shipped_lesion_ml": final["lesion_ml"],
-            "shipped_involvement_percent": final["involvement_percent"],
-            "goal_met": bool(held_out["lesion_ml"] < GOAL_NORMAL_ML
-                             and held_out["involvement_percent"] < GOAL_NORMAL_PERCENT),
-        }
-    return out
 
 
 def slice_detection(data: Path, patients: list[ct_lopo.Patient], lopo: list[dict],
@@ -242,12 +214,16 @@ def overlays(data: Path, segmenter: LesionSegmenter, which: dict[str, str], out:
     return volumes
 
 
-def _at(model_dir: Path, threshold: float) -> LesionSegmenter:
-    """The segmenter with another lesion probability (the MedSeg operating point, for
-    comparison with the earlier argmax Dice)."""
-    segmenter = LesionSegmenter.load(model_dir)
-    segmenter.threshold = threshold
-    return segmenter
+def measurement_setting(tradeoff: dict) -> tuple[float, float, float]:
+    """The shipped measurement setting; when none meets the normals goal, the one with the
+    least false-positive volume on the worse normal (then the best selection Dice)."""
+    if tradeoff["choice"]["shipped"] is not None:
+        return tuple(tradeoff["choice"]["shipped"])
+    normals = [n for n, r in tradeoff["table"][0]["patients"].items() if r["label"] == "normal"]
+    row = min(tradeoff["table"], key=lambda r: (
+        max(r["patients"][n]["lesion_ml"] for n in normals),
+        -(r["dice_selection"]["lesion"] or 0.0)))
+    return tuple(row["setting"])
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -255,33 +231,42 @@ def evaluate(args: argparse.Namespace) -> int:
     data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-lesion")
     segmenter = LesionSegmenter.load(out)
     patients = ct_lopo.load_patients(data, segmenter, RULE, limit=args.limit)
-    chosen = ct_lopo.choose(patients)
     lopo = ct_lopo.leave_one_patient_out(patients)
+    maps = ct_lopo.load_maps(data, segmenter, limit=args.limit)
+    tradeoff = ct_lesion_tradeoff.tradeoff(segmenter, data, maps, args.limit)
+    setting = measurement_setting(tradeoff)
     spec = json.loads((out / "spec.json").read_text())
-    spec["thresholds"] = {"lesion_probability": chosen["lesion_probability"],
-                          "min_lesion_ml": chosen["min_lesion_ml"]}
+    spec["thresholds"] = dict(zip(ct_lesion_tradeoff.SETTING_FIELDS, setting, strict=True))
+    spec["thresholds_use"] = (
+        "measurement: the lesion mask the node writes (SEG) and measures (SR volumes, percent "
+        "of each lung), chosen for segmentation quality under the normals' false-positive goal "
+        "(training/ct_lesion_tradeoff.py). The COVID call builds its own mask with "
+        "ct-classifier's lesion_probability / min_lesion_ml (chosen leave-one-patient-out).")
+    spec["output"]["postprocess"] = (
+        "softmax, [1,2,2,2,1]/8 low-pass (decoder checkerboard), bilinear resize, lesion where "
+        "P(GGO)+P(consolidation) >= lesion_probability, 3D lesions < min_lesion_ml or with mean "
+        "lesion probability < min_mean_probability dropped")
     (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     segmenter = LesionSegmenter.load(out)  # the node's segmenter with the chosen setting
-    shipped = (chosen["lesion_probability"], chosen["min_lesion_ml"])
+    per_patient = next(r for r in tradeoff["table"] if tuple(r["setting"]) == setting)
     metrics = {
         "model": {"name": segmenter.spec.name, "version": segmenter.spec.version,
                   "weights_sha256": segmenter.spec.weights_sha256},
-        "test_slices_8bit": evaluate_test_slices(segmenter, data, args.limit, args.seed, out),
-        "test_slices_8bit_at_0.5": evaluate_test_slices(_at(out, 0.5), data, args.limit,
-                                                        args.seed, None),
+        "measurement_setting": dict(zip(ct_lesion_tradeoff.SETTING_FIELDS, setting,
+                                        strict=True)),
+        "test_slices_8bit": evaluate_test_slices(segmenter, data, args.limit, args.seed, out,
+                                                 setting),
+        "test_slices_8bit_at_0.5": evaluate_test_slices(segmenter, data, args.limit,
+                                                        args.seed, None, (0.5, 0.0, 0.0)),
+        "tradeoff": tradeoff,
         "real_hu": {
-            "chosen_on_all_patients": chosen,
-            "candidates": {"lesion_probability": list(ct_lopo.LESION_PROBABILITIES),
-                           "min_lesion_ml": list(ct_lopo.MIN_LESION_ML)},
-            "selection": "balanced accuracy of the per-patient COVID call (training/ct_lopo.py)",
-            "normals": false_positives_on_normals(patients, lopo, shipped),
-            "goal_normal": {"lesion_ml_below": GOAL_NORMAL_ML,
-                            "involvement_percent_below": GOAL_NORMAL_PERCENT},
+            "decision_setting_chosen_on_all_patients": ct_lopo.choose(patients),
+            "normals_leave_one_normal_out": tradeoff["choice"]["leave_one_normal_out"],
+            "goal_normal": tradeoff["goal_normal"],
             "slice_detection_auc": slice_detection(data, patients, lopo, args.seed),
             "per_patient_shipped": {
                 p.name: {"label": p.label, "slices": p.slices, "lung_ml": p.lung_ml,
-                         **{k: p.settings[shipped][k] for k in
-                            ("lesion_ml", "ggo_ml", "consolidation_ml", "involvement_percent")}}
+                         **per_patient["patients"][p.name]}
                 for p in patients},
             "blocks_shipped": overlays(data, segmenter, ct_lopo.BLOCKS, out, args.limit),
             "grid": grid_before_after(data, segmenter, out),
@@ -294,7 +279,7 @@ def evaluate(args: argparse.Namespace) -> int:
         "lesion_dice_pooled": test["dice_pooled"]["lesion"],
         "ggo_dice_pooled": test["dice_pooled"]["ggo"],
         "consolidation_dice_pooled": test["dice_pooled"]["consolidation"],
-        "on": f"{test['n_slices']} Inf-Net test slices; {LEAKAGE_NOTE}",
+        "on": f"{test['n_slices']} Inf-Net test slices at the measurement setting; {LEAKAGE_NOTE}",
         "details": "metrics.json",
     }
     (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")

@@ -1,9 +1,11 @@
 """Every CT threshold chosen leave-one-patient-out on the real HU patients.
 
 The node's CT decision has three numbers that were not fixed a priori: the lesion probability
-a voxel needs (`lesion_probability`), the smallest 3D lesion kept (`min_lesion_ml`, both in
-ct-lesion/spec.json) and the score the series-level rule needs to call COVID-19 (`decision`,
-ct-classifier/spec.json). With eleven patients there is no separate validation set, so each is
+a voxel needs (`lesion_probability`) and the smallest 3D lesion kept (`min_lesion_ml`) in the
+mask the rule's features are computed on, and the score the series-level rule needs to call
+COVID-19 (`decision`), all three in ct-classifier/spec.json. (The mask the node writes and
+measures has its own setting, chosen for segmentation quality: training/ct_lesion_tradeoff.py.)
+With eleven patients there is no separate validation set, so each is
 chosen on the other patients only (`choose`), and the held-out patient is judged with what was
 chosen without it (`leave_one_patient_out`). The values shipped are `choose` on all patients.
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from covid_plugin.ml import ct_lung
 from covid_plugin.ml.ct_cls import lesion_features, peripheral_zone, rule_score
-from covid_plugin.ml.ct_lesion import LesionSegmenter, drop_small_lesions
+from covid_plugin.ml.ct_lesion import LesionSegmenter, filter_lesions
 from training.ct_series import HuSeries, read_series
 
 log = logging.getLogger("training.ct_lopo")
@@ -105,8 +107,7 @@ def analyse(data: Path, rel: str, label: str, segmenter: LesionSegmenter,
     peripheral = np.stack([peripheral_zone(s, series.spacing, rule["peripheral_mm"])
                            for s in lung])
     for threshold, min_ml in itertools.product(LESION_PROBABILITIES, MIN_LESION_ML):
-        lesion = np.where(probability >= threshold, kind, 0).astype(np.uint8)
-        drop_small_lesions(lesion, series.spacing, min_ml)
+        lesion = filter_lesions(probability, kind, series.spacing, threshold, min_ml)
         features = lesion_features(lung, lesion, series.spacing, rule["peripheral_mm"],
                                    peripheral)
         patient.settings[(threshold, min_ml)] = {
@@ -172,6 +173,18 @@ def leave_one_patient_out(patients: list[Patient]) -> list[dict]:
             "involvement_percent": result["involvement_percent"],
         })
     return rows
+
+
+def load_maps(data: Path, segmenter: LesionSegmenter, limit: int | None = None
+              ) -> dict[str, tuple]:
+    """name -> (label, lung, lesion probability float32, kind, spacing) from the cache."""
+    maps = {}
+    for rel, label in list(PATIENTS.items())[:limit]:
+        if (data / rel).is_dir():
+            series, lung, probability, kind = lesion_maps(data, rel, segmenter)
+            maps[series.name] = (label, lung, probability.astype(np.float32), kind,
+                                 series.spacing)
+    return maps
 
 
 def load_patients(data: Path, segmenter: LesionSegmenter, rule: dict[str, float],

@@ -17,8 +17,9 @@ import hashlib
 import json
 import logging
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from covid_plugin.ml.cxr import (
     LungCrop,
     build_network,
     preprocess,
+    resolve_device,
     to_network_input,
 )
 from covid_plugin.ml.spec import sha256_of
@@ -52,7 +54,11 @@ from training.data import (
 
 log = logging.getLogger("training.cxr")
 
-FOLDERS = ("cxr", "cxr_adult")
+FOLDERS = ("cxr", "cxr_adult", "cxr_adult_findings")
+# adult NIH films with findings but no 3-class label (effusion, mass, nodule, ...): trained as
+# "not COVID" only (-log(1 - p_covid)), ignored by the 3-class cross-entropy
+OTHER_ABNORMAL = "other_abnormal"
+FINDINGS_FOLDER = "cxr_adult_findings/"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / "cache"
 FROZEN_BLOCKS = 8  # stem + stages 1-4 (112..14 px): most of the FLOPs, generic edges and blobs
@@ -85,21 +91,37 @@ def options(extra: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--lung-margin", type=float, default=0.05,
                         help="margin around the lung box, as a fraction of the film's size")
     parser.add_argument(
-        "--holdout-model", type=Path, default=REPO / "runs" / "cxr-holdout-hannover",
-        help="evaluate: the model trained without the held-out source",
+        "--paediatric", choices=("exclude", "include"), default="exclude",
+        help="Kermany children in training and validation (default exclude: the product is "
+             "for adults; children are still scored, in their own row)",
+    )
+    parser.add_argument(
+        "--loso-only", action="store_true",
+        help="evaluate: only (re)score the leave-one-source-out models into the existing "
+             "metrics.json (a held-out model finished after the main evaluation)",
+    )
+    parser.add_argument("--other-weight", type=float, default=1.0,
+                        help="weight of the -log(1 - p_covid) loss on other-abnormal adult films")
+    parser.add_argument(
+        "--holdout-model", type=Path, action="append", default=[],
+        help="evaluate: a model trained without one source (repeatable; default: "
+             "runs/cxr-holdout-hannover and runs/cxr-holdout-ieee8023 where present)",
     )
     return parser.parse_args(list(extra))
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def with_other_abnormal(item: Item) -> Item:
+    """Blank-label adult findings films become OTHER_ABNORMAL; other rows are unchanged."""
+    if item.path.startswith(FINDINGS_FOLDER) and not item.label:
+        return replace(item, label=OTHER_ABNORMAL)
+    return item
 
 
 def load_items(data: Path, limit: int | None, seed: int) -> tuple[list[Item], np.ndarray]:
-    """All labelled CXR rows and their leakage groups; `limit` keeps a stratified handful."""
-    items = [it for it in read_manifests(data, FOLDERS) if it.label in CLASS_KEYS]
+    """All labelled CXR rows (and the other-abnormal adult films) and their leakage groups;
+    `limit` keeps a stratified handful."""
+    items = [it for it in map(with_other_abnormal, read_manifests(data, FOLDERS))
+             if it.label in (*CLASS_KEYS, OTHER_ABNORMAL)]
     groups = leakage_groups(items, read_pairs(Path(data) / "cxr" / "near_duplicates.csv"))
     if limit is not None and limit < len(items):
         # round-robin over (source, label) cells so that a tiny run still sees every class
@@ -147,10 +169,22 @@ def load_cache(items: Sequence[Item], data: Path, size: int, cache_dir: Path,
 
 
 def targets(items: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class index (-1 for laterals: the node skips them) and lateral flag (-1 if unknown)."""
-    cls = [-1 if it.view == "lateral" else CLASS_KEYS.index(it.label) for it in items]
+    """Class index (-1 for laterals, which the node skips, and for other-abnormal films) and
+    lateral flag (-1 if unknown)."""
+    cls = [-1 if it.view == "lateral" or it.label not in CLASS_KEYS
+           else CLASS_KEYS.index(it.label) for it in items]
     view = [-1 if it.view == "unknown" else int(it.view == "lateral") for it in items]
     return torch.tensor(cls), torch.tensor(view)
+
+
+def other_abnormal(items: Sequence[Item]) -> torch.Tensor:
+    """True for frontal other-abnormal adult films: negatives that must not be called COVID."""
+    return torch.tensor([it.label == OTHER_ABNORMAL and it.view != "lateral" for it in items])
+
+
+def is_adult(item: Item) -> bool:
+    """Adult or presumed adult: every source but the Kermany children (paediatric = yes)."""
+    return item.paediatric != "yes"
 
 
 def network_batch(images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
@@ -192,13 +226,27 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def balanced_weights(items: Sequence[Item], indices: np.ndarray) -> torch.Tensor:
-    """Every class equally likely, and within a class every source equally likely."""
-    cells = Counter((items[i].label, items[i].source) for i in indices)
-    sources_per_class = Counter(label for label, _ in cells)
-    return torch.tensor([
-        1.0 / (sources_per_class[items[i].label] * cells[(items[i].label, items[i].source)])
-        for i in indices
-    ], dtype=torch.double)
+    """Sampling mass: every class (other-abnormal counts as one) equally likely; within a
+    class, each source in proportion to the square root of its patient count; within a
+    source, every patient equally likely.
+
+    Square root, not equal shares: the 3 ieee8023 adult normals would otherwise get as many
+    draws as hundreds of NIH normals. Per patient: NIH has up to 29 films of one patient.
+    """
+    patients: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for i in indices:
+        patients[(items[i].label, items[i].source)][items[i].patient_id] += 1
+    class_total: Counter = Counter()
+    for (label, _), per_patient in patients.items():
+        class_total[label] += math.sqrt(len(per_patient))
+    weights = []
+    for i in indices:
+        cell = (items[i].label, items[i].source)
+        per_patient = patients[cell]
+        source_share = math.sqrt(len(per_patient)) / class_total[items[i].label]
+        weights.append(source_share / (len(per_patient) * per_patient[items[i].patient_id])
+                       / len(class_total))
+    return torch.tensor(weights, dtype=torch.double)
 
 
 def warmup_cosine(total_steps: int, warmup: int = 10) -> Callable[[int], float]:
@@ -233,12 +281,22 @@ def set_train_mode(net: CxrNet, frozen: Sequence[nn.Module]) -> None:
         module.eval()
 
 
-def losses(out: torch.Tensor, cls: torch.Tensor, view: torch.Tensor, pos_weight: torch.Tensor
-           ) -> torch.Tensor:
+def not_covid_loss(class_logits: torch.Tensor) -> torch.Tensor:
+    """-log(1 - p_covid) per film, stably: logsumexp(all) - logsumexp(non-COVID logits)."""
+    k = CLASS_KEYS.index("covid")
+    rest = torch.cat([class_logits[:, :k], class_logits[:, k + 1:]], dim=1)
+    return torch.logsumexp(class_logits, 1) - torch.logsumexp(rest, 1)
+
+
+def losses(out: torch.Tensor, cls: torch.Tensor, view: torch.Tensor, pos_weight: torch.Tensor,
+           other: torch.Tensor | None = None, other_weight: float = 1.0) -> torch.Tensor:
+    """3-class CE on labelled frontals, "not COVID" on other-abnormal films, view BCE."""
     n = len(CLASS_KEYS)
     loss = out.new_zeros(())
     if (cls >= 0).any():
         loss = loss + F.cross_entropy(out[:, :n], cls, ignore_index=-1)
+    if other is not None and other.any():
+        loss = loss + other_weight * not_covid_loss(out[other, :n]).mean()
     known = view >= 0
     if known.any():
         loss = loss + VIEW_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
@@ -267,6 +325,10 @@ def setup(args: argparse.Namespace, opts: argparse.Namespace
     torch.set_num_threads(opts.threads)
     items, groups = load_items(Path(args.data), args.limit, args.seed)
     split = make_split(items, groups, seed=args.seed, holdout_sources=opts.holdout_source)
+    if opts.paediatric == "exclude":  # test keeps its children: they get their own row
+        adult = np.array([is_adult(it) for it in items])
+        split = Split(train=split.train[adult[split.train]], val=split.val[adult[split.val]],
+                      test=split.test, holdout=split.holdout)
     crop = lung_crop(opts)
     images = load_cache(items, Path(args.data), opts.size, opts.cache, crop)
     return items, split, images, crop
@@ -277,11 +339,12 @@ def train(args: argparse.Namespace) -> int:
     opts = options(args.extra)
     train_seed = args.seed if opts.train_seed is None else opts.train_seed
     set_determinism(seed=train_seed)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     out = Path(args.out or "models/cxr-classifier")
     out.mkdir(parents=True, exist_ok=True)
     items, split, images, crop = setup(args, opts)
     cls, view = targets(items)
+    other = other_abnormal(items)
     log.info("train %d val %d test %d held-out %d images on %s", len(split.train),
              len(split.val), len(split.test), len(split.holdout), device)
 
@@ -326,7 +389,7 @@ def train(args: argparse.Namespace) -> int:
             idx = torch.as_tensor(draws[b * opts.batch_size:(b + 1) * opts.batch_size])
             x = to_network_input(augment(images[idx].float().div(255)[:, None], generator))
             loss = losses(net(x.to(device)), cls[idx].to(device), view[idx].to(device),
-                          pos_weight)
+                          pos_weight, other[idx].to(device), opts.other_weight)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -23,8 +23,17 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
 from covid_plugin.ml.cxr import CLASS_KEYS, CxrClassifier
-from training.cxr import DEFAULT_CACHE, load_cache, load_items, predict_logits, targets
-from training.cxr_eval import calibrated, patient_index, source_probe
+from covid_plugin.ml.spec import load_spec
+from training.cxr import (
+    DEFAULT_CACHE,
+    is_adult,
+    load_cache,
+    load_items,
+    other_abnormal,
+    predict_logits,
+    targets,
+)
+from training.cxr_eval import calibrated, patient_index, rule_calls, share, source_probe
 from training.data import Item, make_split
 from training.metrics import expected_calibration_error
 
@@ -128,6 +137,15 @@ def compare(args: argparse.Namespace) -> dict:
                                           patients[test][adult]),
         },
     }
+    other_flag = other_abnormal(items).numpy()
+    other = [i for i in split.test if other_flag[i] and is_adult(items[i])]
+    if other:
+        idx = np.array(other, dtype=int)
+        result["other_abnormal_called_covid_at_own_rule"] = {
+            name: share(rule_calls(probabilities(model, items, idx, data, args.cache),
+                                   float(load_spec(model).thresholds["covid"])) == COVID,
+                        patients[idx])
+            for name, model in (("a", args.a), ("b", args.b))}
     if args.a_holdout and args.b_holdout:
         held = make_split(items, groups, seed=args.seed, holdout_sources=[args.source])
         positives = [i for i in held.holdout if items[i].source == args.source and cls[i] >= 0]

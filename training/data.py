@@ -33,6 +33,14 @@ class Item:
     view: str
     paediatric: str
     licence: str
+    age: float | None = None  # years, where the manifest gives one
+
+
+def _age(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def read_manifests(data: Path, folders: Iterable[str]) -> list[Item]:
@@ -49,6 +57,7 @@ def read_manifests(data: Path, folders: Iterable[str]) -> list[Item]:
                         view=row["view"],
                         paediatric=row["paediatric"],
                         licence=row["licence"],
+                        age=_age(row.get("age") or ""),
                     )
                 )
     return items

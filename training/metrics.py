@@ -7,7 +7,7 @@ narrow.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -119,3 +119,40 @@ def plot_confusion(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float | None],
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[float] | None:
+    """Percentile 95% CI of `statistic(indices)` over groups (patients) resampled with
+    replacement; resamples where the statistic is undefined (None or NaN) are dropped."""
+    groups = np.asarray(groups)
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    if not members:
+        return None
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
+        value = statistic(idx)
+        if value is not None and np.isfinite(value):
+            samples.append(value)
+    if not samples:
+        return None
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def reliability_points(y_true: np.ndarray, probs: np.ndarray, bins: int = 10
+                       ) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, count) per non-empty equal-width top-label bin."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True),
+                    0, bins - 1)
+    return [(float(confidence[which == b].mean()), float(correct[which == b].mean()),
+             int((which == b).sum())) for b in range(bins) if (which == b).any()]

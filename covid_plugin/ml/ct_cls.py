@@ -93,6 +93,16 @@ class CtClassifier:
     def load(cls, model_dir: Path) -> CtClassifier:
         return cls(load_spec(model_dir))
 
+    @property
+    def lesion_setting(self) -> tuple[float, float] | None:
+        """(lesion probability, smallest lesion mL) of the mask the rule's features are computed
+        on: the decision's own setting, chosen leave-one-patient-out for the call, apart from
+        ct-lesion's measurement setting (the mask a radiologist reads). None: use that mask."""
+        t = self.spec.thresholds
+        if "lesion_probability" not in t:
+            return None
+        return float(t["lesion_probability"]), float(t.get("min_lesion_ml", 0.0))
+
     def features(self, lung: np.ndarray, lesion: np.ndarray, spacing) -> dict[str, float]:
         return lesion_features(lung, lesion, tuple(spacing), self.spec.thresholds["peripheral_mm"])
 

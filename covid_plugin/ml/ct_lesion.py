@@ -6,15 +6,20 @@ crop to the thorax (lung bounding box plus a margin), apply the HU window (ct_wi
 the longer side to `input.size` and pad the shorter one (`to_network_input`).
 
 From the network's output to labels, also one path for evaluation and the node
-(`network_probabilities`, `labels_from_probabilities`): softmax, a low-pass filter at the
-network's resolution, resize to the crop, then "lesion" where the lesion probability (GGO +
-consolidation) reaches the spec's `lesion_probability` and GGO vs consolidation by the larger
-of the two. The filter is there because the UNet's decoder upsamples with stride-2 transposed
+(`network_probabilities`, `filter_lesions`): softmax, a low-pass filter at the network's
+resolution, resize to the crop, then "lesion" where the lesion probability (GGO +
+consolidation) reaches a `lesion_probability` and GGO vs consolidation by the larger of the
+two. Two settings are applied to the same probabilities: the spec's **measurement** setting
+(the mask written to the SEG and measured in the SR, chosen for segmentation quality under a
+false-positive goal on normal lungs) and the COVID call's **decision** setting from
+ct-classifier/spec.json (chosen leave-one-patient-out for the call).
+The filter is there because the UNet's decoder upsamples with stride-2 transposed
 convolutions (kernel 3), whose uneven overlap adds a fixed checkerboard of period 2 and 4 px
 to the logits; where GGO and consolidation are nearly tied, an argmax turned it into a
 regular grid of alternating labels, which the bilinear resize to the crop widened to ~3 px.
 The [1, 2, 2, 2, 1] / 8 kernel has zeros at exactly those two periods. Lesions smaller than
-`min_lesion_ml` in 3D (single vessels cut across, noise) are dropped.
+`min_lesion_ml` in 3D (single vessels cut across, noise) are dropped, and with a
+`min_mean_probability` also those the network is on average unsure of.
 """
 
 from __future__ import annotations
@@ -137,13 +142,17 @@ def labels_from_probabilities(probs: torch.Tensor, threshold: float) -> torch.Te
 
 
 def drop_small_lesions(lesion: np.ndarray, spacing: tuple[float, float, float],
-                       min_ml: float) -> None:
-    """In place: remove 3D lesion components (26-connected) smaller than `min_ml`.
+                       min_ml: float, probability: np.ndarray | None = None,
+                       min_mean_probability: float = 0.0) -> None:
+    """In place: remove 3D lesion components (26-connected) smaller than `min_ml`, and, with
+    `probability`, those whose mean lesion probability is below `min_mean_probability` (faint
+    halos around vessels and the hila that only just cross the voxel threshold).
 
     Labelled as uint16 inside the lesions' bounding box, so a 600-slice CT does not need a
     full int32 label volume (600 MB).
     """
-    if min_ml <= 0:
+    by_mean = probability is not None and min_mean_probability > 0
+    if min_ml <= 0 and not by_mean:
         return
     found = np.nonzero(lesion.any(axis=(1, 2)))[0]
     if found.size == 0:
@@ -159,9 +168,31 @@ def drop_small_lesions(lesion: np.ndarray, spacing: tuple[float, float, float],
     except RuntimeError:  # more than 65535 lesions: fall back to int32 labels
         components, n = ndi.label(view > 0, structure=np.ones((3, 3, 3), bool))
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    small = np.bincount(components.ravel(), minlength=n + 1) * voxel_ml < min_ml
-    small[0] = False
-    view[small[components]] = NONE
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    drop = sizes * voxel_ml < min_ml
+    if by_mean:  # lesion voxels only: a float64 copy of the whole box would be 8 B a voxel
+        inside = components > 0
+        sums = np.bincount(components[inside], weights=probability[box][inside], minlength=n + 1)
+        drop |= sums / np.maximum(sizes, 1) < min_mean_probability
+    drop[0] = False
+    view[drop[components]] = NONE
+
+
+def filter_lesions(probability: np.ndarray, kind: np.ndarray,
+                   spacing: tuple[float, float, float], lesion_probability: float,
+                   min_ml: float = 0.0, min_mean_probability: float = 0.0,
+                   in_place: bool = False) -> np.ndarray:
+    """Labels from a lesion-probability volume and its GGO/consolidation kind at one setting:
+    voxels at or above `lesion_probability`, then `drop_small_lesions`. `in_place` writes them
+    into `kind` (the node's last use of it: one label volume less in memory)."""
+    lesion = kind if in_place else np.zeros(kind.shape, np.uint8)
+    for i in range(kind.shape[0]):  # slice by slice: no full-volume boolean temporary
+        if in_place:
+            lesion[i][probability[i] < lesion_probability] = NONE
+        else:
+            np.copyto(lesion[i], kind[i], where=probability[i] >= lesion_probability)
+    drop_small_lesions(lesion, spacing, min_ml, probability, min_mean_probability)
+    return lesion
 
 
 class LesionSegmenter:
@@ -173,9 +204,11 @@ class LesionSegmenter:
         self.device = torch.device(device)
         self.network = network.eval().to(self.device)
         self.batch_size = batch_size
+        # the measurement setting: the mask the node writes and measures (SEG, SR volumes)
         self.threshold = float(spec.thresholds.get("lesion_probability",
                                                    DEFAULT_LESION_PROBABILITY))
         self.min_lesion_ml = float(spec.thresholds.get("min_lesion_ml", DEFAULT_MIN_LESION_ML))
+        self.min_mean_probability = float(spec.thresholds.get("min_mean_probability", 0.0))
 
     @classmethod
     def load(cls, model_dir: Path, device: str = "cpu", batch_size: int = 4) -> LesionSegmenter:
@@ -189,7 +222,7 @@ class LesionSegmenter:
     def predict_probabilities(self, hu: np.ndarray,
                               lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lesion probability float16, kind uint8 1 GGO / 2 consolidation), 0 outside the
-        lungs: what evaluation needs to choose the lesion threshold; the node uses `predict`."""
+        lungs: what both masks of `predict_with_decision` (and evaluation) are filtered from."""
         probability = np.zeros(hu.shape, np.float16)
         kind = np.zeros(hu.shape, np.uint8)
         for index, probs, inside in self._batches(hu, lung):
@@ -200,22 +233,36 @@ class LesionSegmenter:
     @torch.inference_mode()
     def predict(self, hu: np.ndarray, lung: np.ndarray | None = None,
                 spacing: tuple[float, float, float] | None = None) -> np.ndarray:
-        """uint8 (slices, rows, cols): 0 none, 1 GGO, 2 consolidation, inside the lungs only.
+        """uint8 (slices, rows, cols): 0 none, 1 GGO, 2 consolidation, inside the lungs only,
+        at the spec's measurement setting.
 
         Without `lung`, the lungs are segmented from HU first (they also set the crop);
         without `spacing` a typical chest CT spacing sizes the smallest lesion kept.
         """
-        if lung is None:  # spacing only sets the smallest lung piece kept: assume a typical one
-            lung = segment_lungs(hu, spacing or TYPICAL_SPACING)
-        out = self._run(hu, lung)
-        drop_small_lesions(out, spacing or TYPICAL_SPACING, self.min_lesion_ml)
-        return out
+        return self.predict_with_decision(hu, lung, spacing)[0]
 
-    def _run(self, hu: np.ndarray, lung: np.ndarray) -> np.ndarray:
-        out = np.zeros(hu.shape, np.uint8)
-        for index, probs, inside in self._batches(hu, lung):
-            out[index] = labels_from_probabilities(probs, self.threshold).numpy() * inside
-        return out
+    @torch.inference_mode()
+    def predict_with_decision(
+        self, hu: np.ndarray, lung: np.ndarray | None = None,
+        spacing: tuple[float, float, float] | None = None,
+        decision: tuple[float, float] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(measurement labels, decision labels or None) from one pass of the network.
+
+        The measurement mask (spec thresholds of ct-lesion) is what a radiologist reads and
+        what the volumes are measured on; `decision` = (lesion probability, smallest lesion mL)
+        of ct-classifier builds the mask its burden features are computed on. Both come from
+        the same probabilities through `filter_lesions`, the path evaluation uses.
+        """
+        spacing = spacing or TYPICAL_SPACING
+        if lung is None:  # spacing only sets the smallest lung piece kept: assume a typical one
+            lung = segment_lungs(hu, spacing)
+        probability, kind = self.predict_probabilities(hu, lung)
+        decided = None if decision is None else filter_lesions(
+            probability, kind, spacing, float(decision[0]), float(decision[1]))
+        measured = filter_lesions(probability, kind, spacing, self.threshold,
+                                  self.min_lesion_ml, self.min_mean_probability, in_place=True)
+        return measured, decided
 
     def _batches(self, hu: np.ndarray, lung: np.ndarray):
         """(index into the volume, CPU probabilities (B, 3, crop rows, crop cols), lung mask)

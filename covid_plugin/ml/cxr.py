@@ -17,6 +17,7 @@ the very same function; a spec without `lung_crop` gives exactly the v1 behaviou
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from monai.visualize import GradCAM
 from torch import nn
 
-from covid_plugin.ml.cxr_lungs import CxrLungSegmenter, lung_bbox
+from covid_plugin.ml.cxr_lungs import CxrLungSegmenter, lung_bbox, resolve_device
 from covid_plugin.ml.spec import ModelIntegrityError, ModelSpec, load_spec
 
 INPUT_SIZE = 224
@@ -73,13 +74,14 @@ class LungCrop:
     margin: float
 
     @classmethod
-    def load(cls, folder: Path, margin: float, expected_sha256: str | None = None) -> LungCrop:
+    def load(cls, folder: Path, margin: float, expected_sha256: str | None = None,
+             device: str | torch.device = "cpu") -> LungCrop:
         """The lung model in `folder`; refused if its weights are not `expected_sha256`.
 
         The classifier learned on crops made by one particular lung model; other weights give
         other boxes, hence inputs it never saw, so a mismatch fails loudly at start-up.
         """
-        segmenter = CxrLungSegmenter.load(Path(folder))
+        segmenter = CxrLungSegmenter.load(Path(folder), device)
         if expected_sha256 is not None and segmenter.spec.weights_sha256 != expected_sha256:
             raise ModelIntegrityError(
                 f"lung model {folder} has weights sha256 {segmenter.spec.weights_sha256}, but "
@@ -88,7 +90,8 @@ class LungCrop:
         return cls(segmenter, float(margin))
 
     @classmethod
-    def from_spec(cls, block: dict, model_dir: Path) -> LungCrop:
+    def from_spec(cls, block: dict, model_dir: Path, device: str | torch.device = "cpu"
+                  ) -> LungCrop:
         """The crop a classifier's spec.json names.
 
         The lung model is sought beside the classifier first (models/<name>), then in the
@@ -97,7 +100,7 @@ class LungCrop:
         name = str(block["model"])
         candidates = [Path(model_dir).resolve().parent / name, MODELS_DIR / name]
         folder = next((c for c in candidates if (c / "spec.json").is_file()), candidates[-1])
-        return cls.load(folder, float(block["margin"]), block.get("weights_sha256"))
+        return cls.load(folder, float(block["margin"]), block.get("weights_sha256"), device)
 
     def box(self, image: np.ndarray) -> Box:
         """Lung bounding box grown by the margin; the whole film if the mask is implausible."""
@@ -193,11 +196,27 @@ def unit_range(cam: torch.Tensor) -> torch.Tensor:
     return (cam - low) / span
 
 
+def decide(probabilities: Mapping[str, float], covid_threshold: float) -> str:
+    """THE decision rule of the shipped model, used by the node and by `training evaluate`.
+
+    COVID-19 when the calibrated p(COVID-19) reaches the threshold picked on adult validation
+    patients (spec.json `thresholds.covid`); otherwise the more probable of normal and
+    pneumonia_other. Not the argmax: a film can be called COVID-19 while another class is
+    more probable, and then the heatmap must explain COVID-19.
+    """
+    if probabilities["covid"] >= covid_threshold:
+        return "covid"
+    others = {k: p for k, p in probabilities.items() if k != "covid"}
+    return max(others, key=others.__getitem__)
+
+
 @dataclass
 class CxrPrediction:
-    """Calibrated class probabilities, the view decision and a heatmap over the input image."""
+    """Calibrated class probabilities, the called class, the view decision and a heatmap over
+    the input image that explains the called class."""
 
     probabilities: dict[str, float]
+    called: str
     view: str
     view_probability: float
     heatmap: np.ndarray
@@ -206,25 +225,30 @@ class CxrPrediction:
 class CxrClassifier:
     """Loads a model folder (hash-checked spec + weights) and classifies one radiograph."""
 
-    def __init__(self, spec: ModelSpec, network: CxrNet, crop: LungCrop | None = None) -> None:
+    def __init__(self, spec: ModelSpec, network: CxrNet, crop: LungCrop | None = None,
+                 device: str | torch.device = "cpu") -> None:
         self.spec = spec
-        self.network = network.eval()
+        self.device = resolve_device(device)
+        self.network = network.eval().to(self.device)
         self.crop = crop
         self.size = int(spec.input.get("size", INPUT_SIZE))
         self.temperature = float(getattr(spec, "temperature", 1.0))
+        self.covid_threshold = float(spec.thresholds["covid"])
         self.view_threshold = float(spec.thresholds.get("lateral", 0.5))
         self.cam = GradCAM(nn_module=self.network, target_layers=CAM_LAYER,
                            postprocessing=unit_range)
 
     @classmethod
-    def load(cls, model_dir: Path) -> CxrClassifier:
+    def load(cls, model_dir: Path, device: str | torch.device = "cpu") -> CxrClassifier:
+        """The model folder's network on `device` ("auto": CUDA when available); the lung
+        crop's model, if the spec names one, on the same device."""
         spec = load_spec(Path(model_dir))
         network = build_network(int(spec.input.get("size", INPUT_SIZE)))
         state = torch.load(Path(model_dir) / spec.weights, map_location="cpu", weights_only=True)
         network.load_state_dict({k: v.float() for k, v in state.items()})
         block = (spec.model_extra or {}).get("lung_crop")
-        crop = LungCrop.from_spec(block, Path(model_dir)) if block else None
-        return cls(spec, network, crop)
+        crop = LungCrop.from_spec(block, Path(model_dir), device) if block else None
+        return cls(spec, network, crop, device)
 
     def predict(self, image: np.ndarray) -> CxrPrediction:
         """image: float32 (rows, cols) in [0, 1], displayed orientation (bones white).
@@ -233,21 +257,36 @@ class CxrClassifier:
         the crop and is zero outside it (the network never saw the rest).
         """
         prepared, (r0, r1, c0, c1) = preprocess(image, self.size, self.crop)
-        x = to_network_input(torch.from_numpy(prepared)[None])
+        x = to_network_input(torch.from_numpy(prepared)[None]).to(self.device)
         with torch.no_grad():
-            logits = self.network(x)[0]
+            logits = self.network(x)[0].float().cpu()
         probs = torch.softmax(logits[: len(CLASS_KEYS)] / self.temperature, dim=0)
+        probabilities = {k: float(p) for k, p in zip(CLASS_KEYS, probs, strict=True)}
         lateral = float(torch.sigmoid(logits[len(CLASS_KEYS)]))
         is_lateral = lateral >= self.view_threshold
-        cam = self.cam(x, class_idx=int(probs.argmax()))  # (1, 1, S, S), min-max scaled
-        heatmap = torch.zeros(image.shape, dtype=torch.float32)
-        heatmap[r0:r1, c0:c1] = F.interpolate(
-            torch.as_tensor(cam, dtype=torch.float32), size=(r1 - r0, c1 - c0),
-            mode="bilinear", align_corners=False,
-        )[0, 0].clamp(0, 1)
+        called = decide(probabilities, self.covid_threshold)
         return CxrPrediction(
-            probabilities={k: float(p) for k, p in zip(CLASS_KEYS, probs, strict=True)},
+            probabilities=probabilities,
+            called=called,
             view=VIEW_KEYS[1] if is_lateral else VIEW_KEYS[0],
             view_probability=lateral if is_lateral else 1.0 - lateral,
-            heatmap=heatmap.numpy().astype(np.float32),
+            heatmap=self._heatmap(x, (r0, r1, c0, c1), image.shape, called),
         )
+
+    def explain(self, image: np.ndarray, class_key: str) -> np.ndarray:
+        """GradCAM of `class_key` on `image`, in the image's rows and columns (what `predict`
+        draws for the called class; evaluation asks for other classes too)."""
+        prepared, box = preprocess(image, self.size, self.crop)
+        x = to_network_input(torch.from_numpy(prepared)[None]).to(self.device)
+        return self._heatmap(x, box, image.shape, class_key)
+
+    def _heatmap(self, x: torch.Tensor, box: Box, shape: tuple[int, ...], class_key: str
+                 ) -> np.ndarray:
+        """GradCAM of one class on the model's device, min-max scaled, pasted into the box."""
+        r0, r1, c0, c1 = box
+        cam = self.cam(x, class_idx=CLASS_KEYS.index(class_key)).float().cpu()  # (1, 1, S, S)
+        heatmap = torch.zeros(shape, dtype=torch.float32)
+        heatmap[r0:r1, c0:c1] = F.interpolate(
+            cam, size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False,
+        )[0, 0].clamp(0, 1)
+        return heatmap.numpy().astype(np.float32)

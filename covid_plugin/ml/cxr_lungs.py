@@ -25,6 +25,13 @@ from covid_plugin.ml.spec import ModelSpec, load_spec
 _POSTPROCESS_MAX_SIDE = 512
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The configured device: "auto" is CUDA when available, else the CPU."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_network(network: dict[str, Any]) -> UNet:
     """The student UNet from the spec's `network` block (channels, strides, num_res_units)."""
     return UNet(
@@ -96,18 +103,21 @@ def lung_bbox(mask: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, in
 class CxrLungSegmenter:
     """Loaded `cxr-lung` model: image in [0, 1] (bones white) -> boolean lung mask."""
 
-    def __init__(self, spec: ModelSpec, network: UNet) -> None:
+    def __init__(self, spec: ModelSpec, network: UNet, device: str | torch.device = "cpu"
+                 ) -> None:
         self.spec = spec
-        self.network = network.eval()
+        self.device = resolve_device(device)
+        self.network = network.eval().to(self.device)
         self.transform = input_transform(spec.input, spec.intensity)
 
     @classmethod
-    def load(cls, model_dir: Path) -> CxrLungSegmenter:
+    def load(cls, model_dir: Path, device: str | torch.device = "cpu") -> CxrLungSegmenter:
+        """The model folder's network on `device` ("auto": CUDA when available)."""
         spec = load_spec(Path(model_dir))  # refuses weights whose sha256 differs
         network = build_network(spec.network)
         state = torch.load(Path(model_dir) / spec.weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
-        return cls(spec, network)
+        return cls(spec, network, device)
 
     def probability(self, image: np.ndarray) -> np.ndarray:
         """Lung probability on the network's grid, (size, size)."""
@@ -115,7 +125,8 @@ class CxrLungSegmenter:
             raise ValueError(f"expected a 2-D grey image, got shape {image.shape}")
         x = self.transform(torch.as_tensor(image, dtype=torch.float32)[None])
         with torch.no_grad():
-            return torch.sigmoid(self.network(torch.as_tensor(x)[None]))[0, 0].numpy()
+            out = self.network(torch.as_tensor(x)[None].to(self.device))
+        return torch.sigmoid(out.float()).cpu()[0, 0].numpy()
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Boolean mask of the image's shape: largest two components, holes filled."""

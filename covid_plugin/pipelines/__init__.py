@@ -10,4 +10,4 @@ def default_pipelines(settings: Settings) -> list:
     from covid_plugin.pipelines.ct import CtPipeline
     from covid_plugin.pipelines.cxr import CxrPipeline
 
-    return [CxrPipeline(), CtPipeline(batch_size=settings.ct.batch_size)]
+    return [CxrPipeline(settings.cxr_population), CtPipeline(batch_size=settings.ct.batch_size)]

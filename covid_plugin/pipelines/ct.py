@@ -51,11 +51,15 @@ class CtPipeline:
             # the classifier's score means nothing without lungs to put lesions in
             raise SeriesSkipped(f"lungs not found ({lung_ml:.0f} mL segmented, needs "
                                 f"{MIN_LUNG_ML:.0f}): not a CT through the chest")
-        lesion = models["lesions"].predict(hu, lung, spacing)
+        classifier: CtClassifier = models["classifier"]
+        # two masks from one network pass: the decision's (its own LOPO-chosen setting, for the
+        # call) and the measurement one (SEG, volumes, percent involved)
+        lesion, decided = models["lesions"].predict_with_decision(
+            hu, lung, spacing, classifier.lesion_setting)
         del hu
         spill_to_disk(series)  # the HU volume is done with: the masks need that memory
-        classifier: CtClassifier = models["classifier"]
-        scores = classifier.predict(lung, lesion, spacing)
+        scores = classifier.predict(lung, lesion if decided is None else decided, spacing)
+        del decided
         lung_model = models["lung_spec"].info()
         lesion_model = models["lesions"].spec.info()
         cls_model = classifier.spec.info()

@@ -1,8 +1,11 @@
 """Chest X-ray: calibrated normal / other pneumonia / COVID-19 and a heatmap inside the lungs.
 
-Only frontal films are classified: the model was trained on frontal views, so a lateral film
-(by its ViewPosition, or by the view head when the header says nothing) is skipped with the
-reason recorded rather than given a number that means nothing.
+Only films the model was validated on are classified: frontal views (a lateral film, by its
+ViewPosition or by the view head when the header says nothing, is skipped) of patients in the
+configured population (adults by default; the age comes from the header). Anything else is
+skipped with the reason recorded rather than given a number that means nothing. The call is
+made by the model's one decision rule (`covid_plugin.ml.cxr.decide`), and the heatmap and the
+"region driving the classification" explain that called class.
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ from typing import Any
 
 import numpy as np
 
+from covid_plugin.config import CxrPopulationSettings
 from covid_plugin.findings import Classification, ClassProbability, Findings, Mask
-from covid_plugin.ml.cxr import CxrClassifier
+from covid_plugin.ml.cxr import CxrClassifier, decide
 from covid_plugin.ml.cxr_lungs import CxrLungSegmenter
 from covid_plugin.pipelines import codes
+from covid_plugin.pipelines.population import patient_age_years, population_reason
 from covid_plugin.volume import LoadedSeries
 from covid_plugin.worker import SeriesSkipped
+
+__all__ = ["CxrPipeline", "decide"]  # decide: the model's one rule, re-exported for callers
 
 LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LATERAL"}
 SUSPICIOUS_LEVEL = 0.5  # heatmap level that outlines the region that drove the decision
@@ -29,14 +36,21 @@ class CxrPipeline:
     modalities = ("CR", "DX")
     per_instance = True  # a CR/DX series may hold several films (PA and lateral, say)
 
+    def __init__(self, population: CxrPopulationSettings | None = None) -> None:
+        self.population = population or CxrPopulationSettings()
+
     def load_models(self, models_dir: Path, device: str) -> dict[str, Any]:
+        """Both models on the configured device ("auto": CUDA when available)."""
         return {
-            "classifier": CxrClassifier.load(models_dir / "cxr-classifier"),
-            "lungs": CxrLungSegmenter.load(models_dir / "cxr-lung"),
+            "classifier": CxrClassifier.load(models_dir / "cxr-classifier", device),
+            "lungs": CxrLungSegmenter.load(models_dir / "cxr-lung", device),
         }
 
     def run(self, series: LoadedSeries, models: dict[str, Any]) -> Findings:
         header = series.datasets[0]
+        reason = population_reason(patient_age_years(header), self.population)
+        if reason is not None:
+            raise SeriesSkipped(f"not analysable: {reason}")
         view = str(header.get("ViewPosition", "") or "").upper()
         if view in LATERAL_VIEWS:
             raise SeriesSkipped(f"lateral view (ViewPosition {view}); only frontal films")
@@ -56,7 +70,7 @@ class CxrPipeline:
             ClassProbability(key, spec.label(key).code(), p)
             for key, p in prediction.probabilities.items()
         ]
-        predicted = decide(prediction.probabilities, spec.thresholds["covid"])
+        predicted = prediction.called  # the heatmap below explains this class
         lung_model = models["lungs"].spec.info()
         masks = [Mask("lungs", "Lungs", codes.ANATOMICAL_STRUCTURE, codes.LUNG, lungs[None],
                       lung_model)]
@@ -69,17 +83,9 @@ class CxrPipeline:
             kind="cxr",
             series_instance_uid=series.series_instance_uid,
             classification=Classification(model, probabilities, predicted,
-                                          spec.thresholds["covid"]),
+                                          classifier.covid_threshold),
             masks=masks,
             heatmap=heatmap[None],
             models=[model, lung_model],
         )
 
-
-def decide(probabilities: dict[str, float], covid_threshold: float) -> str:
-    """COVID-19 at the shipped operating point (the threshold its sensitivity and specificity
-    were measured at); otherwise the more probable of the other labels."""
-    if probabilities["covid"] >= covid_threshold:
-        return "covid"
-    others = {k: p for k, p in probabilities.items() if k != "covid"}
-    return max(others, key=others.get)

@@ -1,0 +1,71 @@
+"""The lesion mask a radiologist reads (measurement) and the mask the COVID call is computed on
+(decision) have their own settings.
+
+Before, one lesion probability (0.9, chosen for the call) also made the SEG mask and the SR
+volumes, and nothing checked the mask against a reference outline. Now ct-lesion/spec.json
+holds the measurement setting and ct-classifier/spec.json the decision's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covid_plugin.ml.ct_cls import CtClassifier
+from covid_plugin.ml.ct_lesion import LesionSegmenter, filter_lesions
+from covid_plugin.ml.ct_lung import segment_lungs
+from covid_plugin.volume import load_series_files
+from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+# The pooled any-lesion Dice of the shipped measurement mask on the 48 MedSeg test slices has a
+# slice-bootstrap 95% CI of 0.16-0.27 (models/ct-lesion/metrics.json): below 0.15 the mask has
+# got worse than chance variation explains. At the network's own operating point (0.5) the
+# same path reaches 0.72 (CI 0.68-0.76): below 0.6 the path itself (crop, filter, resize,
+# labels) is broken, whatever setting is shipped.
+SHIPPED_FLOOR, OPERATING_POINT_FLOOR = 0.15, 0.6
+
+pytestmark = pytest.mark.skipif(not (DATA / "ct").is_dir(), reason="needs ../shared/data")
+
+
+def _pooled_dice(segmenter: LesionSegmenter, setting: tuple[float, float, float]) -> float:
+    from training.ct_lesion import load_slices
+    from training.ct_lesion_tradeoff import MEDSEG_SPACING, medseg_probabilities
+
+    probability, kind, true = medseg_probabilities(segmenter, load_slices(DATA, "test"))
+    pred = np.stack([filter_lesions(probability[i:i + 1], kind[i:i + 1], MEDSEG_SPACING,
+                                    *setting)[0] for i in range(len(probability))])
+    return float(2 * ((pred > 0) & (true > 0)).sum() / ((pred > 0).sum() + (true > 0).sum()))
+
+
+def test_measurement_mask_dice_on_medseg_test_slices_stays_above_its_floor():
+    torch.set_num_threads(1)
+    segmenter = LesionSegmenter.load(MODELS / "ct-lesion")
+    shipped = (segmenter.threshold, segmenter.min_lesion_ml, segmenter.min_mean_probability)
+    assert _pooled_dice(segmenter, shipped) >= SHIPPED_FLOOR
+    assert _pooled_dice(segmenter, (0.5, 0.0, 0.0)) >= OPERATING_POINT_FLOOR
+
+
+def test_decision_mask_has_its_own_setting_and_measurement_keeps_the_spec_one():
+    torch.set_num_threads(1)
+    series = load_series_files(sorted((REPO / "dicom_samples" / "ct-covid_covid-ct-md-P002")
+                                      .glob("*.dcm")))
+    hu, spacing = series.array, series.spacing
+    lung = segment_lungs(hu, spacing, series.orientation)
+    segmenter = LesionSegmenter.load(MODELS / "ct-lesion")
+    decision = CtClassifier.load(MODELS / "ct-classifier").lesion_setting
+    assert decision is not None, "ct-classifier/spec.json must carry the decision's lesion setting"
+
+    strict = (0.97, 0.0)  # a decision setting far from any measurement setting
+    measured, decided = segmenter.predict_with_decision(hu, lung, spacing, strict)
+    probability, kind = segmenter.predict_probabilities(hu, lung)
+    expected = filter_lesions(probability, kind, spacing, segmenter.threshold,
+                              segmenter.min_lesion_ml, segmenter.min_mean_probability)
+    np.testing.assert_array_equal(measured, expected)
+    np.testing.assert_array_equal(decided, filter_lesions(probability, kind, spacing, *strict))
+    assert (decided > 0).sum() < (measured > 0).sum()  # the P002 sample has lesion at both
+    np.testing.assert_array_equal(segmenter.predict(hu, lung, spacing), measured)
