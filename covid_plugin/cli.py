@@ -111,7 +111,7 @@ def _outbox(settings: Settings):
 def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     for item in _outbox(settings).list(args.state):
         print(f"{item.id:6d}  {item.state:7s} tries={item.attempts} job={item.job_id} "
-              f"{item.dest_ae}@{item.dest_host}:{item.dest_port} {item.sop_instance_uid}  "
+              f"{item.destination} {item.sop_instance_uid}  "
               f"{item.last_error or ''}")
     return 0
 

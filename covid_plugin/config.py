@@ -10,12 +10,15 @@ import os
 import tomllib
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -58,10 +61,49 @@ class PeerTls(_Strict):
 class Peer(_Strict):
     """A DICOM node we send results to."""
 
+    kind: Literal["dicom"] = "dicom"  # C-STORE; the default kind of a destination
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(ge=1, le=65535)
     tls: PeerTls | None = None  # set: results go to this peer over TLS only
+
+
+class DicomwebDestination(_Strict):
+    """A DICOMweb server we send results to by STOW-RS (covid_plugin/node/stow.py), e.g. a
+    PACS's or a VNA's /dicom-web root. Deliveries go through the same outbox as C-STORE."""
+
+    kind: Literal["dicomweb"]
+    url: str  # the service root; results are POSTed to {url}/studies
+    headers: dict[str, str] = {}  # e.g. {"Authorization": "Bearer ..."}; never logged
+    verify_tls: bool = True  # check the server's certificate (https)
+    ca_file: Path | None = None  # trust this CA bundle instead of the system's
+    cert_file: Path | None = None  # client certificate, for servers that ask for one
+    key_file: Path | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials (they would reach logs): use headers")
+        return value.rstrip("/")
+
+
+def _destination_kind(value: Any) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return "dicomweb" if kind == "dicomweb" else "dicom"
+
+
+# a [[destinations]] entry: a DICOM peer (C-STORE), or kind = "dicomweb" (STOW-RS)
+Destination = Annotated[
+    Annotated[Peer, Tag("dicom")] | Annotated[DicomwebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
 
 
 class TlsSettings(_Strict):
@@ -195,7 +237,7 @@ class Settings(_Strict):
     # calling AE title -> where its results go back ("return address"); used when no
     # destination is configured for all results
     return_addresses: dict[str, Peer] = {}
-    destinations: list[Peer] = []
+    destinations: list[Destination] = []
     outbox: OutboxSettings = OutboxSettings()
     jobs: JobSettings = JobSettings()
     retention: RetentionSettings = RetentionSettings()

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from covid_plugin.config import Settings
+from covid_plugin.config import DicomwebDestination, Peer, Settings
 from covid_plugin.findings import Findings
 from covid_plugin.node.scp import StorageSCP
 from covid_plugin.node.scu import DicomSender, OutboxSender
+from covid_plugin.node.stow import StowSender
 from covid_plugin.observability import HealthServer, Metrics, operations_health
 from covid_plugin.outputs import write_all
 from covid_plugin.store.db import Database
@@ -70,9 +71,12 @@ class Node:
         pipelines = load_object(settings.pipelines)(settings)
         self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,
                              write_all, self.scp.active_series, on_result)
-        peers = [*settings.destinations, *settings.return_addresses.values()]
+        web = [d for d in settings.destinations if isinstance(d, DicomwebDestination)]
+        peers = [*(d for d in settings.destinations if isinstance(d, Peer)),
+                 *settings.return_addresses.values()]
         self.sender = OutboxSender(self.outbox, DicomSender(settings.ae_title, peers),
-                                   self.metrics, settings.outbox.poll_interval_s)
+                                   self.metrics, settings.outbox.poll_interval_s,
+                                   web_sender=StowSender(web))
         self.health_server: HealthServer | None = None
 
     def _state_counts(self) -> dict[str, dict[str, int]]:

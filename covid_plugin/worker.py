@@ -22,10 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from pydicom import Dataset
 
-from covid_plugin.config import Peer, Settings
+from covid_plugin.config import DicomwebDestination, Peer, Settings
 from covid_plugin.findings import Findings, Predecessor
 from covid_plugin.observability import Metrics
 from covid_plugin.outputs import OutputError, write_declined
@@ -64,12 +65,20 @@ Writer = Callable[[Findings, LoadedSeries], list[Dataset]]
 Decliner = Callable[[LoadedSeries, str], list[Dataset]]  # the "not analysed" report
 
 
-def destinations_for(settings: Settings, calling_ae: str) -> list[Peer]:
+def destinations_for(settings: Settings, calling_ae: str) -> list[Peer | DicomwebDestination]:
     """Configured destinations, else the calling PACS's return address."""
     if settings.destinations:
         return list(settings.destinations)
     peer = settings.return_addresses.get(calling_ae)
     return [peer] if peer else []
+
+
+def delivery(destination: Peer | DicomwebDestination, path: Path, uid: str) -> Delivery:
+    """One outbox row: a DICOMweb destination is named by its URL, a DICOM peer by AE@host:port."""
+    if isinstance(destination, DicomwebDestination):
+        parts = urlsplit(destination.url)
+        return Delivery(path, uid, "", parts.hostname or "", parts.port or 0, destination.url)
+    return Delivery(path, uid, destination.ae_title, destination.host, destination.port)
 
 
 def save_durably(datasets: list[Dataset], folder: Path) -> list[tuple[Path, str]]:
@@ -317,8 +326,8 @@ class Worker:
                              str(ds.SOPClassUID), str(ds.SOPInstanceUID))
                    for ds in datasets if ds.Modality == "SR"]
         deliveries = [
-            Delivery(path, uid, peer.ae_title, peer.host, peer.port)
-            for peer in destinations_for(self.settings, job.calling_ae)
+            delivery(destination, path, uid)
+            for destination in destinations_for(self.settings, job.calling_ae)
             for path, uid in saved
         ]
         if not deliveries:

@@ -218,7 +218,8 @@ def storescp_factory(tmp_path: Path) -> Iterator:
 class Orthanc:
     """Debian's Orthanc on ephemeral ports, its storage in a temporary folder."""
 
-    def __init__(self, workdir: Path, node_port: int, node_aet: str = "COVID_PLUGIN") -> None:
+    def __init__(self, workdir: Path, node_port: int, node_aet: str = "COVID_PLUGIN",
+                 extra: dict | None = None) -> None:
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.ae_title = "ORTHANC"
@@ -233,7 +234,7 @@ class Orthanc:
             "DicomModalities": {"covid": [node_aet, "127.0.0.1", node_port]},
             "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
             "StableAge": 1,
-        }))
+        } | (extra or {})))
         self.log_path = workdir / "orthanc.log"
         self.proc: subprocess.Popen | None = None
 
@@ -281,6 +282,56 @@ def orthanc_factory(tmp_path: Path) -> Iterator:
         peer = Orthanc(tmp_path / f"orthanc{len(peers)}", node_port)
         peers.append(peer)
         return peer.start()
+
+    yield make
+    for peer in peers:
+        peer.stop()
+
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+class DicomwebOrthanc(Orthanc):
+    """Orthanc with Debian's DICOMweb plugin (orthanc-dicomweb): QIDO/WADO/STOW-RS under
+    /dicom-web/, with full metadata as OHIF asks for it."""
+
+    def __init__(self, workdir: Path, node_port: int = 104, extra: dict | None = None) -> None:
+        super().__init__(workdir, node_port, extra={
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                         "WadoRoot": "/wado", "StudiesMetadata": "Full",
+                         "SeriesMetadata": "Full"},
+        } | (extra or {}))
+        self.dicomweb_url = f"{self.url}/dicom-web"
+
+    def _up(self) -> bool:
+        try:  # any answer will do: with authentication on, it is a 401
+            requests.get(f"{self.url}/system", timeout=1)
+            return True
+        except requests.ConnectionError:
+            return False
+
+
+def dicomweb_missing() -> str | None:
+    """Why a DICOMweb peer cannot be started here, or None."""
+    if shutil.which("Orthanc") is None:
+        return "Orthanc is not installed (apt-get install orthanc)"
+    if not DICOMWEB_PLUGIN.exists():
+        return "Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)"
+    return None
+
+
+@pytest.fixture
+def dicomweb_factory(tmp_path: Path) -> Iterator:
+    """DICOMweb Orthancs, made stopped (a destination that is down) and started by the test."""
+    if (reason := dicomweb_missing()) is not None:
+        pytest.skip(reason)
+    peers: list[DicomwebOrthanc] = []
+
+    def make(extra: dict | None = None) -> DicomwebOrthanc:
+        peer = DicomwebOrthanc(tmp_path / f"orthanc-dicomweb{len(peers)}", extra=extra)
+        peers.append(peer)
+        return peer
 
     yield make
     for peer in peers:

@@ -1,8 +1,8 @@
 """Export: result files from the outbox to their destinations by C-STORE.
 
 One association per destination per round; each file is sent as written (no re-encoding).
-Failures go back to the outbox, which decides the backoff and the dead letter. A STOW-RS
-sender would be a second class with the same `deliver` method.
+Failures go back to the outbox, which decides the backoff and the dead letter. The STOW-RS
+sender (node/stow.py) has the same `deliver` method; an item with a URL goes to it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import ssl
 import threading
 from collections import defaultdict
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import dcmread
 from pynetdicom import AE
@@ -107,13 +108,18 @@ class DicomSender:
         return results
 
 
+class Sender(Protocol):
+    def deliver(self, items: list[OutboxItem]) -> dict[int, str | None]: ...
+
+
 class OutboxSender:
     """A thread that drains the outbox: due items, grouped by destination."""
 
-    def __init__(self, outbox: Outbox, sender: DicomSender, metrics: Metrics,
-                 poll_interval_s: float) -> None:
+    def __init__(self, outbox: Outbox, sender: Sender, metrics: Metrics,
+                 poll_interval_s: float, web_sender: Sender | None = None) -> None:
         self.outbox = outbox
         self.sender = sender
+        self.web_sender = web_sender  # for DICOMweb (STOW-RS) destinations
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
         self._stop = threading.Event()
@@ -131,12 +137,12 @@ class OutboxSender:
 
     def send_due(self) -> int:
         """One round; returns how many items were delivered."""
-        groups: dict[tuple[str, str, int], list[OutboxItem]] = defaultdict(list)
+        groups: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in self.outbox.due():
-            groups[(item.dest_ae, item.dest_host, item.dest_port)].append(item)
+            groups[item.destination].append(item)
         delivered = 0
-        for (ae_title, host, port), items in groups.items():
-            for item_id, error in self.sender.deliver(items).items():
+        for destination, items in groups.items():
+            for item_id, error in self._deliver(items).items():
                 if error is None:
                     self.outbox.mark_sent(item_id)
                     self.metrics.exported.inc()
@@ -144,9 +150,16 @@ class OutboxSender:
                     continue
                 self.metrics.export_failures.inc()
                 state = self.outbox.mark_failed(item_id, error)
-                log.warning("export of outbox item %d to %s@%s:%d failed (%s): %s",
-                            item_id, ae_title, host, port, state, error)
+                log.warning("export of outbox item %d to %s failed (%s): %s",
+                            item_id, destination, state, error)
         return delivered
+
+    def _deliver(self, items: list[OutboxItem]) -> dict[int, str | None]:
+        if items[0].dest_url is None:
+            return self.sender.deliver(items)
+        if self.web_sender is None:
+            return {item.id: "this node has no DICOMweb sender" for item in items}
+        return self.web_sender.deliver(items)
 
     def _run(self) -> None:
         while not self._stop.is_set():

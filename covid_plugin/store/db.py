@@ -114,6 +114,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE series ADD COLUMN interrupted_at REAL;
     UPDATE series SET released_at = last_at;
     """,
+    # 3: DICOMweb destinations (STOW-RS) are named by their service URL; NULL for C-STORE peers
+    "ALTER TABLE outbox ADD COLUMN dest_url TEXT",
 ]
 
 

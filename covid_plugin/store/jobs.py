@@ -75,6 +75,7 @@ class Delivery:
     dest_ae: str
     dest_host: str
     dest_port: int
+    dest_url: str | None = None  # a DICOMweb (STOW-RS) destination instead of a DICOM peer
 
 
 @dataclass(frozen=True)
@@ -196,10 +197,10 @@ class JobQueue:
                 raise RuntimeError(f"job {job_id} is not running; refusing to finish it twice")
             conn.executemany(
                 "INSERT INTO outbox (job_id, path, sop_instance_uid, dest_ae, dest_host, "
-                "dest_port, state, next_attempt_at, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                "dest_port, dest_url, state, next_attempt_at, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
                 [(job_id, str(d.path), d.sop_instance_uid, d.dest_ae, d.dest_host, d.dest_port,
-                  t, t, t) for d in deliveries],
+                  d.dest_url, t, t, t) for d in deliveries],
             )
 
     def fail(self, job_id: int, reason: str) -> None:

@@ -26,6 +26,12 @@ class OutboxItem:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    dest_url: str | None = None  # set for a DICOMweb (STOW-RS) destination
+
+    @property
+    def destination(self) -> str:
+        """Where the item goes, for grouping and for people: a URL or AE@host:port."""
+        return self.dest_url or f"{self.dest_ae}@{self.dest_host}:{self.dest_port}"
 
 
 def _item(row) -> OutboxItem:
@@ -34,7 +40,7 @@ def _item(row) -> OutboxItem:
         sop_instance_uid=row["sop_instance_uid"], dest_ae=row["dest_ae"],
         dest_host=row["dest_host"], dest_port=row["dest_port"], state=row["state"],
         attempts=row["attempts"], next_attempt_at=row["next_attempt_at"],
-        last_error=row["last_error"],
+        last_error=row["last_error"], dest_url=row["dest_url"],
     )
 
 

@@ -1,0 +1,152 @@
+"""Driving OHIF Viewer 3.13.2 the way a radiologist does, through Playwright.
+
+The selectors are OHIF's own `data-cy` attributes of that pinned version; a new OHIF version
+may rename them (scripts/fetch_ohif.sh pins it). Everything waits on what the page shows,
+never on fixed sleeps alone, so that a slow machine is slower, not flaky.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from playwright.sync_api import Locator, Page
+
+VIEWPORT = '[data-cy="viewport-pane"]'
+# OHIF's own error screen when a display set crashes a route ("Something went wrong")
+ERROR_TEXTS = ("Something went wrong", "Error Boundary")
+
+
+@dataclass
+class PageLog:
+    """What the page said while a test drove it: uncaught errors and error-level console."""
+
+    page_errors: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+
+    def attach(self, page: Page) -> PageLog:
+        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
+        page.on("console", self._console)
+        return self
+
+    def _console(self, message) -> None:
+        text = message.text
+        if message.type == "error" or any(t in text for t in ERROR_TEXTS):
+            self.console_errors.append(f"{message.type}: {text[:500]}")
+
+    def crashes(self) -> list[str]:
+        """Page errors and OHIF error boundaries: what leaves the radiologist a broken app."""
+        boundary = [m for m in self.console_errors if any(t in m for t in ERROR_TEXTS)]
+        return self.page_errors + boundary
+
+
+def open_study(page: Page, base_url: str, study_uid: str) -> None:
+    """The viewer route for one study (not the study list: patient IDs with URL-escaped
+    characters are the study list's problem, issue 11 item 7, not the results')."""
+    page.goto(f"{base_url}/viewer?StudyInstanceUIDs={study_uid}")
+    page.wait_for_selector(f"{VIEWPORT} canvas", timeout=90_000)
+    wait_until_rendered(page)
+
+
+def viewport_pixels(page: Page) -> np.ndarray:
+    """The first viewport as an RGB array, as the radiologist sees it."""
+    png = page.locator(VIEWPORT).first.screenshot()
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def wait_until_rendered(page: Page, timeout_s: float = 60.0, interval_s: float = 0.7) -> np.ndarray:
+    """Screenshots of the viewport until two in a row agree: loading spinners, progressive
+    rendering and overlays have settled."""
+    deadline = time.monotonic() + timeout_s
+    previous = viewport_pixels(page)
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(interval_s * 1000)
+        current = viewport_pixels(page)
+        if current.shape == previous.shape and np.array_equal(current, previous):
+            return current
+        previous = current
+    raise AssertionError(f"viewport still changing after {timeout_s:.0f} s")
+
+
+def displayed_slice(page: Page) -> int:
+    """The image number the viewport shows, from OHIF's "I:56 (1/30)" corner text."""
+    text = page.locator('[data-cy="viewport-overlay-bottom-right"]').first.inner_text()
+    match = re.search(r"\((\d+)/\d+\)", text)
+    if match is None:
+        raise AssertionError(f"no image number in the viewport's corner text: {text!r}")
+    return int(match.group(1))
+
+
+def go_to_slice(page: Page, number: int, max_steps: int = 1000) -> None:
+    """Back to image `number` with OHIF's previous/next image keys (up/down arrows): OHIF
+    jumps to the first slice of a segment when it loads a SEG."""
+    for _ in range(max_steps):
+        current = displayed_slice(page)
+        if current == number:
+            return
+        page.keyboard.press("ArrowUp" if current > number else "ArrowDown")
+        page.wait_for_timeout(150)
+    raise AssertionError(f"could not go back to image {number}")
+
+
+def series_thumbnail(page: Page, modality: str, description: str | None = None) -> Locator:
+    """Series in the study browser, by modality badge and, when given, series description."""
+    thumbnails = page.locator('[data-cy^="study-browser-thumbnail"]', has=page.locator(
+        '[data-cy="series-modality-label"]', has_text=modality))
+    if description is not None:
+        thumbnails = thumbnails.filter(has=page.locator(
+            '[data-cy="series-description-label"]', has_text=description))
+    return thumbnails
+
+
+def open_series(page: Page, modality: str, description: str | None = None) -> None:
+    """Double-click a series into the active viewport, as a radiologist does."""
+    series_thumbnail(page, modality, description).first.dblclick()
+
+
+def answer_prompt(page: Page, button: str = "Yes", timeout_s: float = 30.0) -> bool:
+    """OHIF asks before it loads a SEG or tracks SR measurements; returns whether it asked."""
+    locator = page.get_by_role("button", name=button, exact=True)
+    try:
+        locator.first.wait_for(state="visible", timeout=timeout_s * 1000)
+    except Exception:  # noqa: BLE001 (Playwright's TimeoutError: no prompt was shown)
+        return False
+    locator.first.click()
+    return True
+
+
+def open_panel(page: Page, name: str) -> Locator:
+    """A right-hand panel: 'panelSegmentation' or 'trackedMeasurements'."""
+    page.locator(f'[data-cy="{name}-btn"]').click()
+    return page.locator('[data-cy="side-panel-header-right"]').locator("..")
+
+
+def row_titles(page: Page) -> list[str]:
+    """Titles of the rows in the open panel (segments, or measurements)."""
+    return [t.strip() for t in page.locator('[data-cy="data-row-title"]').all_inner_texts()]
+
+
+def wait_for_rows(page: Page, minimum: int = 1, timeout_s: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        titles = row_titles(page)
+        if len(titles) >= minimum:
+            return titles
+        page.wait_for_timeout(500)
+    return row_titles(page)
+
+
+def save_screenshot(page: Page, folder: Path | None, name: str) -> None:
+    """A README picture of the whole page, scaled to 3/4 and quantised to 128 colours so
+    that it stays small in git. Nothing is written unless a folder is given."""
+    if folder is None:
+        return
+    image = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(
+        folder / f"{name}.png", optimize=True)
