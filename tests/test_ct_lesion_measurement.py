@@ -69,3 +69,33 @@ def test_decision_mask_has_its_own_setting_and_measurement_keeps_the_spec_one():
     np.testing.assert_array_equal(decided, filter_lesions(probability, kind, spacing, *strict))
     assert (decided > 0).sum() < (measured > 0).sum()  # the P002 sample has lesion at both
     np.testing.assert_array_equal(segmenter.predict(hu, lung, spacing), measured)
+
+
+def test_node_keeps_one_float16_volume_over_the_thorax_box_and_loses_nothing():
+    """Memory (issue 10, item 10): the node holds the network output, while the HU volume is
+    still in memory, as one float16 volume over the thorax box, the kind in its sign bit,
+    instead of a full probability and a full kind volume (472 MB at 600 slices). Splitting it
+    must give exactly the probability and kind the batches produce."""
+    torch.set_num_threads(1)
+    series = load_series_files(sorted((REPO / "dicom_samples" / "ct-covid_covid-ct-md-P002")
+                                      .glob("*.dcm")))
+    hu = series.array
+    lung = segment_lungs(hu, series.spacing, series.orientation)
+    segmenter = LesionSegmenter.load(MODELS / "ct-lesion")
+    found = segmenter.infer(hu, lung)
+    box = found.box
+    assert found.signed.dtype == np.float16
+    assert found.signed.shape == (hu.shape[0], box[0].stop - box[0].start,
+                                  box[1].stop - box[1].start)
+    assert found.signed.size < hu.size
+    probability = np.zeros(hu.shape, np.float16)
+    kind = np.zeros(hu.shape, np.uint8)
+    with torch.inference_mode():
+        for index, probs, inside in segmenter._batches(hu, lung, box):
+            full_index = (index, *box)
+            probability[full_index] = (probs[:, 1] + probs[:, 2]).half().numpy() * inside
+            kind[full_index] = np.where(probs[:, 2] > probs[:, 1], 2, 1) * inside
+    assert (kind == 2).any() and (kind == 1).any()
+    got_probability, got_kind = found.split()
+    np.testing.assert_array_equal(found.full(got_probability), probability)
+    np.testing.assert_array_equal(found.full(got_kind), kind)

@@ -195,6 +195,41 @@ def filter_lesions(probability: np.ndarray, kind: np.ndarray,
     return lesion
 
 
+@dataclass(frozen=True)
+class LesionProbabilities:
+    """The network's output over the thorax `box` of a volume of `shape`, in one float16
+    volume: its magnitude is the lesion probability (0 outside the lungs), its sign bit says
+    consolidation is likelier than GGO (exact for float16, -0.0 included). `lung` is the lung
+    labels over the same box. A separate kind volume would be 133 MB more at 600 slices while
+    the HU volume is still in memory; `split` makes it once the HU volume is gone.
+    """
+
+    signed: np.ndarray
+    lung: np.ndarray
+    box: tuple[slice, slice]
+    shape: tuple[int, ...]
+
+    def split(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lesion probability, kind uint8 1 GGO / 2 consolidation, 0 outside the lungs) over
+        the box; the probability is `signed` made non-negative in place (consumed)."""
+        kind = np.empty(self.signed.shape, np.uint8)
+        for i in range(kind.shape[0]):  # slice by slice: no full-volume temporaries
+            np.add(np.signbit(self.signed[i]), GGO, out=kind[i], dtype=np.uint8)
+            kind[i] *= self.lung[i] > 0
+        return np.abs(self.signed, out=self.signed), kind
+
+    def full(self, boxed: np.ndarray) -> np.ndarray:
+        """`boxed` (slices, box rows, box cols) placed into a zero volume of `shape`.
+
+        Only slices that hold a nonzero voxel are written: the pages of np.zeros that are
+        never written take no memory, so a lesion mask costs what its lesion slices need.
+        """
+        volume = np.zeros(self.shape, boxed.dtype)
+        for i in np.flatnonzero(boxed.any(axis=(1, 2))):
+            volume[i, self.box[0], self.box[1]] = boxed[i]
+        return volume
+
+
 class LesionSegmenter:
     """Loads the lesion UNet from its model folder and labels every slice of a HU volume."""
 
@@ -219,16 +254,46 @@ class LesionSegmenter:
         return cls(spec, network, batch_size, resolve_device(device))
 
     @torch.inference_mode()
+    def infer(self, hu: np.ndarray, lung: np.ndarray) -> LesionProbabilities:
+        """One network pass over every slice that holds lung, kept over the thorax box only.
+
+        Outside that box the output is 0 (a full 600-slice float16 volume would be 315 MB);
+        the node frees the HU volume after this, before `masks` builds the label volumes.
+        """
+        box = thorax_box(lung, float(self.spec.input.get("crop_margin", 0.08)))
+        shape = (hu.shape[0], box[0].stop - box[0].start, box[1].stop - box[1].start)
+        signed = np.zeros(shape, np.float16)
+        for index, probs, inside in self._batches(hu, lung, box):
+            probability = (probs[:, GGO] + probs[:, CONSOLIDATION]).half().numpy() * inside
+            consolidation = labels_from_probabilities(probs, 0.0).numpy() == CONSOLIDATION
+            signed[index] = np.negative(probability, out=probability, where=consolidation)
+        return LesionProbabilities(signed, lung[:, box[0], box[1]], box, hu.shape)
+
     def predict_probabilities(self, hu: np.ndarray,
                               lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(lesion probability float16, kind uint8 1 GGO / 2 consolidation), 0 outside the
-        lungs: what both masks of `predict_with_decision` (and evaluation) are filtered from."""
-        probability = np.zeros(hu.shape, np.float16)
-        kind = np.zeros(hu.shape, np.uint8)
-        for index, probs, inside in self._batches(hu, lung):
-            probability[index] = (probs[:, GGO] + probs[:, CONSOLIDATION]).half().numpy() * inside
-            kind[index] = labels_from_probabilities(probs, 0.0).numpy() * inside
-        return probability, kind
+        """(lesion probability float16, kind uint8 1 GGO / 2 consolidation) over the whole
+        volume, 0 outside the lungs: what evaluation filters with `filter_lesions`, as the
+        node's `masks` does over the thorax box."""
+        found = self.infer(hu, lung)
+        probability, kind = found.split()
+        return found.full(probability), found.full(kind)
+
+    def masks(self, found: LesionProbabilities, spacing: tuple[float, float, float],
+              decision: tuple[float, float] | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(measurement labels, decision labels or None) over the whole volume, filtered from
+        `found` by `filter_lesions` inside the thorax box (`found` is consumed).
+
+        Lesions are 3D components of voxels inside the box and nothing is found outside it,
+        so the labels are those that filtering the whole volume gives.
+        """
+        probability, kind = found.split()
+        decided = None if decision is None else found.full(filter_lesions(
+            probability, kind, spacing, float(decision[0]), float(decision[1])))
+        measured = found.full(filter_lesions(
+            probability, kind, spacing, self.threshold, self.min_lesion_ml,
+            self.min_mean_probability, in_place=True))
+        return measured, decided
 
     @torch.inference_mode()
     def predict(self, hu: np.ndarray, lung: np.ndarray | None = None,
@@ -257,18 +322,11 @@ class LesionSegmenter:
         spacing = spacing or TYPICAL_SPACING
         if lung is None:  # spacing only sets the smallest lung piece kept: assume a typical one
             lung = segment_lungs(hu, spacing)
-        probability, kind = self.predict_probabilities(hu, lung)
-        decided = None if decision is None else filter_lesions(
-            probability, kind, spacing, float(decision[0]), float(decision[1]))
-        measured = filter_lesions(probability, kind, spacing, self.threshold,
-                                  self.min_lesion_ml, self.min_mean_probability, in_place=True)
-        return measured, decided
+        return self.masks(self.infer(hu, lung), spacing, decision)
 
-    def _batches(self, hu: np.ndarray, lung: np.ndarray):
-        """(index into the volume, CPU probabilities (B, 3, crop rows, crop cols), lung mask)
-        for each batch of slices that holds lung."""
-        # any() reads labels as lung/not lung: no full-volume boolean copy is needed
-        box = thorax_box(lung, float(self.spec.input.get("crop_margin", 0.08)))
+    def _batches(self, hu: np.ndarray, lung: np.ndarray, box: tuple[slice, slice]):
+        """(slices of the thorax-box volumes, CPU probabilities (B, 3, box rows, box cols),
+        lung mask) for each batch of slices that holds lung."""
         crop_rows, crop_cols = box[0].stop - box[0].start, box[1].stop - box[1].start
         for start in range(0, hu.shape[0], self.batch_size):
             stop = min(start + self.batch_size, hu.shape[0])
@@ -279,5 +337,4 @@ class LesionSegmenter:
                 :, :, place.top : place.top + place.rows, place.left : place.left + place.cols
             ]
             probs = F.interpolate(probs, size=(crop_rows, crop_cols), mode="bilinear").cpu()
-            index = (slice(start, stop), box[0], box[1])
-            yield index, probs, lung[index] > 0
+            yield slice(start, stop), probs, lung[start:stop, box[0], box[1]] > 0

@@ -261,10 +261,15 @@ def _holes_open_to_outside(holes: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     The first and last slices count as outside too: what continues past the end of a partial
     series cannot be told from lung.
     """
-    components, _ = ndi.label(holes | tissue)
-    touching = np.unique(np.concatenate([components[tissue], components[0].ravel(),
-                                         components[-1].ravel()]))
-    return holes & np.isin(components, touching[touching > 0])
+    components, n = ndi.label(holes | tissue)
+    # a lookup table, filled slice by slice: np.isin on the whole volume sorts it with int64
+    # indices (about 400 MB at 600 slices)
+    touching = np.zeros(n + 1, bool)
+    for i in range(components.shape[0]):
+        touching[components[i][tissue[i]]] = True
+    touching[components[0]] = touching[components[-1]] = True
+    touching[0] = False
+    return holes & touching[components]
 
 
 def segment_lungs(hu: np.ndarray, spacing: Sequence[float],

@@ -54,10 +54,12 @@ class CtPipeline:
         classifier: CtClassifier = models["classifier"]
         # two masks from one network pass: the decision's (its own LOPO-chosen setting, for the
         # call) and the measurement one (SEG, volumes, percent involved)
-        lesion, decided = models["lesions"].predict_with_decision(
-            hu, lung, spacing, classifier.lesion_setting)
+        segmenter: LesionSegmenter = models["lesions"]
+        lesion_probabilities = segmenter.infer(hu, lung)
         del hu
         spill_to_disk(series)  # the HU volume is done with: the masks need that memory
+        lesion, decided = segmenter.masks(lesion_probabilities, spacing, classifier.lesion_setting)
+        del lesion_probabilities
         scores = classifier.predict(lung, lesion if decided is None else decided, spacing)
         del decided
         lung_model = models["lung_spec"].info()
@@ -69,23 +71,20 @@ class CtPipeline:
         predicted = "covid" if scores["covid"] >= threshold else "non_covid"
 
         found = measurements(lung, lesion, spacing)
-        # The four masks are written into one (segments, frames, rows, cols) buffer, which the
-        # SEG writer hands to highdicom as it is instead of stacking copies. Each label map is
-        # first moved into the memory of its first mask and freed, then split there in place,
-        # so a 600-slice CT never holds a label map beside its own two masks (157 MB each);
-        # np.empty pages take memory only when written.
-        stack = np.empty((4, *lung.shape), dtype=bool)
-        lung_right, lung_left, ggo, consolidation = stack
-        labels = lung_right.view(np.uint8)
-        labels[...] = lung
+        # Boolean masks without full-volume copies: the right lung takes over the memory of
+        # the lung labels, and the lesion masks are zero volumes written only on the slices
+        # that hold a lesion (np.zeros pages take memory only when written; a 600-slice mask
+        # is 157 MB).
+        lung_left = np.equal(lung, LEFT)
+        lung_right = lung.view(bool)
+        np.equal(lung, RIGHT, out=lung_right)
         del lung
-        np.equal(labels, LEFT, out=lung_left)
-        np.equal(labels, RIGHT, out=lung_right)
-        labels = ggo.view(np.uint8)
-        labels[...] = lesion
+        ggo = np.zeros(lesion.shape, bool)
+        consolidation = np.zeros(lesion.shape, bool)
+        for i in np.flatnonzero(lesion.any(axis=(1, 2))):
+            np.equal(lesion[i], GGO, out=ggo[i])
+            np.equal(lesion[i], CONSOLIDATION, out=consolidation[i])
         del lesion
-        np.equal(labels, CONSOLIDATION, out=consolidation)
-        np.equal(labels, GGO, out=ggo)
         masks = [
             Mask("lung_right", "Right lung", codes.ANATOMICAL_STRUCTURE, codes.RIGHT_LUNG,
                  lung_right, lung_model),
