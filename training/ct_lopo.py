@@ -26,7 +26,7 @@ import numpy as np
 from covid_plugin.ml import ct_lung
 from covid_plugin.ml.ct_cls import lesion_features, peripheral_zone, rule_score
 from covid_plugin.ml.ct_lesion import LesionSegmenter, filter_lesions
-from training.ct_series import HuSeries, read_series
+from training.ct_series import FULL_SERIES, HuSeries, read_series
 
 log = logging.getLogger("training.ct_lopo")
 
@@ -40,12 +40,7 @@ PATIENTS = {  # the small series first, so that `--limit 2` (tests) is quick and
     "dicom/tcia-covid19-ny-sbu_A072894_chest-ct-1901": "covid",
     "ct_hu/dicom/tcia-lung-pet-ct-dx_Lung_Dx-A0001": "lung_cancer",
     "dicom/tcia-rider-pilot_0117_chest-ct-nsclc": "lung_cancer",
-    "ct_hu/covid-ct-md-series/P001": "covid",
-    "ct_hu/covid-ct-md-series/P002": "covid",
-    "ct_hu/covid-ct-md-series/cap001": "pneumonia_other",
-    "ct_hu/covid-ct-md-series/cap002": "pneumonia_other",
-    "ct_hu/covid-ct-md-series/normal001": "normal",
-    "ct_hu/covid-ct-md-series/normal002": "normal",
+    **FULL_SERIES,
 }
 # 30-slice 2 mm blocks of patients above (and the normal block is the dicom_samples series)
 BLOCKS = {
