@@ -136,3 +136,51 @@ def test_a_queued_run_waits_for_late_instances_and_is_superseded(tmp_path):
         ("superseded", "more instances arrived before it ran; job 2 runs instead"),
         ("queued", None)]
     assert queue.claim().id == 2
+
+
+def test_connection_closed_before_the_released_event_still_counts_as_released(tmp_path):
+    """pynetdicom fires EVT_RELEASED on the association's thread after sending the
+    A-RELEASE-RP, and the sender's close fires EVT_CONN_CLOSE on the DUL thread: on a loaded
+    machine the close comes first. A normal release must not then be taken for a broken-off
+    transfer (the series would wait an hour and be rejected as incomplete)."""
+    from types import SimpleNamespace
+
+    from pynetdicom import evt
+    from pynetdicom.pdu import A_RELEASE_RQ
+
+    from covid_plugin.config import Settings
+    from covid_plugin.instance import read_header
+    from covid_plugin.node.scp import StorageSCP
+    from covid_plugin.observability import Metrics
+    from covid_plugin.store.db import Database
+    from covid_plugin.store.spool import Spool
+
+    settings = Settings(data_dir=tmp_path)
+    db = Database(settings.db_path)
+    spool = Spool(settings.spool_dir, db)
+    data = rider_files(1)[0].read_bytes()
+    header = read_header(data)
+    spool.store(header, data, "PACS")
+    scp = StorageSCP(settings, spool, Metrics())
+
+    def state() -> tuple[float | None, float | None]:
+        return tuple(db.connection().execute(
+            "SELECT released_at, interrupted_at FROM series").fetchone())
+
+    release = (evt.EVT_PDU_RECV, {"pdu": A_RELEASE_RQ()})
+    for order in ([release, (evt.EVT_CONN_CLOSE, {}), (evt.EVT_RELEASED, {})],
+                  [release, (evt.EVT_RELEASED, {}), (evt.EVT_CONN_CLOSE, {})]):
+        assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
+        scp._active[id(assoc)].add(header.series_uid)
+        for event, attrs in order:
+            {evt.EVT_PDU_RECV: scp._on_pdu, evt.EVT_CONN_CLOSE: scp._on_conn_close,
+             evt.EVT_RELEASED: scp._on_released}[event](evt.Event(assoc, event, attrs))
+        released_at, interrupted_at = state()
+        assert released_at is not None and interrupted_at is None, order
+        with db.transaction() as conn:
+            conn.execute("UPDATE series SET released_at = NULL")
+    # a connection that closes without a release request is a broken-off transfer
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
+    scp._active[id(assoc)].add(header.series_uid)
+    scp._on_conn_close(evt.Event(assoc, evt.EVT_CONN_CLOSE, {}))
+    assert state()[1] is not None

@@ -16,6 +16,7 @@ from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -90,6 +91,7 @@ class StorageSCP:
         self.spool = spool
         self.metrics = metrics
         self._active: dict[int, set[str]] = defaultdict(set)  # association id -> series UIDs
+        self._release_requested: set[int] = set()  # associations whose sender asked to release
         self._lock = threading.Lock()
         self._server: GuardedAssociationServer | None = None
         self.ae = self._build_ae()
@@ -127,9 +129,10 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_interrupted),
-            (evt.EVT_CONN_CLOSE, self._on_interrupted),  # after a release: nothing left to do
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         ssl_context = _ssl_context(self.settings.tls) if self.settings.tls.enabled else None
         self._server = self.ae.make_server(
@@ -171,11 +174,28 @@ class StorageSCP:
         log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
                     event.assoc.requestor.address)
 
+    def _on_pdu(self, event: evt.Event) -> None:
+        if isinstance(event.pdu, A_RELEASE_RQ):
+            with self._lock:
+                self._release_requested.add(id(event.assoc))
+
     def _on_released(self, event: evt.Event) -> None:
         self._ended(event.assoc, released=True)
 
     def _on_interrupted(self, event: evt.Event) -> None:
         self._ended(event.assoc, released=False)
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        """The connection closed: a normal end if the sender had asked to release.
+
+        EVT_RELEASED fires on the association's thread after the A-RELEASE-RP is sent, while
+        the sender's close of the connection fires EVT_CONN_CLOSE on the DUL thread, so on a
+        loaded machine the close can come first. The A-RELEASE-RQ is received on that same
+        DUL thread before the close, so it decides; without it the sender broke off.
+        """
+        with self._lock:
+            released = id(event.assoc) in self._release_requested
+        self._ended(event.assoc, released=released)
 
     def _ended(self, assoc: Association, released: bool) -> None:
         """Record how the association ended for the series it delivered to, then forget it.
@@ -197,6 +217,7 @@ class StorageSCP:
                               assoc.requestor.ae_title)
         with self._lock:
             self._active.pop(id(assoc), None)
+            self._release_requested.discard(id(assoc))
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling = event.assoc.requestor.ae_title
