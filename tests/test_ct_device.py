@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from covid_plugin.config import ConfigError, load_settings
-from covid_plugin.ml.ct_lesion import LesionSegmenter, resolve_device
+from covid_plugin.ml.ct_lesion import LesionSegmenter
+from covid_plugin.ml.device import resolve_device
 from covid_plugin.pipelines import default_pipelines
 from covid_plugin.volume import load_series_files
 

@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from covid_plugin.ml.ct_lesion import build_network, to_network_input
+from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import sha256_of
 from training.data import read_grey
 
@@ -59,12 +60,6 @@ def options(extra: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps")
     parser.add_argument("--cache", type=Path, default=REPO / "cache" / "ct-lesion")
     return parser.parse_args(list(extra))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_slices(data: Path, split: str, limit: int | None = None) -> list[dict]:
@@ -131,7 +126,7 @@ def train(args: argparse.Namespace) -> int:
     opts = options(args.extra)
     torch.set_num_threads(opts.threads)
     set_determinism(seed=args.seed)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-lesion")
     out.mkdir(parents=True, exist_ok=True)
     opts.cache.mkdir(parents=True, exist_ok=True)

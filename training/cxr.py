@@ -37,9 +37,9 @@ from covid_plugin.ml.cxr import (
     LungCrop,
     build_network,
     preprocess,
-    resolve_device,
     to_network_input,
 )
+from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import sha256_of
 from training.cxr_export import WEIGHTS, export_model
 from training.data import (

@@ -35,6 +35,7 @@ from scipy import ndimage as ndi
 
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit, window_bounds
+from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import ModelSpec, load_spec
 
 NONE, GGO, CONSOLIDATION = 0, 1, 2
@@ -43,13 +44,6 @@ TYPICAL_SPACING = (2.0, 0.7, 0.7)
 ANTI_GRID_KERNEL = (1.0, 2.0, 2.0, 2.0, 1.0)
 DEFAULT_LESION_PROBABILITY = 0.5
 DEFAULT_MIN_LESION_ML = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when torch sees a GPU, else the CPU; anything else as torch names it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_network(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> UNet:

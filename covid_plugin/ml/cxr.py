@@ -28,7 +28,8 @@ from efficientnet_lite_pytorch import EfficientNet
 from monai.visualize import GradCAM
 from torch import nn
 
-from covid_plugin.ml.cxr_lungs import CxrLungSegmenter, lung_bbox, resolve_device
+from covid_plugin.ml.cxr_lungs import CxrLungSegmenter, lung_bbox
+from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import ModelIntegrityError, ModelSpec, load_spec
 
 INPUT_SIZE = 224

@@ -18,18 +18,12 @@ from monai.transforms import Compose, Resize, ScaleIntensityRangePercentiles
 from scipy import ndimage
 from skimage import measure
 
+from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import ModelSpec, load_spec
 
 # The grid the small components are sought on: big enough to keep edges of a 320 px film exact,
 # small enough that a 3000 px CR stays well under 0.1 s; the mask is then scaled up nearest.
 _POSTPROCESS_MAX_SIDE = 512
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """The configured device: "auto" is CUDA when available, else the CPU."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_network(network: dict[str, Any]) -> UNet:
