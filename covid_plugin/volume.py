@@ -278,7 +278,7 @@ def _load_projection(datasets: list[Dataset], series_uid: str) -> LoadedSeries:
     scaled = np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         scaled = 1.0 - scaled
-    spacing = _projection_spacing(ds)
+    spacing = projection_spacing(ds)
     if spacing is None:
         logger.warning("series %s: no usable pixel spacing; using 1 mm", series_uid)
         spacing = (1.0, 1.0)
@@ -293,7 +293,7 @@ def _load_projection(datasets: list[Dataset], series_uid: str) -> LoadedSeries:
     )
 
 
-def _projection_spacing(ds: Dataset) -> tuple[float, float] | None:
+def projection_spacing(ds: Dataset) -> tuple[float, float] | None:
     """PixelSpacing, else ImagerPixelSpacing; zeros (seen in real CR headers) count as absent."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         values = ds.get(keyword)

@@ -54,7 +54,7 @@ from covid_plugin.outputs.headers import creation_times, models_of, stamp
 from covid_plugin.outputs.regions import Outline, is_anatomy, key_frame, outlines
 from covid_plugin.outputs.seg import SegmentRef, segmentations_of
 from covid_plugin.outputs.settings import OutputSettings
-from covid_plugin.volume import LoadedSeries
+from covid_plugin.volume import LoadedSeries, projection_spacing
 
 MeasurementGroup = (
     MeasurementsAndQualitativeEvaluations
@@ -349,7 +349,7 @@ def _outline_group(
         "algorithm_id": algorithm_id,
         "finding_sites": finding_sites,
     }
-    if series.modality != "CT" and not _has_physical_spacing(series.datasets[0]):
+    if series.modality != "CT" and projection_spacing(series.datasets[0]) is None:
         return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=label),
             referenced_region=_region(series, frame, outline),
@@ -380,11 +380,6 @@ def _outline_group(
         measurements=[Measurement.from_sequence([area])],
         **common,
     )
-
-
-def _has_physical_spacing(ds: Dataset) -> bool:
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    return bool(spacing) and all(float(v) > 0 for v in spacing)
 
 
 def _sites(mask: Mask) -> list[FindingSite] | None:
