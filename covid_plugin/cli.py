@@ -160,7 +160,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         report["outbox"] = _outbox(settings).counts()
         report["store"] = True
         report.update(operations_health(
-            settings.data_dir,
+            settings.data_dir, settings.storage,
             [j.id for j in JobQueue(db).stuck(settings.jobs.stuck_after_s)], [],
             _outbox(settings).backlog()))
     except Exception as exc:  # report the failure, as a health check must

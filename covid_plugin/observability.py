@@ -19,6 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from covid_plugin.config import StorageLimits
+from covid_plugin.store.spool import disk_refusal
+
 log = logging.getLogger(__name__)
 
 
@@ -78,12 +81,16 @@ class _StateCollector(Collector):
             yield family
 
 
-DISK_USED_ALERT_PERCENT = 95.0  # health turns unhealthy past this use of the data dir's disk
 
 
-def operations_health(data_dir: Path, stuck_jobs: list[int], unrecorded_jobs: list[int],
-                      outbox_backlog: dict[str, Any]) -> dict[str, Any]:
-    """The queue and disk part of a health report; `problems` lists what makes it unhealthy."""
+def operations_health(data_dir: Path, storage: StorageLimits, stuck_jobs: list[int],
+                      unrecorded_jobs: list[int], outbox_backlog: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """The queue and disk part of a health report; `problems` lists what makes it unhealthy.
+
+    The disk is a problem exactly when the listener refuses data for it (the storage
+    watermark), so health never says ok while senders are being turned away.
+    """
     usage = shutil.disk_usage(data_dir if data_dir.exists() else data_dir.parent)
     used = 100.0 * (usage.total - usage.free) / usage.total if usage.total else 0.0
     problems = []
@@ -92,8 +99,9 @@ def operations_health(data_dir: Path, stuck_jobs: list[int], unrecorded_jobs: li
     if unrecorded_jobs:
         problems.append("outcome of job(s) not written yet (is the disk full?): "
                         + ", ".join(map(str, unrecorded_jobs)))
-    if used >= DISK_USED_ALERT_PERCENT:
-        problems.append(f"data disk {used:.0f}% used")
+    refusal = disk_refusal(data_dir, storage)
+    if refusal is not None:
+        problems.append(refusal)
     return {
         "stuck_jobs": stuck_jobs,
         "unrecorded_jobs": unrecorded_jobs,

@@ -86,7 +86,7 @@ class Node:
         try:
             counts = self._state_counts()
             operations = operations_health(
-                self.settings.data_dir,
+                self.settings.data_dir, self.settings.storage,
                 [j.id for j in self.jobs.stuck(self.settings.jobs.stuck_after_s)],
                 self.worker.unrecorded(), self.outbox.backlog())
             store_ok = True

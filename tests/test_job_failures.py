@@ -67,8 +67,8 @@ def full_disk_scenario(data_dir: str) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space is freed again
     during = {"unrecorded": worker.unrecorded(),
-              "problems": operations_health(settings.data_dir, [], worker.unrecorded(),
-                                            {})["problems"]}
+              "problems": operations_health(settings.data_dir, settings.storage, [],
+                                            worker.unrecorded(), {})["problems"]}
     wait_for(lambda: worker.run_one() or jobs.get(1).state in ("done", "failed"), timeout=20,
              what="the job to end")
     job = jobs.get(1)
