@@ -137,7 +137,7 @@ def test_orthanc_sends_a_ct_study_and_files_sr_seg_sc(node_factory, orthanc_fact
 
 
 def test_covid_is_called_at_the_shipped_threshold_not_by_argmax():
-    from covid_plugin.pipelines.cxr import decide
+    from covid_plugin.ml.cxr import decide
 
     probs = {"normal": 0.6, "pneumonia_other": 0.1, "covid": 0.3}
     assert decide(probs, covid_threshold=0.25) == "covid"

@@ -17,14 +17,12 @@ import numpy as np
 
 from covid_plugin.config import CxrPopulationSettings
 from covid_plugin.findings import Classification, ClassProbability, Findings, Mask
-from covid_plugin.ml.cxr import CxrClassifier, decide
+from covid_plugin.ml.cxr import CxrClassifier
 from covid_plugin.ml.cxr_lungs import CxrLungSegmenter
 from covid_plugin.pipelines import codes
 from covid_plugin.pipelines.population import patient_age_years, population_reason
 from covid_plugin.volume import LoadedSeries
 from covid_plugin.worker import SeriesSkipped
-
-__all__ = ["CxrPipeline", "decide"]  # decide: the model's one rule, re-exported for callers
 
 LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LATERAL"}
 SUSPICIOUS_LEVEL = 0.5  # heatmap level that outlines the region that drove the decision
