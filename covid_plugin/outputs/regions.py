@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import approximate_polygon, find_contours
 
-from covid_plugin.findings import Mask
+from covid_plugin.findings import Findings, Mask
 from covid_plugin.outputs.codes import ANATOMY_CATEGORIES
 from covid_plugin.volume import LoadedSeries
 
@@ -43,6 +43,11 @@ def key_frame(masks: list[Mask], n_frames: int) -> int:
             if area.max() > 0:
                 return int(np.argmax(area))
     return n_frames // 2
+
+
+def key_image_of(findings: Findings, series: LoadedSeries) -> int:
+    """The frame the SR outlines and the SC show: `key_frame` for a CT, the film otherwise."""
+    return key_frame(findings.masks, series.array.shape[0]) if series.modality == "CT" else 0
 
 
 def key_image_label(series: LoadedSeries, frame: int) -> str:

@@ -24,7 +24,7 @@ from skimage.segmentation import find_boundaries
 from covid_plugin.findings import Findings
 from covid_plugin.outputs.colours import RGB, segment_colours
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
-from covid_plugin.outputs.regions import is_anatomy, key_frame, key_image_label
+from covid_plugin.outputs.regions import is_anatomy, key_image_label, key_image_of
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.outputs.text import CAVEAT, summary_lines
 from covid_plugin.volume import LoadedSeries
@@ -45,11 +45,11 @@ def build_secondary_capture(
     series: LoadedSeries,
     settings: OutputSettings,
     when: datetime.datetime | None = None,
+    frame: int | None = None,
 ) -> hd.sc.SCImage:
     """The overlay picture for one pipeline run, in a new series of the source study."""
     when = when or datetime.datetime.now()
-    n_frames = series.array.shape[0]
-    frame = key_frame(findings.masks, n_frames) if series.modality == "CT" else 0
+    frame = key_image_of(findings, series) if frame is None else frame
     grey = _display(series, frame)
     longer = max(grey.shape)
     scale = min(max(1.0, settings.sc_min_size / longer), settings.sc_max_size / longer)

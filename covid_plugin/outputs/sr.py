@@ -51,7 +51,7 @@ from covid_plugin.outputs.codes import (
     procedure_reported,
 )
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
-from covid_plugin.outputs.regions import Outline, is_anatomy, key_frame, outlines
+from covid_plugin.outputs.regions import Outline, is_anatomy, key_image_of, outlines
 from covid_plugin.outputs.seg import SegmentRef, segmentations_of
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.volume import LoadedSeries, projection_spacing
@@ -86,6 +86,7 @@ def build_report(
     settings: OutputSettings,
     segments: dict[str, SegmentRef] | None = None,
     when: datetime.datetime | None = None,
+    frame: int | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one pipeline run; `segments` say where each mask's SEG segment is.
 
@@ -97,7 +98,7 @@ def build_report(
     of the "AI result" region around the lungs on the key image.
     """
     when = when or datetime.datetime.now()
-    frame = key_frame(findings.masks, series.array.shape[0]) if series.modality == "CT" else 0
+    frame = key_image_of(findings, series) if frame is None else frame
     summary = hd.UID()  # the tracking UID of everything about the whole study
     groups: list[MeasurementGroup] = [_summary_group(findings, series, frame, summary)]
     if findings.classification is not None:
