@@ -24,6 +24,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "port": getattr(args, "port", None),
         "data_dir": getattr(args, "data_dir", None),
         "metrics_port": getattr(args, "metrics_port", None),
+        "device": getattr(args, "device", None),
+        "listener_runs_jobs": False if getattr(args, "no_jobs", False) else None,
     }
     return load_settings(args.config, overrides)
 
@@ -43,21 +45,37 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
+    """The listener; with `listener_runs_jobs` (the default) also the worker: one node."""
+    return _serve(settings, listen=True, work=settings.listener_runs_jobs)
+
+
+def cmd_work(settings: Settings, args: argparse.Namespace) -> int:
+    """A worker without a listener, sharing the PostgreSQL database and the data dir."""
+    if settings.database_url is None:
+        print("covid-plugin: `work` needs database_url (PostgreSQL), which the listeners "
+              "share; with the embedded SQLite store, `covid-plugin listen` runs the jobs",
+              file=sys.stderr)
+        return 2
+    return _serve(settings, listen=False, work=True)
+
+
+def _serve(settings: Settings, listen: bool, work: bool) -> int:
     from covid_plugin.ml.spec import ModelIntegrityError
     from covid_plugin.service import Node, PipelinesNotFound
+    from covid_plugin.store.db import STORE_ERRORS
     from covid_plugin.store.lock import DataDirInUse
 
     try:
-        node = Node(settings)
+        node = Node(settings, listen=listen, work=work)
     except PipelinesNotFound as exc:
         print(f"covid-plugin: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    except (DataDirInUse, ModelIntegrityError, OSError) as exc:
+    except (DataDirInUse, ModelIntegrityError, OSError, *STORE_ERRORS) as exc:
         print(f"covid-plugin: cannot start: {exc}", file=sys.stderr)
         return 1
     try:
         node.start()
-    except (ModelIntegrityError, OSError) as exc:  # e.g. the port is taken
+    except (ModelIntegrityError, OSError, *STORE_ERRORS) as exc:  # e.g. the port is taken
         print(f"covid-plugin: cannot start: {exc}", file=sys.stderr)
         return 1  # exiting releases the data dir lock
     stopped = threading.Event()
@@ -69,11 +87,16 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _database(settings: Settings):
+    from covid_plugin.store.db import open_database
+
+    return open_database(settings.database_url, settings.db_path)
+
+
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from covid_plugin.store.db import Database
     from covid_plugin.store.jobs import JobQueue
 
-    for job in JobQueue(Database(settings.db_path)).all():
+    for job in JobQueue(_database(settings)).all():
         if args.state and job.state != args.state:
             continue
         print(f"{job.id:6d}  {job.state:11s} tries={job.attempts} {job.modality:3s} "
@@ -83,29 +106,26 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
     """Give quarantined or failed jobs a fresh set of attempts."""
-    from covid_plugin.store.db import Database
     from covid_plugin.store.jobs import JobQueue
 
-    n = JobQueue(Database(settings.db_path)).requeue(args.ids)
+    n = JobQueue(_database(settings)).requeue(args.ids)
     print(f"{n} job(s) queued again")
     return 0 if n else 1
 
 
 def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     """Apply the retention policy now (or, with --dry-run, say what it would remove)."""
-    from covid_plugin.store.db import Database
     from covid_plugin.store.retention import purge
 
-    print(purge(settings, Database(settings.db_path), dry_run=args.dry_run).summary())
+    print(purge(settings, _database(settings), dry_run=args.dry_run).summary())
     return 0
 
 
 def _outbox(settings: Settings):
-    from covid_plugin.store.db import Database
     from covid_plugin.store.outbox import Outbox
 
     o = settings.outbox
-    return Outbox(Database(settings.db_path), o.max_attempts, o.backoff_base_s, o.backoff_max_s)
+    return Outbox(_database(settings), o.max_attempts, o.backoff_base_s, o.backoff_max_s)
 
 
 def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
@@ -150,12 +170,11 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     from pynetdicom.sop_class import Verification
 
     from covid_plugin.observability import operations_health
-    from covid_plugin.store.db import Database
     from covid_plugin.store.jobs import JobQueue
 
     report: dict = {"ae_title": settings.ae_title}
     try:
-        db = Database(settings.db_path)
+        db = _database(settings)
         report["jobs"] = JobQueue(db).counts()
         report["outbox"] = _outbox(settings).counts()
         report["store"] = True
@@ -222,12 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    listen = sub.add_parser("listen", parents=[common], help="run the DICOM node")
+    listen = sub.add_parser("listen", parents=[common],
+                            help="run the DICOM node (listener, and jobs unless --no-jobs)")
     listen.add_argument("--ae-title")
     listen.add_argument("--port", type=int)
     listen.add_argument("--data-dir", type=Path)
     listen.add_argument("--metrics-port", type=int)
+    listen.add_argument("--no-jobs", action="store_true",
+                        help="listen only; `covid-plugin work` processes run the jobs "
+                             "(needs database_url)")
     listen.set_defaults(func=cmd_listen)
+
+    work = sub.add_parser("work", parents=[common],
+                          help="run jobs and send results, without a listener (needs "
+                               "database_url)")
+    work.add_argument("--data-dir", type=Path)
+    work.add_argument("--metrics-port", type=int)
+    work.add_argument("--device", help='where models run: "auto", "cpu", "cuda" or "cuda:N"')
+    work.set_defaults(func=cmd_work)
 
     run = sub.add_parser("run", parents=[common],
                          help="run the pipelines on a folder of DICOM files")

@@ -195,6 +195,31 @@ class RetentionSettings(_Strict):
     interval_s: float = Field(default=3600.0, gt=0)
 
 
+class ClusterSettings(_Strict):
+    """How processes that share one PostgreSQL database tell each other they are alive.
+
+    A listener renews its heartbeat every `heartbeat_s`; one silent for `listener_stale_after_s`
+    is taken for dead, and its open associations end as interrupted (their series wait to be
+    resent). A worker holds each job it runs under a lease it renews every `heartbeat_s`; when
+    the worker dies, another takes the job once `job_lease_s` has passed, up to
+    jobs.max_attempts. An outbox item being sent is leased the same way for `outbox_lease_s`.
+    Shorter leases recover sooner and cost more database writes.
+    """
+
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    listener_stale_after_s: float = Field(default=30.0, gt=0)
+    job_lease_s: float = Field(default=60.0, gt=0)
+    outbox_lease_s: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_leases(self) -> ClusterSettings:
+        for name in ("listener_stale_after_s", "job_lease_s", "outbox_lease_s"):
+            if getattr(self, name) < 2 * self.heartbeat_s:
+                raise ValueError(f"{name} must be at least twice heartbeat_s, or a live "
+                                 "process loses its lease between two heartbeats")
+        return self
+
+
 class CtSettings(_Strict):
     """Chest CT inference (the lesion network runs on `device`, slice batches of this size)."""
 
@@ -247,7 +272,16 @@ class Settings(_Strict):
     models_dir: Path = Path(__file__).resolve().parent.parent / "models"
     pipelines: str = Field(default="covid_plugin.pipelines:default_pipelines",
                            pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    device: str = "auto"
+    # where models run: "auto" (a GPU when torch sees one), "cpu", "cuda" or "cuda:N" to pin a
+    # worker to one GPU of several
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # None: the embedded SQLite file in data_dir, for one process. A postgresql:// URL lets
+    # several listeners and workers share one database (README, "Running several nodes")
+    database_url: str | None = None
+    # `covid-plugin listen` also runs jobs and sends results (the all-in-one node); false makes
+    # it a listener only, for sites that run `covid-plugin work` processes beside it
+    listener_runs_jobs: bool = True
+    cluster: ClusterSettings = ClusterSettings()
     ct: CtSettings = CtSettings()
     cxr_population: CxrPopulationSettings = CxrPopulationSettings()
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
@@ -270,6 +304,21 @@ class Settings(_Strict):
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL (leave it unset for the embedded "
+                             "SQLite store)")
+        return value
+
+    @model_validator(mode="after")
+    def _jobs_need_a_worker(self) -> Settings:
+        if not self.listener_runs_jobs and self.database_url is None:
+            raise ValueError("listener_runs_jobs = false needs database_url: `covid-plugin "
+                             "work` processes share a PostgreSQL database with the listener")
+        return self
 
     @model_validator(mode="after")
     def _open_node_needs_a_caller_list(self) -> Settings:

@@ -1,9 +1,14 @@
-"""The running node: store, listener, worker, outbox sender and health endpoint, wired once."""
+"""The running node: store, listener, worker, outbox sender and health endpoint, wired once
+per process; one process may listen, work (jobs and outbox), or both."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
+import socket
+import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +20,8 @@ from covid_plugin.node.scu import DicomSender, OutboxSender
 from covid_plugin.node.stow import StowSender
 from covid_plugin.observability import HealthServer, Metrics, operations_health
 from covid_plugin.outputs import write_all
-from covid_plugin.store.db import Database
+from covid_plugin.store.associations import Associations
+from covid_plugin.store.db import open_database
 from covid_plugin.store.jobs import Job, JobQueue
 from covid_plugin.store.lock import DataDirLock
 from covid_plugin.store.outbox import Outbox
@@ -41,17 +47,60 @@ def load_object(path: str) -> Any:
             from None
 
 
-class Node:
-    """Start order follows the data path backwards, so nothing is received before it can flow.
+def process_name() -> str:
+    """This process's name in the database (leases, heartbeats): unique per start, and
+    readable enough that `covid-plugin jobs` tells an administrator which machine holds what."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
-    The data dir lock comes first of all: a second node on the same data dir raises
-    DataDirInUse before it has opened the database or the spool.
+
+class Heartbeat:
+    """A thread that tells the database this process is alive, every `interval_s`: the
+    listener's heartbeat, the running job's lease. It is separate from the worker thread,
+    which may spend minutes inside one CT."""
+
+    def __init__(self, interval_s: float, beats: list[Callable[[], object]]) -> None:
+        self.interval_s = interval_s
+        self.beats = beats
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        for beat in self.beats:
+            try:
+                beat()
+            except Exception:  # the database is away for a moment: the next beat tries again
+                log.exception("heartbeat failed")
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
+
+class Node:
+    """One process of the node: a listener, a worker (jobs + outbox), or both (the default).
+
+    Start order follows the data path backwards, so nothing is received before it can flow.
+    With the embedded SQLite store the process holds the data dir alone (a second node on it
+    raises DataDirInUse before it has opened the database or the spool); with a PostgreSQL
+    `database_url`, listeners and workers share the data dir and the database, and find each
+    other's state (open associations, job leases) there.
     """
 
     def __init__(self, settings: Settings,
-                 on_result: Callable[[Job, Findings, list[Path]], None] | None = None) -> None:
+                 on_result: Callable[[Job, Findings, list[Path]], None] | None = None,
+                 listen: bool = True, work: bool = True) -> None:
         self.settings = settings
-        self.lock = DataDirLock(settings.data_dir).acquire()
+        self.listens, self.works = listen, work
+        self.shared = settings.database_url is not None
+        self.lock = DataDirLock(settings.data_dir, shared=self.shared).acquire()
         try:
             self._wire(on_result)
         except BaseException:
@@ -59,28 +108,46 @@ class Node:
             raise
 
     def _wire(self, on_result: Callable[[Job, Findings, list[Path]], None] | None) -> None:
-        settings = self.settings
-        self.db = Database(settings.db_path)
+        settings, cluster = self.settings, self.settings.cluster
+        self.name = process_name()
+        self.db = open_database(settings.database_url, settings.db_path)
         self.spool = Spool(settings.spool_dir, self.db)
-        self.jobs = JobQueue(self.db, settings.jobs.max_attempts, settings.jobs.retry_after_s)
+        self.jobs = JobQueue(self.db, settings.jobs.max_attempts, settings.jobs.retry_after_s,
+                             lease_s=cluster.job_lease_s)
         self.outbox = Outbox(self.db, settings.outbox.max_attempts,
                              settings.outbox.backoff_base_s, settings.outbox.backoff_max_s)
+        self.associations = Associations(self.db, self.name, cluster.listener_stale_after_s)
         self.metrics = Metrics()
         self.metrics.add_state_gauges(self._state_counts)
-        self.scp = StorageSCP(settings, self.spool, self.metrics)
-        pipelines = load_object(settings.pipelines)(settings)
-        self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,
-                             write_all, self.scp.active_series, on_result)
-        web = [d for d in settings.destinations if isinstance(d, DicomwebDestination)]
-        peers = [*(d for d in settings.destinations if isinstance(d, Peer)),
-                 *settings.return_addresses.values()]
-        self.sender = OutboxSender(self.outbox, DicomSender(settings.ae_title, peers),
-                                   self.metrics, settings.outbox.poll_interval_s,
-                                   web_sender=StowSender(web))
+        self.scp: StorageSCP | None = None
+        self.worker: Worker | None = None
+        self.sender: OutboxSender | None = None
+        beats: list[Callable[[], object]] = []
+        if self.listens:
+            self.scp = StorageSCP(settings, self.spool, self.metrics, self.associations)
+            beats.append(self.associations.heartbeat)
+        if self.works:
+            pipelines = load_object(settings.pipelines)(settings)
+            self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,
+                                 write_all, self.associations.active_series, on_result,
+                                 owner=self.name, reap=self.associations.reap)
+            beats.append(self.worker.renew_lease)
+            web = [d for d in settings.destinations if isinstance(d, DicomwebDestination)]
+            peers = [*(d for d in settings.destinations if isinstance(d, Peer)),
+                     *settings.return_addresses.values()]
+            self.sender = OutboxSender(self.outbox, DicomSender(settings.ae_title, peers),
+                                       self.metrics, settings.outbox.poll_interval_s,
+                                       web_sender=StowSender(web), owner=self.name,
+                                       lease_s=cluster.outbox_lease_s)
+        self.heartbeat = Heartbeat(cluster.heartbeat_s, beats)
         self.health_server: HealthServer | None = None
 
     def _state_counts(self) -> dict[str, dict[str, int]]:
         return {"jobs": self.jobs.counts(), "outbox": self.outbox.counts()}
+
+    def _threads_alive(self) -> dict[str, bool]:
+        threads = {"worker_alive": self.worker, "sender_alive": self.sender}
+        return {key: thread.is_alive() for key, thread in threads.items() if thread is not None}
 
     def health(self) -> dict[str, Any]:
         try:
@@ -88,32 +155,43 @@ class Node:
             operations = operations_health(
                 self.settings.data_dir, self.settings.storage,
                 [j.id for j in self.jobs.stuck(self.settings.jobs.stuck_after_s)],
-                self.worker.unrecorded(), self.outbox.backlog())
+                self.worker.unrecorded() if self.worker else [], self.outbox.backlog())
             store_ok = True
         except Exception as exc:  # report, do not raise, from a health check
             counts, store_ok = {"error": str(exc)}, False
             operations = {"problems": [f"store unreadable: {exc}"]}
+        alive = self._threads_alive()
         report = {
-            "ok": (store_ok and self.worker.is_alive() and self.sender.is_alive()
-                   and not operations["problems"]),
+            "ok": store_ok and all(alive.values()) and not operations["problems"],
             "ae_title": self.settings.ae_title,
+            "process": self.name,
+            "roles": [role for role, on in (("listen", self.listens), ("work", self.works))
+                      if on],
             "store": store_ok,
-            "worker_alive": self.worker.is_alive(),
-            "sender_alive": self.sender.is_alive(),
+            **alive,
             "counts": counts,
             **operations,
         }
         return report
 
     def start(self) -> None:
-        recovered = self.spool.recover()
-        requeued = self.jobs.requeue_interrupted()
-        if recovered or requeued:
-            log.info("start-up recovery: %d instances indexed, %d jobs re-queued",
-                     recovered, requeued)
-        self.sender.start()
-        self.worker.start()
-        self.scp.start()
+        if self.listens:
+            recovered = self.spool.recover()
+            if recovered:
+                log.info("start-up recovery: %d spooled instances indexed", recovered)
+        if self.works:
+            # alone on the data dir, every 'running' job is this node's from before a crash;
+            # sharing a database, some are other workers', whose leases tell
+            requeued = self.jobs.expire_leases() if self.shared else \
+                self.jobs.requeue_interrupted()
+            if requeued:
+                log.info("start-up recovery: %d jobs re-queued", requeued)
+        self.heartbeat.start()
+        if self.sender is not None and self.worker is not None:
+            self.sender.start()
+            self.worker.start()
+        if self.scp is not None:
+            self.scp.start()
         if self.settings.metrics_port is not None:
             self.health_server = HealthServer(self.settings.metrics_host,
                                               self.settings.metrics_port,
@@ -123,9 +201,14 @@ class Node:
                      self.health_server.port)
 
     def stop(self) -> None:
-        self.scp.stop()
-        self.worker.stop()
-        self.sender.stop()
+        if self.scp is not None:
+            self.scp.stop()
+            self.associations.leave()
+        if self.worker is not None and self.sender is not None:
+            self.worker.stop()
+            self.sender.stop()
+        self.heartbeat.stop()
         if self.health_server is not None:
             self.health_server.stop()
+        self.db.close()
         self.lock.release()

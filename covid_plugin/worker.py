@@ -7,6 +7,11 @@ attempt cap. Every way a job can end is recorded; when even that write fails (th
 full), the outcome is kept and written on a later round, so no job stays 'running'.
 A series run again because more instances arrived names the earlier run's report as its
 predecessor, and says so in the report, so that a PACS and a reader can tell which one stands.
+Workers sharing a PostgreSQL database run jobs under leases: a job whose worker died is taken
+by another once its lease expires, and a worker that lost its lease (it stalled for longer than
+the lease) drops its results instead of recording them, so each job ends exactly once. Each
+attempt writes into its own results folder, so a stalled worker never touches the files of
+the attempt that replaced it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import errno
 import logging
 import os
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +35,8 @@ from covid_plugin.findings import Findings, Predecessor
 from covid_plugin.observability import Metrics
 from covid_plugin.outputs import OutputError, write_declined
 from covid_plugin.series import completion, incomplete_reason, rejection_reason
-from covid_plugin.store.jobs import Delivery, Job, JobQueue, ReportRef
+from covid_plugin.store.db import STORE_ERRORS
+from covid_plugin.store.jobs import Delivery, Job, JobQueue, LeaseLost, ReportRef
 from covid_plugin.store.retention import purge
 from covid_plugin.store.spool import Spool
 from covid_plugin.volume import LoadedSeries, SeriesError, load_series_files
@@ -164,8 +169,11 @@ class Worker:
     def __init__(self, settings: Settings, spool: Spool, jobs: JobQueue, metrics: Metrics,
                  pipelines: list[Pipeline], writer: Writer,
                  active_series: Callable[[], set[str]],
-                 on_result: Callable[[Job, Findings, list[Path]], None] | None = None) -> None:
+                 on_result: Callable[[Job, Findings, list[Path]], None] | None = None,
+                 owner: str = "worker", reap: Callable[[], int] | None = None) -> None:
         self.settings = settings
+        self.owner = owner  # holds the leases of the jobs this worker claims
+        self.reap = reap  # ends the associations of listeners that stopped answering
         self.spool = spool
         self.jobs = jobs
         self.metrics = metrics
@@ -177,6 +185,8 @@ class Worker:
         self._held_until = 0.0  # no series is closed before one quiet period after start
         self._unrecorded: list[tuple[Job, Callable[[], None]]] = []  # outcomes not yet written
         self._next_purge = 0.0
+        self._next_housekeeping = 0.0
+        self._current: Job | None = None  # the job running now, whose lease the heartbeat renews
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
 
@@ -202,6 +212,27 @@ class Worker:
     def unrecorded(self) -> list[int]:
         """Jobs whose outcome could not be written yet (health reports them)."""
         return [job.id for job, _ in self._unrecorded]
+
+    def renew_lease(self) -> None:
+        """Called by the heartbeat thread while the worker thread is busy with a job."""
+        job = self._current
+        if job is not None and not self.jobs.renew(job.id, self.owner):
+            log.error("job %d (series %s): lease lost; another worker may run it, and this "
+                      "run's results will be dropped", job.id, job.series_uid)
+
+    def housekeeping(self) -> None:
+        """Every heartbeat: end the associations of dead listeners, and take back the jobs of
+        dead workers (queued again, or quarantined at the attempt cap)."""
+        t = time.time()
+        if t < self._next_housekeeping:
+            return
+        self._next_housekeeping = t + self.settings.cluster.heartbeat_s
+        if self.reap is not None and self.reap():
+            log.warning("a listener stopped answering; its open associations were ended as "
+                        "interrupted")
+        expired = self.jobs.expire_leases()
+        if expired:
+            log.warning("%d job(s) whose worker stopped answering were taken back", expired)
 
     def close_complete_series(self) -> int:
         """Queue or reject every series that has gone quiet; returns how many were closed."""
@@ -237,10 +268,11 @@ class Worker:
         """
         if not self.record_pending():
             return False
-        job = self.jobs.claim()
+        job = self.jobs.claim(self.owner)
         if job is None:
             return False
         started = time.monotonic()
+        self._current = job
         try:
             outcome, record = self._process(job)
         except OSError as exc:
@@ -251,7 +283,9 @@ class Worker:
                       type(exc).__name__)
             log.debug("job %d failure details", job.id, exc_info=exc)
             reason = f"internal error ({type(exc).__name__}); details at DEBUG"
-            outcome, record = "failed", lambda: self.jobs.fail(job.id, reason)
+            outcome, record = "failed", lambda: self.jobs.fail(job.id, reason, owner=self.owner)
+        finally:
+            self._current = None
         self._record(job, record)
         self.metrics.jobs.labels(outcome=outcome).inc()
         log.info("job %d (series %s) %s in %.2f s", job.id, job.series_uid, outcome,
@@ -268,7 +302,12 @@ class Worker:
     def _record(self, job: Job, record: Callable[[], None]) -> None:
         try:
             record()
-        except (sqlite3.Error, OSError) as exc:
+        except LeaseLost:
+            # another worker took the job after this one's lease expired: its run stands
+            log.error("job %d (series %s): lease lost before the outcome was recorded; this "
+                      "run's results are dropped", job.id, job.series_uid)
+            shutil.rmtree(self._folder(job), ignore_errors=True)
+        except (*STORE_ERRORS, OSError) as exc:
             log.error("job %d (series %s): outcome not recorded (%s); will retry", job.id,
                       job.series_uid, exc)
             self._unrecorded.append((job, record))
@@ -281,19 +320,21 @@ class Worker:
         if exc.errno not in _NO_SPACE:
             log.error("job %d (series %s) failed: %s", job.id, job.series_uid, detail)
             reason = f"a file could not be read or written: {detail}"
-            return "failed", lambda: self.jobs.fail(job.id, reason)
+            return "failed", lambda: self.jobs.fail(job.id, reason, owner=self.owner)
         log.error("job %d (series %s): no space for results (%s); will retry", job.id,
                   job.series_uid, detail)
 
         def record() -> None:
-            state = self.jobs.retry_later(job.id, f"no space to write results ({detail})")
+            state = self.jobs.retry_later(job.id, f"no space to write results ({detail})",
+                                          owner=self.owner)
             if state == "quarantined":
                 log.error("job %d (series %s) quarantined after %d attempts", job.id,
                           job.series_uid, job.attempts)
         return "retry", record
 
     def _folder(self, job: Job) -> Path:
-        return self.settings.results_dir / str(job.id)
+        """results/<job>/<attempt>: each claim counts an attempt, so no two runs share it."""
+        return self.settings.results_dir / str(job.id) / str(job.attempts)
 
     def _models_for(self, pipeline: Pipeline) -> Any:
         if pipeline.name not in self._models:
@@ -316,10 +357,15 @@ class Worker:
         results, note = outcome.results, outcome.note
         if not results:
             if outcome.skipped == len(outcome.problems):
-                return "skipped", lambda: self.jobs.skip(job.id, note or "skipped")
-            return "failed", lambda: self.jobs.fail(job.id, note or "no result")
+                return "skipped", lambda: self.jobs.skip(job.id, note or "skipped",
+                                                         owner=self.owner)
+            return "failed", lambda: self.jobs.fail(job.id, note or "no result",
+                                                    owner=self.owner)
         folder = self._folder(job)
-        shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted earlier run
+        # earlier attempts' files were never recorded as results (or this attempt would not
+        # exist): a killed run's leftovers, or a stalled worker's dropped ones
+        for earlier_attempt in folder.parent.glob("*"):
+            shutil.rmtree(earlier_attempt, ignore_errors=True)
         datasets = [ds for _, objects in results for ds in objects]
         saved = save_durably(datasets, folder)
         reports = [ReportRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
@@ -337,7 +383,7 @@ class Worker:
             for findings, _ in results:
                 self.on_result(job, findings, [path for path, _ in saved])
         return "done", lambda: self.jobs.finish(job.id, deliveries, note, reports,
-                                                supersedes=earlier)
+                                                supersedes=earlier, owner=self.owner)
 
     def purge_if_due(self) -> None:
         """Apply the retention policy every `retention.interval_s`."""
@@ -352,6 +398,7 @@ class Worker:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self.housekeeping()
                 self.close_complete_series()
                 if self.run_one():
                     continue

@@ -98,10 +98,13 @@ def rider_files(n: int | None = None) -> list[Path]:
 
 
 class NodeProcess:
-    """`covid-plugin listen` as a child process with its own config, stopped by PID."""
+    """`covid-plugin listen` (or `work`, `listen --no-jobs`) as a child process with its own
+    config, stopped by PID."""
 
-    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None,
+                 command: tuple[str, ...] = ("listen",)) -> None:
         self.workdir = workdir
+        self.command = command
         self.config = {"port": free_port(), "data_dir": str(workdir / "var"),
                        "quiet_period_s": 1.0, "log_level": "INFO"} | config
         self.port = self.config["port"]
@@ -119,7 +122,7 @@ class NodeProcess:
         """Start and wait until `ready()` (default: a plain C-ECHO succeeds)."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "covid_plugin.cli", "listen", "--config",
+            [sys.executable, "-m", "covid_plugin.cli", *self.command, "--config",
              str(self.config_path)],  # the README's form
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,

@@ -74,7 +74,7 @@ def full_disk_scenario(data_dir: str) -> None:
     job = jobs.get(1)
     print(json.dumps({"raised": raised, "during": during, "state": job.state,
                       "attempts": job.attempts,
-                      "results": sorted(p.name for p in (settings.results_dir / "1").iterdir())}))
+                      "results": sorted(p.name for p in (settings.results_dir / "1").glob("*/*"))}))
 
 
 def test_full_disk_at_result_write_is_recorded_later_and_retried(tmp_path: Path):

@@ -2,15 +2,17 @@
 
 Network threads only parse headers, write bytes and rows; they acknowledge an instance only
 after the spool says it is durable and indexed. Everything heavy runs on the worker.
+Which associations are open, and to which series they deliver, is written to the database
+(store/associations.py), not kept in this process: a worker in another process, or on another
+machine, decides from there when a series is complete.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import ssl
 import threading
-from collections import defaultdict
+import uuid
 
 from pydicom import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -31,7 +33,8 @@ from covid_plugin.config import Settings, TlsSettings
 from covid_plugin.instance import InvalidInstance, read_header
 from covid_plugin.node.server import GuardedAssociationServer, serve
 from covid_plugin.observability import Metrics
-from covid_plugin.store.jobs import JobQueue
+from covid_plugin.store.associations import Associations
+from covid_plugin.store.db import STORE_ERRORS
 from covid_plugin.store.spool import Spool, disk_refusal
 
 log = logging.getLogger(__name__)
@@ -84,13 +87,16 @@ def _ssl_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 class StorageSCP:
-    """The AE, its handlers, and which series are still being delivered."""
+    """The AE, its handlers, and the record of which series are still being delivered."""
 
-    def __init__(self, settings: Settings, spool: Spool, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, spool: Spool, metrics: Metrics,
+                 associations: Associations) -> None:
         self.settings = settings
         self.spool = spool
         self.metrics = metrics
-        self._active: dict[int, set[str]] = defaultdict(set)  # association id -> series UIDs
+        self.associations = associations
+        # association id -> (its name in the database, the series it has delivered to)
+        self._active: dict[int, tuple[str, set[str]]] = {}
         self._release_requested: set[int] = set()  # associations whose sender asked to release
         self._lock = threading.Lock()
         self._server: GuardedAssociationServer | None = None
@@ -154,11 +160,6 @@ class StorageSCP:
         """Why the node cannot take data now, or None."""
         return disk_refusal(self.settings.data_dir, self.settings.storage)
 
-    def active_series(self) -> set[str]:
-        """Series that an open association has delivered to: not complete yet."""
-        with self._lock:
-            return set().union(*self._active.values()) if self._active else set()
-
     # --- event handlers (pynetdicom threads) ---
 
     def _on_accepted(self, event: evt.Event) -> None:
@@ -200,18 +201,20 @@ class StorageSCP:
     def _ended(self, assoc: Association, released: bool) -> None:
         """Record how the association ended for the series it delivered to, then forget it.
 
-        The record comes first: a series must not look finished to the worker before its
-        abort is written. An aborted or lost association leaves its series incomplete until
-        the sender sends it again (series.py decides).
+        One transaction ends it in the database: the series' release or abort time is written
+        as its open-association rows go, so a worker never sees the series finished before its
+        abort. An aborted or lost association leaves its series incomplete until the sender
+        sends it again (series.py decides). If this write fails, the rows stay until the
+        association is ended at this listener's stop, or by a worker once its heartbeat stops.
         """
         with self._lock:
-            series = set(self._active.get(id(assoc), ()))
+            name, series = self._active.get(id(assoc), ("", set()))
         if series:
             if not released:
                 log.warning("association from %s ended without release; %d series held as "
                             "possibly incomplete", assoc.requestor.ae_title, len(series))
             try:
-                JobQueue(self.spool.db).associations_ended(series, released)
+                self.associations.ended(name, released)
             except Exception:  # the store is unwritable: the quiet period still applies
                 log.exception("could not record the end of an association from %s",
                               assoc.requestor.ae_title)
@@ -243,11 +246,10 @@ class StorageSCP:
             log.warning("refused instance %s from %s: %s", sop_uid, calling, exc.reason)
             self.spool.reject(data, exc.reason, calling, sop_uid)
             return _status(exc.status, exc.reason)
-        with self._lock:
-            self._active[id(event.assoc)].add(header.series_uid)
         try:
+            self._delivering(event.assoc, header.series_uid)
             stored = self.spool.store(header, data, calling)
-        except (OSError, sqlite3.Error) as exc:  # disk full, write error, index unwritable
+        except (OSError, *STORE_ERRORS) as exc:  # disk full, write error, index unwritable
             self.metrics.rejected.labels(reason="out_of_resources").inc()
             log.error("could not store %s from %s: %s", sop_uid, calling, exc)
             detail = getattr(exc, "strerror", None) or str(exc)
@@ -259,6 +261,17 @@ class StorageSCP:
             self.metrics.duplicates.inc()
             log.info("instance %s from %s already held; kept once", sop_uid, calling)
         return 0x0000
+
+    def _delivering(self, assoc: Association, series_uid: str) -> None:
+        """Before an association's first instance of a series is stored, record that it
+        delivers to that series: from then on no worker closes the series while it is open."""
+        with self._lock:
+            name, series = self._active.setdefault(id(assoc), (uuid.uuid4().hex, set()))
+            if series_uid in series:
+                return
+        self.associations.delivering(name, series_uid)
+        with self._lock:
+            series.add(series_uid)
 
     def _refuse_for_resources(self, event: evt.Event, sop_uid: str, calling: str) -> Dataset | None:
         """0xA700 for an instance over the size limit, or while the disk is below its mark."""

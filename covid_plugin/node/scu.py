@@ -113,11 +113,21 @@ class Sender(Protocol):
 
 
 class OutboxSender:
-    """A thread that drains the outbox: due items, grouped by destination."""
+    """A thread that drains the outbox: due items, grouped by destination.
+
+    Items are claimed under a lease named `owner`, so that senders in several worker
+    processes never send the same item at once, and one whose sender died is sent by another
+    after `lease_s`. A sender killed after the peer stored an item but before the item was
+    marked sent makes it be sent twice (same SOP Instance UID, which a PACS keeps once): the
+    at-least-once window.
+    """
 
     def __init__(self, outbox: Outbox, sender: Sender, metrics: Metrics,
-                 poll_interval_s: float, web_sender: Sender | None = None) -> None:
+                 poll_interval_s: float, web_sender: Sender | None = None,
+                 owner: str = "sender", lease_s: float = 120.0) -> None:
         self.outbox = outbox
+        self.owner = owner
+        self.lease_s = lease_s
         self.sender = sender
         self.web_sender = web_sender  # for DICOMweb (STOW-RS) destinations
         self.metrics = metrics
@@ -138,18 +148,18 @@ class OutboxSender:
     def send_due(self) -> int:
         """One round; returns how many items were delivered."""
         groups: dict[str, list[OutboxItem]] = defaultdict(list)
-        for item in self.outbox.due():
+        for item in self.outbox.claim(self.owner, lease_s=self.lease_s):
             groups[item.destination].append(item)
         delivered = 0
         for destination, items in groups.items():
             for item_id, error in self._deliver(items).items():
                 if error is None:
-                    self.outbox.mark_sent(item_id)
+                    self.outbox.mark_sent(item_id, owner=self.owner)
                     self.metrics.exported.inc()
                     delivered += 1
                     continue
                 self.metrics.export_failures.inc()
-                state = self.outbox.mark_failed(item_id, error)
+                state = self.outbox.mark_failed(item_id, error, owner=self.owner)
                 log.warning("export of outbox item %d to %s failed (%s): %s",
                             item_id, destination, state, error)
         return delivered

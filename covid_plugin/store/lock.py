@@ -20,25 +20,33 @@ class DataDirInUse(RuntimeError):
 
 
 class DataDirLock:
-    """`with DataDirLock(path):` or acquire()/release() around a node's life."""
+    """`with DataDirLock(path):` or acquire()/release() around a node's life.
 
-    def __init__(self, data_dir: Path) -> None:
+    `shared=True` is for processes that coordinate through PostgreSQL and share the data dir
+    (listeners and workers): they hold the lock together, and an embedded (SQLite) node, which
+    needs it alone, cannot start beside them on this machine.
+    """
+
+    def __init__(self, data_dir: Path, shared: bool = False) -> None:
         self.path = data_dir / LOCK_NAME
+        self.shared = shared
         self._fd: int | None = None
 
     def acquire(self) -> DataDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise DataDirInUse(
                 f"data dir {self.path.parent} is in use by another node (pid {holder}, "
-                f"lock {self.path}); one data dir serves one node") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+                f"lock {self.path}); an embedded (SQLite) node needs its data dir alone, "
+                "nodes sharing a PostgreSQL database_url share it") from None
+        if not self.shared:  # shared holders would overwrite each other's pid
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 

@@ -1,0 +1,74 @@
+"""The roles' settings and command line: what a site writes to split listening from work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from covid_plugin.cli import _settings, build_parser, main
+from covid_plugin.config import ConfigError, Settings, load_settings
+from covid_plugin.ml.device import resolve_device
+from covid_plugin.store.lock import DataDirInUse, DataDirLock
+from covid_plugin.worker import Worker
+
+
+def test_work_without_a_shared_database_is_refused_with_the_reason(tmp_path: Path, capsys):
+    assert main(["work", "--data-dir", str(tmp_path)]) == 2
+    assert "needs database_url" in capsys.readouterr().err
+
+
+def test_a_listener_without_jobs_needs_a_shared_database():
+    with pytest.raises(ConfigError, match="listener_runs_jobs = false needs database_url"):
+        load_settings(None, {"listener_runs_jobs": False}, environ={})
+    args = build_parser().parse_args(["listen", "--no-jobs"])
+    with pytest.raises(ConfigError, match="needs database_url"):
+        _settings(args)
+
+
+def test_database_url_must_be_postgresql():
+    with pytest.raises(ConfigError, match="database_url: .*postgresql://"):
+        load_settings(None, {"database_url": "mysql://db/covid"}, environ={})
+
+
+def test_a_worker_is_pinned_to_one_gpu_from_the_command_line(tmp_path: Path):
+    args = build_parser().parse_args(
+        ["work", "--device", "cuda:1", "--data-dir", str(tmp_path)])
+    assert _settings(args).device == "cuda:1"
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="device"):
+        load_settings(None, {"device": "gpu1"}, environ={})
+
+
+def test_the_worker_loads_its_models_on_the_pinned_device(tmp_path: Path):
+    class Recording:
+        name, modalities = "recording", ("CT",)
+        devices: list[str] = []
+
+        def load_models(self, models_dir: Path, device: str) -> None:
+            self.devices.append(device)
+
+    pipeline = Recording()
+    settings = Settings(data_dir=tmp_path, device="cuda:1")
+    Worker(settings, None, None, None, [pipeline], None, set)._models_for(pipeline)
+    assert pipeline.devices == ["cuda:1"]
+
+
+def test_leases_must_outlast_two_heartbeats():
+    with pytest.raises(ConfigError, match="job_lease_s must be at least twice heartbeat_s"):
+        load_settings(None, {"cluster": {"heartbeat_s": 10, "job_lease_s": 15}}, environ={})
+
+
+def test_processes_sharing_a_database_share_the_data_dir_and_keep_an_embedded_node_out(
+        tmp_path: Path):
+    first = DataDirLock(tmp_path, shared=True).acquire()
+    second = DataDirLock(tmp_path, shared=True).acquire()  # a listener and a worker
+    with pytest.raises(DataDirInUse, match="embedded"):
+        DataDirLock(tmp_path).acquire()
+    first.release()
+    second.release()
+    alone = DataDirLock(tmp_path).acquire()
+    with pytest.raises(DataDirInUse):
+        DataDirLock(tmp_path, shared=True).acquire()
+    alone.release()
