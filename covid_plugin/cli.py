@@ -70,10 +70,10 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from covid_plugin.store.db import Database
+    from covid_plugin.store.db import open_database
     from covid_plugin.store.jobs import JobQueue
 
-    for job in JobQueue(Database(settings.db_path)).all():
+    for job in JobQueue(open_database(None, settings.db_path)).all():
         if args.state and job.state != args.state:
             continue
         print(f"{job.id:6d}  {job.state:11s} tries={job.attempts} {job.modality:3s} "
@@ -83,29 +83,30 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
     """Give quarantined or failed jobs a fresh set of attempts."""
-    from covid_plugin.store.db import Database
+    from covid_plugin.store.db import open_database
     from covid_plugin.store.jobs import JobQueue
 
-    n = JobQueue(Database(settings.db_path)).requeue(args.ids)
+    n = JobQueue(open_database(None, settings.db_path)).requeue(args.ids)
     print(f"{n} job(s) queued again")
     return 0 if n else 1
 
 
 def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     """Apply the retention policy now (or, with --dry-run, say what it would remove)."""
-    from covid_plugin.store.db import Database
+    from covid_plugin.store.db import open_database
     from covid_plugin.store.retention import purge
 
-    print(purge(settings, Database(settings.db_path), dry_run=args.dry_run).summary())
+    print(purge(settings, open_database(None, settings.db_path), dry_run=args.dry_run).summary())
     return 0
 
 
 def _outbox(settings: Settings):
-    from covid_plugin.store.db import Database
+    from covid_plugin.store.db import open_database
     from covid_plugin.store.outbox import Outbox
 
     o = settings.outbox
-    return Outbox(Database(settings.db_path), o.max_attempts, o.backoff_base_s, o.backoff_max_s)
+    return Outbox(open_database(None, settings.db_path), o.max_attempts, o.backoff_base_s,
+                  o.backoff_max_s)
 
 
 def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
@@ -150,12 +151,12 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     from pynetdicom.sop_class import Verification
 
     from covid_plugin.observability import operations_health
-    from covid_plugin.store.db import Database
+    from covid_plugin.store.db import open_database
     from covid_plugin.store.jobs import JobQueue
 
     report: dict = {"ae_title": settings.ae_title}
     try:
-        db = Database(settings.db_path)
+        db = open_database(None, settings.db_path)
         report["jobs"] = JobQueue(db).counts()
         report["outbox"] = _outbox(settings).counts()
         report["store"] = True

@@ -15,7 +15,7 @@ from covid_plugin.node.scu import DicomSender, OutboxSender
 from covid_plugin.node.stow import StowSender
 from covid_plugin.observability import HealthServer, Metrics, operations_health
 from covid_plugin.outputs import write_all
-from covid_plugin.store.db import Database
+from covid_plugin.store.db import open_database
 from covid_plugin.store.jobs import Job, JobQueue
 from covid_plugin.store.lock import DataDirLock
 from covid_plugin.store.outbox import Outbox
@@ -60,7 +60,7 @@ class Node:
 
     def _wire(self, on_result: Callable[[Job, Findings, list[Path]], None] | None) -> None:
         settings = self.settings
-        self.db = Database(settings.db_path)
+        self.db = open_database(None, settings.db_path)
         self.spool = Spool(settings.spool_dir, self.db)
         self.jobs = JobQueue(self.db, settings.jobs.max_attempts, settings.jobs.retry_after_s)
         self.outbox = Outbox(self.db, settings.outbox.max_attempts,

@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import shutil
-import sqlite3
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +31,7 @@ from covid_plugin.findings import Findings, Predecessor
 from covid_plugin.observability import Metrics
 from covid_plugin.outputs import OutputError, write_declined
 from covid_plugin.series import completion, incomplete_reason, rejection_reason
+from covid_plugin.store.db import STORE_ERRORS
 from covid_plugin.store.jobs import Delivery, Job, JobQueue, ReportRef
 from covid_plugin.store.retention import purge
 from covid_plugin.store.spool import Spool
@@ -171,6 +172,7 @@ class Worker:
         self.metrics = metrics
         self.writer = writer
         self.active_series = active_series
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"  # holds the leases of its jobs
         self.on_result = on_result  # the demo prints findings; the node itself needs none
         self._pipelines = {m: p for p in pipelines for m in p.modalities}
         self._models: dict[str, Any] = {}
@@ -237,7 +239,7 @@ class Worker:
         """
         if not self.record_pending():
             return False
-        job = self.jobs.claim()
+        job = self.jobs.claim(self.owner)
         if job is None:
             return False
         started = time.monotonic()
@@ -268,7 +270,7 @@ class Worker:
     def _record(self, job: Job, record: Callable[[], None]) -> None:
         try:
             record()
-        except (sqlite3.Error, OSError) as exc:
+        except (*STORE_ERRORS, OSError) as exc:
             log.error("job %d (series %s): outcome not recorded (%s); will retry", job.id,
                       job.series_uid, exc)
             self._unrecorded.append((job, record))

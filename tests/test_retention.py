@@ -13,7 +13,8 @@ from covid_plugin.config import Settings
 from covid_plugin.instance import read_header
 from covid_plugin.observability import Metrics
 from covid_plugin.outputs import write_all
-from covid_plugin.store.db import Database
+from covid_plugin.store.associations import Associations
+from covid_plugin.store.db import SQLiteDatabase
 from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.retention import purge
 from covid_plugin.store.spool import Spool
@@ -30,12 +31,14 @@ class State:
 
     def __init__(self, tmp_path: Path, **config) -> None:
         self.settings = Settings(data_dir=tmp_path / "var", quiet_period_s=0, **config)
-        self.db = Database(self.settings.db_path)
+        self.db = SQLiteDatabase(self.settings.db_path)
         self.spool = Spool(self.settings.spool_dir, self.db)
         self.jobs = JobQueue(self.db)
         self.ct_files = [self._store(p) for p in rider_files(20)]
         series_uid = pydicom.dcmread(self.ct_files[0], stop_before_pixels=True).SeriesInstanceUID
-        self.jobs.associations_ended([series_uid], released=True)
+        associations = Associations(self.db, "listener")
+        associations.delivering("assoc", series_uid)
+        associations.ended("assoc", released=True)
         self.worker = Worker(self.settings, self.spool, self.jobs, Metrics(),
                              [MeanIntensityPipeline()], write_all, set)
         self.worker.close_complete_series()

@@ -7,7 +7,8 @@ after the spool says it is durable and indexed. Everything heavy runs on the wor
 from __future__ import annotations
 
 import logging
-import sqlite3
+import os
+import socket
 import ssl
 import threading
 from collections import defaultdict
@@ -31,7 +32,8 @@ from covid_plugin.config import Settings, TlsSettings
 from covid_plugin.instance import InvalidInstance, read_header
 from covid_plugin.node.server import GuardedAssociationServer, serve
 from covid_plugin.observability import Metrics
-from covid_plugin.store.jobs import JobQueue
+from covid_plugin.store.associations import Associations
+from covid_plugin.store.db import STORE_ERRORS
 from covid_plugin.store.spool import Spool, disk_refusal
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class StorageSCP:
         self.metrics = metrics
         self._active: dict[int, set[str]] = defaultdict(set)  # association id -> series UIDs
         self._release_requested: set[int] = set()  # associations whose sender asked to release
+        self._associations = Associations(spool.db, f"{socket.gethostname()}:{os.getpid()}")
         self._lock = threading.Lock()
         self._server: GuardedAssociationServer | None = None
         self.ae = self._build_ae()
@@ -211,7 +214,7 @@ class StorageSCP:
                 log.warning("association from %s ended without release; %d series held as "
                             "possibly incomplete", assoc.requestor.ae_title, len(series))
             try:
-                JobQueue(self.spool.db).associations_ended(series, released)
+                self._associations.ended(str(id(assoc)), released)
             except Exception:  # the store is unwritable: the quiet period still applies
                 log.exception("could not record the end of an association from %s",
                               assoc.requestor.ae_title)
@@ -244,10 +247,13 @@ class StorageSCP:
             self.spool.reject(data, exc.reason, calling, sop_uid)
             return _status(exc.status, exc.reason)
         with self._lock:
+            first = header.series_uid not in self._active[id(event.assoc)]
             self._active[id(event.assoc)].add(header.series_uid)
         try:
+            if first:
+                self._associations.delivering(str(id(event.assoc)), header.series_uid)
             stored = self.spool.store(header, data, calling)
-        except (OSError, sqlite3.Error) as exc:  # disk full, write error, index unwritable
+        except (OSError, *STORE_ERRORS) as exc:  # disk full, write error, index unwritable
             self.metrics.rejected.labels(reason="out_of_resources").inc()
             log.error("could not store %s from %s: %s", sop_uid, calling, exc)
             detail = getattr(exc, "strerror", None) or str(exc)

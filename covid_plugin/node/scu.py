@@ -8,6 +8,8 @@ sender (node/stow.py) has the same `deliver` method; an item with a URL goes to 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import ssl
 import threading
 from collections import defaultdict
@@ -122,6 +124,7 @@ class OutboxSender:
         self.web_sender = web_sender  # for DICOMweb (STOW-RS) destinations
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"  # holds the leases of its items
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
 
@@ -138,18 +141,18 @@ class OutboxSender:
     def send_due(self) -> int:
         """One round; returns how many items were delivered."""
         groups: dict[str, list[OutboxItem]] = defaultdict(list)
-        for item in self.outbox.due():
+        for item in self.outbox.claim(self.owner):
             groups[item.destination].append(item)
         delivered = 0
         for destination, items in groups.items():
             for item_id, error in self._deliver(items).items():
                 if error is None:
-                    self.outbox.mark_sent(item_id)
+                    self.outbox.mark_sent(item_id, self.owner)
                     self.metrics.exported.inc()
                     delivered += 1
                     continue
                 self.metrics.export_failures.inc()
-                state = self.outbox.mark_failed(item_id, error)
+                state = self.outbox.mark_failed(item_id, error, self.owner)
                 log.warning("export of outbox item %d to %s failed (%s): %s",
                             item_id, destination, state, error)
         return delivered
