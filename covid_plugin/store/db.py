@@ -12,6 +12,7 @@ serialise on SQLite's lock, or on PostgreSQL's row locks (claims use FOR UPDATE 
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import threading
 import time
@@ -402,10 +403,15 @@ def _row_factory(cursor: psycopg.Cursor[Any]) -> Any:
     return lambda values: Row(names, values)
 
 
+_QUOTED = re.compile(r"('(?:[^']|'')*')")
+
+
 @lru_cache(maxsize=512)
 def _pg_sql(sql: str) -> str:
-    """store/'s `?` placeholders as psycopg's `%s` (a literal % doubled)."""
-    return sql.replace("%", "%%").replace("?", "%s")
+    """store/'s `?` placeholders as psycopg's `%s`, and every literal % doubled; a `?` inside
+    a quoted string (a reason's text) stays a question mark."""
+    parts = _QUOTED.split(sql.replace("%", "%%"))
+    return "".join(part if part.startswith("'") else part.replace("?", "%s") for part in parts)
 
 
 class PgConnection:
