@@ -139,3 +139,19 @@ def test_processes_starting_together_migrate_once(postgres_url: str, tmp_path: P
     db = open_database(postgres_url, tmp_path / "unused.sqlite")
     rows = db.connection().execute("SELECT version FROM schema_version").fetchall()
     assert [r["version"] for r in rows] == [4]
+
+
+def test_one_process_purges_at_a_time(postgres_url: str, tmp_path: Path):
+    from covid_plugin.config import Settings
+    from covid_plugin.store.retention import purge
+
+    settings = Settings(data_dir=tmp_path / "var")
+    db = open_database(postgres_url, tmp_path / "unused.sqlite")
+    other = PostgresDatabase(postgres_url)  # another node's purge, in progress
+    with other.exclusive("covid_plugin.purge"):
+        second = threading.Thread(target=purge, args=(settings, db))
+        second.start()
+        second.join(0.5)
+        assert second.is_alive()  # waits for the first
+    second.join(10)
+    assert not second.is_alive()
