@@ -248,10 +248,11 @@ class StorageSCP:
             return _status(exc.status, exc.reason)
         with self._lock:
             first = header.series_uid not in self._active[id(event.assoc)]
-            self._active[id(event.assoc)].add(header.series_uid)
         try:
-            if first:
+            if first:  # recorded before the first instance is, or the series may look complete
                 self._associations.delivering(str(id(event.assoc)), header.series_uid)
+            with self._lock:
+                self._active[id(event.assoc)].add(header.series_uid)
             stored = self.spool.store(header, data, calling)
         except (OSError, *STORE_ERRORS) as exc:  # disk full, write error, index unwritable
             self.metrics.rejected.labels(reason="out_of_resources").inc()

@@ -430,10 +430,6 @@ class PgConnection:
         cursor.executemany(_pg_sql(sql), rows)
         return cursor
 
-    @property
-    def in_transaction(self) -> bool:
-        return self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
-
 
 class PostgresDatabase(Database):
     """Per-thread connections to one PostgreSQL database (psycopg 3), in autocommit mode
@@ -455,7 +451,7 @@ class PostgresDatabase(Database):
 
     def connection(self) -> PgConnection:
         conn = getattr(self._local, "conn", None)
-        if conn is None or conn.raw.closed:
+        if conn is None or conn.raw.closed or conn.raw.broken:  # a server restart, say
             conn = self._local.conn = self._connect()
         return conn
 
