@@ -108,6 +108,7 @@ class Node:
     def start(self) -> None:
         recovered = self.spool.recover()
         requeued = self.jobs.requeue_interrupted()
+        self.outbox.release_leases()
         if recovered or requeued:
             log.info("start-up recovery: %d instances indexed, %d jobs re-queued",
                      recovered, requeued)

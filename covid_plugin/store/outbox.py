@@ -75,6 +75,16 @@ class Outbox:
             ).fetchall()
         return sorted((_item(r) for r in rows), key=lambda item: item.id)
 
+    def release_leases(self) -> int:
+        """At the start of the embedded single-process node: the leases its killed
+        predecessor held are dropped, so that those items go out now rather than when the
+        leases expire. Not for a sender sharing the outbox with others."""
+        with self.db.transaction() as conn:
+            return conn.execute(
+                "UPDATE outbox SET lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE lease_owner IS NOT NULL AND state = 'pending'"
+            ).rowcount
+
     def mark_sent(self, item_id: int, owner: str | None = None) -> None:
         """The peer has it: recorded whoever holds the lease now (it is true either way);
         when `owner` lost its lease meanwhile, another sender may be sending it again."""
