@@ -182,8 +182,11 @@ class Node:
         if self.works:
             # alone on the data dir, every 'running' job is this node's from before a crash;
             # sharing a database, some are other workers', whose leases tell
-            requeued = self.jobs.expire_leases() if self.shared else \
-                self.jobs.requeue_interrupted()
+            if self.shared:
+                requeued = self.jobs.expire_leases()
+            else:  # and its outbox items leased to the dead sender go out now, not later
+                requeued = self.jobs.requeue_interrupted()
+                self.outbox.release_leases()
             if requeued:
                 log.info("start-up recovery: %d jobs re-queued", requeued)
         self.heartbeat.start()

@@ -12,13 +12,17 @@ for tool in storescu dciodvfy Orthanc openssl chromium npm; do
   command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt=1
+# PostgreSQL's server binaries (the store tests start their own server): not on PATH
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt=1
 if [ "$need_apt" = 1 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk dicom3tools orthanc openssl \
-    orthanc-dicomweb chromium npm >/dev/null
-  # the package starts a system Orthanc on 4242/8042; the tests start their own
+    orthanc-dicomweb chromium npm postgresql >/dev/null
+  # the packages start a system Orthanc on 4242/8042 and PostgreSQL on 5432; the tests start
+  # their own
   $SUDO service orthanc stop >/dev/null 2>&1 || true
+  $SUDO service postgresql stop >/dev/null 2>&1 || true
 fi
 
 if [ ! -x .venv/bin/python ]; then

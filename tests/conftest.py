@@ -339,3 +339,37 @@ def dicomweb_factory(tmp_path: Path) -> Iterator:
     yield make
     for peer in peers:
         peer.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (tests/postgres.py); skipped, saying why, only
+    where the Debian postgresql binaries are not installed."""
+    from tests.postgres import PostgresServer, postgres_bindir
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql; scripts/setup.sh "
+                    "installs it)")
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> Iterator[str]:
+    """The URL of a fresh, empty database of its own for this test, dropped after it."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path: Path):
+    """The store on each backend: an SQLite file, then a PostgreSQL database."""
+    from covid_plugin.store.db import open_database
+
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    database = open_database(url, tmp_path / "db.sqlite")
+    yield database
+    database.close()

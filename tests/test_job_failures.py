@@ -17,7 +17,8 @@ from covid_plugin.config import Settings
 from covid_plugin.instance import read_header
 from covid_plugin.observability import Metrics, operations_health
 from covid_plugin.outputs import write_all
-from covid_plugin.store.db import MIGRATIONS, Database
+from covid_plugin.store.associations import Associations
+from covid_plugin.store.db import MIGRATIONS, SQLiteDatabase
 from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.spool import Spool
 from covid_plugin.worker import Worker
@@ -49,13 +50,15 @@ class DiskFillsDuringFirstRun(MeanIntensityPipeline):
 def full_disk_scenario(data_dir: str) -> None:
     """Runs in its own process (the file-size limit is process-wide); prints what happened."""
     settings = Settings(data_dir=Path(data_dir), quiet_period_s=0)
-    db = Database(settings.db_path)
+    db = SQLiteDatabase(settings.db_path)
     spool, jobs = Spool(settings.spool_dir, db), JobQueue(db, max_attempts=3, retry_after_s=0.2)
     for path in rider_files(20):
         data = path.read_bytes()
         stored = spool.store(read_header(data), data, "PACS")
     series_uid = pydicom.dcmread(stored.path, stop_before_pixels=True).SeriesInstanceUID
-    jobs.associations_ended([series_uid], released=True)
+    associations = Associations(db, "listener")
+    associations.delivering("assoc", series_uid)
+    associations.ended("assoc", released=True)
     worker = Worker(settings, spool, jobs, Metrics(), [DiskFillsDuringFirstRun()], write_all,
                     set)
     worker.close_complete_series()
@@ -94,7 +97,7 @@ def test_full_disk_at_result_write_is_recorded_later_and_retried(tmp_path: Path)
 
 
 def test_database_commit_failure_leaves_no_transaction_open(tmp_path: Path):
-    db = Database(tmp_path / "db.sqlite")
+    db = SQLiteDatabase(tmp_path / "db.sqlite")
     with pytest.raises(sqlite3.IntegrityError), db.transaction() as conn:
         conn.execute("PRAGMA defer_foreign_keys=ON")
         conn.execute("INSERT INTO jobs (series_uid, state, created_at, updated_at) "
@@ -133,14 +136,14 @@ def test_series_that_crashes_the_node_is_quarantined_at_the_attempt_cap(node_fac
 
 
 def test_retried_jobs_wait_behind_fresh_ones(tmp_path: Path):
-    db = Database(tmp_path / "db.sqlite")
+    db = SQLiteDatabase(tmp_path / "db.sqlite")
     with db.transaction() as conn:
         for uid in ("1.1", "1.2"):
             conn.execute("INSERT INTO series VALUES (?, '1', 'CT', '', '', '', '', 'A', 30, "
                          "0, 0, 0, NULL)", (uid,))
         conn.execute("INSERT INTO jobs (series_uid, state, attempts, created_at, updated_at) "
                      "VALUES ('1.1', 'queued', 1, 0, 0), ('1.2', 'queued', 0, 0, 0)")
-    assert JobQueue(db).claim().series_uid == "1.2"
+    assert JobQueue(db).claim("w").series_uid == "1.2"
 
 
 def test_health_reports_stuck_jobs_disk_and_outbox_backlog(node_factory):
@@ -177,7 +180,7 @@ def test_existing_database_is_migrated_without_losing_rows(tmp_path: Path):
         "state, next_attempt_at, created_at, updated_at) "
         "VALUES (1, 'r.dcm', '9.9', 'P', 'h', 104, 'pending', 0, 0, 0);")
     old.close()
-    db = Database(path)
+    db = SQLiteDatabase(path)
     conn = db.connection()
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert tuple(conn.execute("SELECT state, attempts FROM jobs").fetchone()) == ("done", 1)

@@ -199,10 +199,10 @@ def test_new_study_and_series_directories_are_fsynced(tmp_path, monkeypatch):
 
     from covid_plugin.instance import read_header
     from covid_plugin.store import spool as spool_module
-    from covid_plugin.store.db import Database
+    from covid_plugin.store.db import SQLiteDatabase
     from covid_plugin.store.spool import Spool
 
-    spool = Spool(tmp_path / "spool", Database(tmp_path / "db.sqlite"))
+    spool = Spool(tmp_path / "spool", SQLiteDatabase(tmp_path / "db.sqlite"))
     synced: list[Path] = []
     real_fsync = os.fsync
 

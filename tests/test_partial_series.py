@@ -120,22 +120,22 @@ def test_late_instances_rerun_the_series_and_supersede_the_earlier_report(
 
 
 def test_a_queued_run_waits_for_late_instances_and_is_superseded(tmp_path):
-    from covid_plugin.store.db import Database
+    from covid_plugin.store.db import SQLiteDatabase
     from covid_plugin.store.jobs import JobQueue
 
-    db = Database(tmp_path / "db.sqlite")
+    db = SQLiteDatabase(tmp_path / "db.sqlite")
     queue = JobQueue(db)
     with db.transaction() as conn:
         conn.execute("INSERT INTO series VALUES ('1.1', '1', 'CT', '', '', '', '', 'A', 30, "
                      "0, 0, 0, NULL)")
         conn.execute("INSERT INTO jobs (series_uid, state, created_at, updated_at) "
                      "VALUES ('1.1', 'queued', 0, 0), ('1.1', 'received', 0, 0)")
-    assert queue.claim() is None  # more instances are arriving: the queued run would be partial
+    assert queue.claim("w") is None  # more instances are arriving: the queued run would be partial
     queue.close(2, None)
     assert [(j.state, j.reason) for j in queue.all()] == [
         ("superseded", "more instances arrived before it ran; job 2 runs instead"),
         ("queued", None)]
-    assert queue.claim().id == 2
+    assert queue.claim("w").id == 2
 
 
 def test_connection_closed_before_the_released_event_still_counts_as_released(tmp_path):
@@ -152,11 +152,11 @@ def test_connection_closed_before_the_released_event_still_counts_as_released(tm
     from covid_plugin.instance import read_header
     from covid_plugin.node.scp import StorageSCP
     from covid_plugin.observability import Metrics
-    from covid_plugin.store.db import Database
+    from covid_plugin.store.db import SQLiteDatabase
     from covid_plugin.store.spool import Spool
 
     settings = Settings(data_dir=tmp_path)
-    db = Database(settings.db_path)
+    db = SQLiteDatabase(settings.db_path)
     spool = Spool(settings.spool_dir, db)
     data = rider_files(1)[0].read_bytes()
     header = read_header(data)
@@ -172,6 +172,7 @@ def test_connection_closed_before_the_released_event_still_counts_as_released(tm
                   [release, (evt.EVT_RELEASED, {}), (evt.EVT_CONN_CLOSE, {})]):
         assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
         scp._active[id(assoc)].add(header.series_uid)
+        scp._associations.delivering(str(id(assoc)), header.series_uid)
         for event, attrs in order:
             {evt.EVT_PDU_RECV: scp._on_pdu, evt.EVT_CONN_CLOSE: scp._on_conn_close,
              evt.EVT_RELEASED: scp._on_released}[event](evt.Event(assoc, event, attrs))
@@ -182,5 +183,6 @@ def test_connection_closed_before_the_released_event_still_counts_as_released(tm
     # a connection that closes without a release request is a broken-off transfer
     assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
     scp._active[id(assoc)].add(header.series_uid)
+    scp._associations.delivering(str(id(assoc)), header.series_uid)
     scp._on_conn_close(evt.Event(assoc, evt.EVT_CONN_CLOSE, {}))
     assert state()[1] is not None

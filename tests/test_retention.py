@@ -13,7 +13,8 @@ from covid_plugin.config import Settings
 from covid_plugin.instance import read_header
 from covid_plugin.observability import Metrics
 from covid_plugin.outputs import write_all
-from covid_plugin.store.db import Database
+from covid_plugin.store.associations import Associations
+from covid_plugin.store.db import Database, SQLiteDatabase
 from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.retention import purge
 from covid_plugin.store.spool import Spool
@@ -28,14 +29,16 @@ class State:
     """A data dir with one finished CT job, one refused instance and one radiograph still
     being received, made by the real spool, queue and worker."""
 
-    def __init__(self, tmp_path: Path, **config) -> None:
+    def __init__(self, tmp_path: Path, db: Database | None = None, **config) -> None:
         self.settings = Settings(data_dir=tmp_path / "var", quiet_period_s=0, **config)
-        self.db = Database(self.settings.db_path)
+        self.db = db or SQLiteDatabase(self.settings.db_path)
         self.spool = Spool(self.settings.spool_dir, self.db)
         self.jobs = JobQueue(self.db)
         self.ct_files = [self._store(p) for p in rider_files(20)]
         series_uid = pydicom.dcmread(self.ct_files[0], stop_before_pixels=True).SeriesInstanceUID
-        self.jobs.associations_ended([series_uid], released=True)
+        associations = Associations(self.db, "listener")
+        associations.delivering("assoc", series_uid)
+        associations.ended("assoc", released=True)
         self.worker = Worker(self.settings, self.spool, self.jobs, Metrics(),
                              [MeanIntensityPipeline()], write_all, set)
         self.worker.close_complete_series()
@@ -52,8 +55,8 @@ class State:
         return self.db.connection().execute(sql).fetchone()[0]
 
 
-def test_dry_run_reports_and_removes_nothing(tmp_path: Path):
-    state = State(tmp_path)
+def test_dry_run_reports_and_removes_nothing(tmp_path: Path, db: Database):
+    state = State(tmp_path, db)
     report = purge(state.settings, state.db, dry_run=True, at=time.time() + 8 * DAY)
     assert report.files == {"spool": 20, "rejected": 1, "results": 2}
     assert report.summary().startswith("would remove 20 spool file(s)")
@@ -62,8 +65,8 @@ def test_dry_run_reports_and_removes_nothing(tmp_path: Path):
     assert state.count("SELECT COUNT(*) FROM rejected_instances") == 1
 
 
-def test_expired_files_then_rows_go_and_open_series_stay(tmp_path: Path):
-    state = State(tmp_path)
+def test_expired_files_then_rows_go_and_open_series_stay(tmp_path: Path, db: Database):
+    state = State(tmp_path, db)
     report = purge(state.settings, state.db, at=time.time() + 8 * DAY)
     assert report.files == {"spool": 20, "rejected": 1, "results": 2}
     assert not any(p.exists() for p in state.ct_files)

@@ -8,11 +8,15 @@
        '----------------------------------->  rejected     (selection rules, or the sender
                                                             broke off and did not resend)
 
-Every claim counts an attempt. A job the process died on (out of memory, a crash) is still
-'running' at the next start: below the attempt cap it is queued again, at the cap it is
-quarantined with its reason, so that one poisonous series cannot crash the node for ever.
-`covid-plugin requeue ID` gives a quarantined or failed job fresh attempts. The move to 'done'
-and the outbox rows it creates are one transaction, so a job is finished exactly once.
+Every claim counts an attempt and leases the job to its worker (`lease_s`, renewed while it
+runs). A job whose worker died (out of memory, a crash, kill -9, a lost machine) keeps its
+lease until it expires; then `expire_leases` queues it again below the attempt cap and
+quarantines it at the cap, with its reason, so that one poisonous series cannot crash the
+workers for ever. (The embedded single-process node instead calls `requeue_interrupted` at
+start: every 'running' job is then its own.) `covid-plugin requeue ID` gives a quarantined or
+failed job fresh attempts. The move to 'done' and the outbox rows it creates are one
+transaction that only the lease holder can make, so a job is finished exactly once even when a
+worker thought dead comes back: its `finish` raises LeaseLost and sends nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ from covid_plugin.store.db import Database, now
 log = logging.getLogger(__name__)
 
 ENDED_STATES = ("done", "failed", "rejected", "quarantined", "superseded")
+
+
+class LeaseLost(RuntimeError):
+    """The job's lease expired and the job went back to the queue (or to another worker):
+    this worker's outcome is not recorded, and the results it made are not sent."""
 
 
 @dataclass(frozen=True)
@@ -92,16 +101,31 @@ _JOB_COLUMNS = ("j.id, j.series_uid, j.state, j.attempts, j.reason, j.updated_at
                 "s.calling_ae, s.modality")
 
 
+def _holding(owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """SQL condition and argument: `owner` holds the job's lease (nothing when None)."""
+    return ("", ()) if owner is None else (" AND lease_owner = ?", (owner,))
+
+
 def _job(row) -> Job:
     return Job(row["id"], row["series_uid"], row["state"], row["attempts"], row["calling_ae"],
                row["modality"], row["reason"], row["updated_at"])
 
 
+def _busy(job: str) -> str:
+    """SQL: the series of job `job` has a run in progress, or a newer run still to come (a
+    queued run would only process fewer instances than it)."""
+    return (f"EXISTS (SELECT 1 FROM jobs o WHERE o.series_uid = {job}.series_uid "
+            f"AND o.id != {job}.id AND (o.state = 'running' "
+            f"OR (o.id > {job}.id AND o.state IN ('received', 'queued'))))")
+
+
 class JobQueue:
-    def __init__(self, db: Database, max_attempts: int = 3, retry_after_s: float = 60.0) -> None:
+    def __init__(self, db: Database, max_attempts: int = 3, retry_after_s: float = 60.0,
+                 lease_s: float = 60.0) -> None:
         self.db = db
         self.max_attempts = max_attempts
         self.retry_after_s = retry_after_s
+        self.lease_s = lease_s
 
     def open_series(self) -> list[SeriesRecord]:
         """Series with a job still collecting instances."""
@@ -120,17 +144,6 @@ class JobQueue:
             )
             for r in rows
         ]
-
-    def associations_ended(self, series_uids: Iterable[str], released: bool) -> None:
-        """Record how an association that delivered to these series ended (listener side)."""
-        column = "released_at" if released else "interrupted_at"
-        uids = list(series_uids)
-        if not uids:
-            return
-        t = now()
-        with self.db.transaction() as conn:
-            conn.executemany(f"UPDATE series SET {column} = ? WHERE series_uid = ?",
-                             [(t, uid) for uid in uids])
 
     def close(self, job_id: int, reason: str | None) -> None:
         """End collection: queue the job, or reject it with `reason`.
@@ -156,44 +169,81 @@ class JobQueue:
                      t, job_id, job_id),
                 )
 
-    def claim(self) -> Job | None:
-        """Take the next queued job; SKIP LOCKED's role is played by SQLite's write lock.
+    def claim(self, owner: str) -> Job | None:
+        """Take the next queued job and lease it to `owner` for `lease_s`.
 
         Fresh jobs go before jobs already tried, so that a job that keeps failing does not
         hold up the queue; a series with a run in progress, or a newer run still collecting,
-        waits for it.
+        waits for it. On SQLite the write lock makes claims one at a time. On PostgreSQL
+        concurrent claimers skip each other's candidate rows (SKIP LOCKED), and a candidate
+        is only taken under its series' advisory lock, after re-checking that no other run
+        of the series is running: two claims that picked two runs of one series from the
+        same snapshot cannot both start theirs.
         """
         t = now()
+        tried: list[int] = []
         with self.db.transaction() as conn:
-            row = conn.execute(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ? "
-                "WHERE id = (SELECT j.id FROM jobs j WHERE j.state = 'queued' "
-                "AND j.not_before <= ? AND NOT EXISTS (SELECT 1 FROM jobs o "
-                "WHERE o.series_uid = j.series_uid AND o.id != j.id AND (o.state = 'running' "
-                "OR (o.id > j.id AND o.state IN ('received', 'queued')))) "
-                "ORDER BY j.attempts, j.id LIMIT 1) RETURNING id",
-                (t, t),
-            ).fetchone()
-            if row is None:
-                return None
+            while True:
+                skip = f"AND j.id NOT IN ({','.join('?' * len(tried))}) " if tried else ""
+                candidate = conn.execute(
+                    "SELECT j.id, j.series_uid FROM jobs j WHERE j.state = 'queued' "
+                    f"AND j.not_before <= ? AND NOT {_busy('j')} {skip}"
+                    f"ORDER BY j.attempts, j.id LIMIT 1{self.db.skip_locked}",
+                    (t, *tried),
+                ).fetchone()
+                if candidate is None:
+                    return None
+                tried.append(candidate["id"])
+                if not self.db.try_lock(conn, f"series {candidate['series_uid']}"):
+                    continue  # another claim is deciding about this series right now
+                row = conn.execute(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ?, "
+                    "lease_owner = ?, lease_expires_at = ? "
+                    f"WHERE id = ? AND state = 'queued' AND NOT {_busy('jobs')} RETURNING id",
+                    (t, owner, t + self.lease_s, candidate["id"]),
+                ).fetchone()
+                if row is not None:
+                    break
             job = conn.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_uid) "
                 "WHERE j.id = ?", (row["id"],)
             ).fetchone()
         return _job(job)
 
+    def renew(self, job_id: int, owner: str) -> bool:
+        """Extend `owner`'s lease on a running job by `lease_s` from now; False when the
+        owner no longer holds it (it expired and the job was queued again or taken over):
+        the worker should then stop working on it."""
+        t = now()
+        with self.db.transaction() as conn:
+            return conn.execute(
+                "UPDATE jobs SET lease_expires_at = ? "
+                "WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                (t + self.lease_s, job_id, owner),
+            ).rowcount > 0
+
     def finish(self, job_id: int, deliveries: Iterable[Delivery], note: str | None = None,
-               reports: Iterable[ReportRef] = (), supersedes: int | None = None) -> None:
-        """Mark done, record its reports and queue its results for export, atomically."""
+               reports: Iterable[ReportRef] = (), supersedes: int | None = None,
+               owner: str | None = None) -> None:
+        """Mark done, record its reports and queue its results for export, atomically.
+
+        With `owner`, only while that owner still holds the job's lease (an expired lease
+        not yet taken by anyone still counts: nobody else ran the job); otherwise raises
+        LeaseLost and creates no outbox row.
+        """
         t = now()
         kept = json.dumps([vars(r) for r in reports])
+        held, args = _holding(owner)
         with self.db.transaction() as conn:
             updated = conn.execute(
                 "UPDATE jobs SET state = 'done', reason = ?, updated_at = ?, supersedes = ?, "
-                "reports = ? WHERE id = ? AND state = 'running'",
-                (note, t, supersedes, kept, job_id),
+                f"reports = ? WHERE id = ? AND state = 'running'{held}",
+                (note, t, supersedes, kept, job_id, *args),
             ).rowcount
             if not updated:
+                if owner is not None:
+                    raise LeaseLost(f"job {job_id}: {owner} no longer holds its lease; "
+                                    "its results are not sent")
                 raise RuntimeError(f"job {job_id} is not running; refusing to finish it twice")
             conn.executemany(
                 "INSERT INTO outbox (job_id, path, sop_instance_uid, dest_ae, dest_host, "
@@ -203,19 +253,26 @@ class JobQueue:
                   d.dest_url, t, t, t) for d in deliveries],
             )
 
-    def fail(self, job_id: int, reason: str) -> None:
-        self._end(job_id, "failed", reason)
+    def fail(self, job_id: int, reason: str, owner: str | None = None) -> bool:
+        """Returns False (and changes nothing) when `owner` no longer holds the lease."""
+        return self._end(job_id, "failed", reason, owner)
 
-    def skip(self, job_id: int, reason: str) -> None:
+    def skip(self, job_id: int, reason: str, owner: str | None = None) -> bool:
         """A pipeline declined the series (a lateral film, say): rejected, with why."""
-        self._end(job_id, "rejected", reason)
+        return self._end(job_id, "rejected", reason, owner)
 
-    def retry_later(self, job_id: int, reason: str) -> str:
+    def retry_later(self, job_id: int, reason: str, owner: str | None = None) -> str | None:
         """The node, not the series, was at fault (disk full): queue it again after a pause,
-        or quarantine it at the attempt cap. Returns the new state."""
+        or quarantine it at the attempt cap. Returns the new state, or None when `owner` no
+        longer holds the lease (nothing changed)."""
         t = now()
+        held, args = _holding(owner)
+        guard = f" AND state = 'running'{held}" if owner is not None else ""
         with self.db.transaction() as conn:
-            row = conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute(f"SELECT attempts FROM jobs WHERE id = ?{guard}",
+                               (job_id, *args)).fetchone()
+            if row is None:
+                return None
             if row["attempts"] >= self.max_attempts:
                 state = "quarantined"
                 why = f"quarantined after {row['attempts']} attempts: {reason}"
@@ -223,27 +280,61 @@ class JobQueue:
                 state, why = "queued", f"will retry: {reason}"
             conn.execute(
                 "UPDATE jobs SET state = ?, reason = ?, not_before = ?, updated_at = ? "
-                "WHERE id = ? AND state = 'running'",
-                (state, why, t + self.retry_after_s, t, job_id),
+                f"WHERE id = ? AND state = 'running'{held}",
+                (state, why, t + self.retry_after_s, t, job_id, *args),
             )
         return state
 
-    def _end(self, job_id: int, state: str, reason: str) -> None:
+    def _end(self, job_id: int, state: str, reason: str, owner: str | None) -> bool:
+        held, args = _holding(owner)
+        guard = f" AND state = 'running'{held}" if owner is not None else ""
         with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
-                (state, reason, now(), job_id),
-            )
+            return conn.execute(
+                f"UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ?{guard}",
+                (state, reason, now(), job_id, *args),
+            ).rowcount > 0
 
-    def requeue_interrupted(self) -> int:
-        """At start: jobs a killed process left 'running' are queued again, unless they have
-        had their attempts: those are quarantined. Returns how many were queued again."""
+    def expire_leases(self) -> int:
+        """Running jobs whose lease expired (their worker stopped, was killed or lost its
+        machine): queued again, or quarantined at the attempt cap. Any worker may call it,
+        every round. Returns how many were queued again."""
         t = now()
         with self.db.transaction() as conn:
             quarantined = conn.execute(
                 "UPDATE jobs SET state = 'quarantined', updated_at = ?, reason = "
-                "'quarantined after ' || attempts || ' attempts: the node stopped while "
-                "running it each time (a crash or out of memory?)' "
+                "'quarantined after ' || CAST(attempts AS TEXT) || ' attempts: the worker "
+                "running it stopped or was lost each time (its lease expired; a crash or out "
+                "of memory?)' WHERE state = 'running' AND lease_expires_at < ? "
+                "AND attempts >= ? RETURNING id, series_uid, lease_owner",
+                (t, t, self.max_attempts),
+            ).fetchall()
+            requeued = conn.execute(
+                "UPDATE jobs SET state = 'queued', updated_at = ?, reason = "
+                "'the lease of ' || lease_owner || ' expired (the worker stopped or was lost); "
+                "queued again' WHERE state = 'running' AND lease_expires_at < ? "
+                "RETURNING id, series_uid, lease_owner",
+                (t, t),
+            ).fetchall()
+        for row in quarantined:
+            log.error("job %d (series %s) quarantined: its worker (last %s) was lost while "
+                      "running it %d times", row["id"], row["series_uid"], row["lease_owner"],
+                      self.max_attempts)
+        for row in requeued:
+            log.warning("job %d (series %s) queued again: the lease of %s expired", row["id"],
+                        row["series_uid"], row["lease_owner"])
+        return len(requeued)
+
+    def requeue_interrupted(self) -> int:
+        """At the start of the embedded single-process node: jobs a killed process left
+        'running' are queued again, unless they have had their attempts: those are
+        quarantined. Returns how many were queued again. Not for a worker sharing the queue
+        with others (it would take their running jobs): those rely on `expire_leases`."""
+        t = now()
+        with self.db.transaction() as conn:
+            quarantined = conn.execute(
+                "UPDATE jobs SET state = 'quarantined', updated_at = ?, reason = "
+                "'quarantined after ' || CAST(attempts AS TEXT) || ' attempts: the node stopped "
+                "while running it each time (a crash or out of memory?)' "
                 "WHERE state = 'running' AND attempts >= ? RETURNING id, series_uid",
                 (t, self.max_attempts),
             ).fetchall()

@@ -3,14 +3,23 @@
 Backoff doubles after each failed attempt (capped); after `max_attempts` the item is 'dead'
 until someone runs `covid-plugin retry`, so a destination that is down for a weekend loses
 nothing and does not make the node hammer it.
+
+Senders `claim` due items under a lease, so that several sender processes never send one item
+at the same time (SKIP LOCKED on PostgreSQL). Delivery is at least once: a sender killed after
+the peer stored an item but before `mark_sent` leaves it pending, and once its lease expires
+another sender sends it again. The peer then receives the same object twice, with the same
+SOP Instance UID, which a PACS stores once.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from covid_plugin.store.db import Database, now
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,33 +61,61 @@ class Outbox:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
 
-    def due(self, limit: int = 100) -> list[OutboxItem]:
-        rows = self.db.connection().execute(
-            "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
-            "ORDER BY id LIMIT ?",
-            (now(), limit),
-        ).fetchall()
-        return [_item(r) for r in rows]
-
-    def mark_sent(self, item_id: int) -> None:
-        with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, last_error = NULL, "
-                "updated_at = ? WHERE id = ?",
-                (now(), item_id),
-            )
-
-    def mark_failed(self, item_id: int, error: str) -> str:
-        """Record a failed attempt; returns the new state ('pending' or 'dead')."""
+    def claim(self, owner: str, limit: int = 100, lease_s: float = 120.0) -> list[OutboxItem]:
+        """Up to `limit` due pending items no other sender holds, leased to `owner` for
+        `lease_s` (longer than one delivery round may take), oldest first."""
         t = now()
         with self.db.transaction() as conn:
-            row = conn.execute("SELECT attempts FROM outbox WHERE id = ?", (item_id,)).fetchone()
+            rows = conn.execute(
+                "UPDATE outbox SET lease_owner = ?, lease_expires_at = ? WHERE id IN "
+                "(SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
+                "AND (lease_expires_at IS NULL OR lease_expires_at < ?) "
+                f"ORDER BY id LIMIT ?{self.db.skip_locked}) RETURNING *",
+                (owner, t + lease_s, t, t, limit),
+            ).fetchall()
+        return sorted((_item(r) for r in rows), key=lambda item: item.id)
+
+    def release_leases(self) -> int:
+        """At the start of the embedded single-process node: the leases its killed
+        predecessor held are dropped, so that those items go out now rather than when the
+        leases expire. Not for a sender sharing the outbox with others."""
+        with self.db.transaction() as conn:
+            return conn.execute(
+                "UPDATE outbox SET lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE lease_owner IS NOT NULL AND state = 'pending'"
+            ).rowcount
+
+    def mark_sent(self, item_id: int, owner: str | None = None) -> None:
+        """The peer has it: recorded whoever holds the lease now (it is true either way);
+        when `owner` lost its lease meanwhile, another sender may be sending it again."""
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT lease_owner FROM outbox WHERE id = ?",
+                               (item_id,)).fetchone()
+            conn.execute(
+                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, last_error = NULL, "
+                "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+                (now(), item_id),
+            )
+        if owner is not None and row is not None and row["lease_owner"] not in (owner, None):
+            log.warning("outbox item %d was sent by %s after its lease passed to %s: it may "
+                        "be sent twice", item_id, owner, row["lease_owner"])
+
+    def mark_failed(self, item_id: int, error: str, owner: str | None = None) -> str | None:
+        """Record a failed attempt; returns the new state ('pending' or 'dead'), or None when
+        `owner` no longer holds the item's lease (another sender's attempt counts instead)."""
+        t = now()
+        held = "" if owner is None else " AND lease_owner = ?"
+        with self.db.transaction() as conn:
+            row = conn.execute(f"SELECT attempts FROM outbox WHERE id = ?{held}",
+                               (item_id, *(() if owner is None else (owner,)))).fetchone()
+            if row is None:
+                return None
             attempts = row["attempts"] + 1
             state = "dead" if attempts >= self.max_attempts else "pending"
             delay = min(self.backoff_base_s * 2 ** (attempts - 1), self.backoff_max_s)
             conn.execute(
                 "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, next_attempt_at = ?, "
-                "updated_at = ? WHERE id = ?",
+                "lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?",
                 (state, attempts, error[:500], t + delay, t, item_id),
             )
         return state

@@ -100,8 +100,9 @@ def _spool_candidates(db: Database) -> list[_Candidate]:
                     return
                 conn.executemany("DELETE FROM instances WHERE sop_instance_uid = ?",
                                  [(u,) for u in uids])
-                conn.execute("UPDATE series SET n_instances = MAX(0, n_instances - ?) "
-                             "WHERE series_uid = ?", (len(uids), uid))
+                conn.execute("UPDATE series SET n_instances = CASE WHEN n_instances > ? "
+                             "THEN n_instances - ? ELSE 0 END WHERE series_uid = ?",
+                             (len(uids), len(uids), uid))
             for path in paths:
                 path.unlink(missing_ok=True)
             for folder in {p.parent for p in paths}:
@@ -152,29 +153,46 @@ def _purge_rows(db: Database, cutoff: float, dry_run: bool) -> dict[str, int]:
     jobs_sql = (f"SELECT id FROM jobs j WHERE state IN {_ENDED} AND updated_at < ? AND NOT "
                 "EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending')")
     counts: dict[str, int] = {}
-    with db.transaction() as conn:
-        for table, sql in (
-            ("outbox", f"DELETE FROM outbox WHERE job_id IN ({jobs_sql})"),
-            ("jobs", f"DELETE FROM jobs WHERE id IN ({jobs_sql})"),
-        ):
-            counts[table] = conn.execute(sql, (cutoff,)).rowcount
-        counts["series"] = conn.execute(
-            "DELETE FROM series WHERE n_instances = 0 AND NOT EXISTS "
-            "(SELECT 1 FROM jobs j WHERE j.series_uid = series.series_uid) AND NOT EXISTS "
-            "(SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)"
-        ).rowcount
-        counts["rejected_instances"] = conn.execute(
-            "DELETE FROM rejected_instances WHERE received_at < ? AND path IS NULL", (cutoff,)
-        ).rowcount
-        if dry_run:  # count inside the transaction, then undo
-            conn.execute("ROLLBACK")
-            conn.execute("BEGIN")
+    try:
+        with db.transaction() as conn:
+            _delete_rows(conn, jobs_sql, cutoff, counts)
+            if dry_run:  # counted inside the transaction: undo it
+                raise _DryRun
+    except _DryRun:
+        pass
     return counts
+
+
+class _DryRun(Exception):
+    """Rolls a dry run's transaction back."""
+
+
+def _delete_rows(conn, jobs_sql: str, cutoff: float, counts: dict[str, int]) -> None:
+    """The deletions of _purge_rows, counted per table into `counts`."""
+    for table, sql in (
+        ("outbox", f"DELETE FROM outbox WHERE job_id IN ({jobs_sql})"),
+        ("jobs", f"DELETE FROM jobs WHERE id IN ({jobs_sql})"),
+    ):
+        counts[table] = conn.execute(sql, (cutoff,)).rowcount
+    counts["series"] = conn.execute(
+        "DELETE FROM series WHERE n_instances = 0 AND NOT EXISTS "
+        "(SELECT 1 FROM jobs j WHERE j.series_uid = series.series_uid) AND NOT EXISTS "
+        "(SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)"
+    ).rowcount
+    counts["rejected_instances"] = conn.execute(
+        "DELETE FROM rejected_instances WHERE received_at < ? AND path IS NULL", (cutoff,)
+    ).rowcount
 
 
 def purge(settings: Settings, db: Database, dry_run: bool = False,
           at: float | None = None) -> PurgeReport:
-    """Apply the retention policy at time `at` (default now)."""
+    """Apply the retention policy at time `at` (default now). Processes sharing a PostgreSQL
+    database purge one at a time (the next one waits, then finds what is left)."""
+    with db.exclusive("covid_plugin.purge"):
+        return _purge(settings, db, dry_run, at)
+
+
+def _purge(settings: Settings, db: Database, dry_run: bool, at: float | None) -> PurgeReport:
     policy, t = settings.retention, now() if at is None else at
     report = PurgeReport(dry_run=dry_run)
     days = {"spool": policy.spool_days, "rejected": policy.rejected_days,

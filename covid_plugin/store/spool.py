@@ -99,19 +99,20 @@ class Spool:
         _fsync_dir(final.parent)
 
     def contains(self, sop_instance_uid: str) -> bool:
+        """Whether the index holds the instance (start-up recovery asks, per file)."""
         row = self.db.connection().execute(
             "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
         ).fetchone()
         return row is not None
 
     def store(self, header: InstanceHeader, data: bytes, calling_ae: str) -> StoredInstance:
-        """Make one instance durable and indexed; a SOP Instance UID already held is kept once.
+        """Make one instance durable and indexed; a SOP Instance UID already held is indexed
+        once (the insert's conflict decides, without a look-up first: a resend is rare, a
+        look-up per instance is not). A resent copy replaces the file's bytes atomically.
 
         Raises OSError when the disk cannot take it (the caller answers 'out of resources').
         """
         final = self.path_for(header)
-        if self.contains(header.sop_instance_uid):
-            return StoredInstance(header.sop_instance_uid, final, is_new=False)
         self._write_durably(data, final)
         is_new = self._index(header, final, len(data), calling_ae)
         return StoredInstance(header.sop_instance_uid, final, is_new)
@@ -120,9 +121,9 @@ class Spool:
         t = now()
         with self.db.transaction() as conn:
             inserted = conn.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, series_uid, "
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, "
                 "study_uid, transfer_syntax, path, size, calling_ae, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (header.sop_instance_uid, header.sop_class_uid, header.series_uid,
                  header.study_uid, header.transfer_syntax, str(path), size, calling_ae, t),
             ).rowcount
@@ -132,14 +133,16 @@ class Spool:
                 "INSERT INTO series (series_uid, study_uid, modality, sop_class_uid, body_part, "
                 "description, image_type, calling_ae, n_instances, first_at, last_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) "
-                "ON CONFLICT(series_uid) DO UPDATE SET n_instances = n_instances + 1, "
+                "ON CONFLICT (series_uid) DO UPDATE SET n_instances = series.n_instances + 1, "
                 "last_at = excluded.last_at",
                 (header.series_uid, header.study_uid, header.modality, header.sop_class_uid,
                  header.body_part,
                  header.description, header.image_type, calling_ae, t, t),
             )
             # one open ('received') job per series; instances arriving after a series was
-            # queued open a new job, so late slices are not silently ignored
+            # queued open a new job, so late slices are not silently ignored. On PostgreSQL
+            # the upsert above holds the series row until the commit, so two listeners
+            # storing to one series get here one after the other and open one job.
             conn.execute(
                 "INSERT INTO jobs (series_uid, state, created_at, updated_at) "
                 "SELECT ?, 'received', ?, ? WHERE NOT EXISTS "

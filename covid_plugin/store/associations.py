@@ -1,0 +1,118 @@
+"""Open associations, kept in the database so that series completion does not depend on one
+listener's memory.
+
+A series is complete when no association is still delivering to it and it has been quiet for
+the quiet period (series.py decides). With several listeners (two behind one address, or a
+study sent over two associations to two listeners) only the database sees every open
+association. Each listener records the associations delivering to a series and how each
+ended (`series.released_at`, `series.interrupted_at`), and keeps a heartbeat. A listener that
+stops without saying so (kill -9, a lost machine) stops its heartbeat; after `stale_after_s`
+any process's `reap` ends its associations as interrupted, so their series are neither held
+open for ever nor taken as complete.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from covid_plugin.store.db import Database, now
+
+log = logging.getLogger(__name__)
+
+
+class Associations:
+    """The open associations of one listener (`listener`: a name unique among the listeners
+    sharing the database, e.g. host:pid), and the view of all of them that workers need."""
+
+    def __init__(self, db: Database, listener: str, stale_after_s: float = 30.0) -> None:
+        self.db = db
+        self.listener = listener
+        self.stale_after_s = stale_after_s
+
+    def heartbeat(self) -> None:
+        """This listener is alive (call it every few seconds, well within stale_after_s)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO listeners (listener, heartbeat_at) VALUES (?, ?) "
+                "ON CONFLICT (listener) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (self.listener, now()),
+            )
+
+    def delivering(self, assoc: str, series_uid: str) -> None:
+        """Association `assoc` (unique among this listener's associations, e.g. a UUID)
+        delivers to `series_uid`: call it before the first instance of the series on that
+        association is stored, so that the series cannot look complete in between."""
+        t = now()
+        with self.db.transaction() as conn:
+            # an open association always has its listener's row, so that reap finds it
+            conn.execute("INSERT INTO listeners (listener, heartbeat_at) VALUES (?, ?) "
+                         "ON CONFLICT (listener) DO NOTHING", (self.listener, t))
+            conn.execute(
+                "INSERT INTO open_associations (assoc, series_uid, listener, opened_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (assoc, series_uid) DO NOTHING",
+                (assoc, series_uid, self.listener, t),
+            )
+
+    def ended(self, assoc: str, released: bool) -> None:
+        """Association `assoc` ended: released normally, or aborted or lost. Its series
+        record when (a series whose last instance came after its last clean release may be
+        partial) and it is forgotten, in one transaction; a second call does nothing."""
+        column = "released_at" if released else "interrupted_at"
+        with self.db.transaction() as conn:
+            conn.execute(
+                f"UPDATE series SET {column} = ? WHERE series_uid IN (SELECT series_uid FROM "
+                "open_associations WHERE assoc = ? AND listener = ?)",
+                (now(), assoc, self.listener),
+            )
+            conn.execute("DELETE FROM open_associations WHERE assoc = ? AND listener = ?",
+                         (assoc, self.listener))
+
+    def active_series(self) -> set[str]:
+        """Series an open association on a live listener is delivering to."""
+        rows = self.db.connection().execute(
+            "SELECT DISTINCT o.series_uid FROM open_associations o "
+            "JOIN listeners l ON l.listener = o.listener WHERE l.heartbeat_at >= ?",
+            (now() - self.stale_after_s,),
+        ).fetchall()
+        return {r["series_uid"] for r in rows}
+
+    def reap(self) -> int:
+        """Listeners silent for longer than stale_after_s were killed or lost: their open
+        associations end as interrupted at the listener's last heartbeat, and the listener
+        is forgotten. Any process may call it; returns how many associations it ended."""
+        with self.db.transaction() as conn:
+            stale = conn.execute(
+                "SELECT listener, heartbeat_at FROM listeners WHERE heartbeat_at < ?"
+                f"{self.db.skip_locked}",
+                (now() - self.stale_after_s,),
+            ).fetchall()
+            ended = 0
+            for row in stale:
+                ended += self._end_all(conn, row["listener"], row["heartbeat_at"])
+        for row in stale:
+            log.warning("listener %s silent since %.0f s: its open associations ended as "
+                        "interrupted", row["listener"], now() - row["heartbeat_at"])
+        return ended
+
+    def leave(self) -> None:
+        """A clean stop of this listener: associations still open end as interrupted."""
+        with self.db.transaction() as conn:
+            self._end_all(conn, self.listener, now())
+
+    @staticmethod
+    def _end_all(conn, listener: str, at: float) -> int:
+        # never moves an interruption back: a later one must keep the series from looking
+        # delivered cleanly
+        conn.execute(
+            "UPDATE series SET interrupted_at = CASE WHEN interrupted_at > ? THEN "
+            "interrupted_at ELSE ? END WHERE series_uid IN "
+            "(SELECT series_uid FROM open_associations WHERE listener = ?)",
+            (at, at, listener),
+        )
+        ended = conn.execute(
+            "SELECT COUNT(DISTINCT assoc) FROM open_associations WHERE listener = ?",
+            (listener,),
+        ).fetchone()[0]
+        conn.execute("DELETE FROM open_associations WHERE listener = ?", (listener,))
+        conn.execute("DELETE FROM listeners WHERE listener = ?", (listener,))
+        return ended
