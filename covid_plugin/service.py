@@ -176,7 +176,8 @@ class Node:
 
     def start(self) -> None:
         if self.listens:
-            recovered = self.spool.recover()
+            # on a shared spool, other listeners' transfers in progress have temp files too
+            recovered = self.spool.recover(keep_parts_younger_than_s=3600 if self.shared else 0)
             if recovered:
                 log.info("start-up recovery: %d spooled instances indexed", recovered)
         if self.works:

@@ -249,7 +249,8 @@ class Worker:
                 reason = rejection_reason(series, self.settings.selection)
             if reason is None and series.modality not in self._pipelines:
                 reason = f"no pipeline for modality {series.modality}"
-            self.jobs.close(series.job_id, reason)
+            if not self.jobs.close(series.job_id, reason):
+                continue  # another worker closed it a moment ago
             closed += 1
             if reason:
                 self.metrics.series_rejected.inc()

@@ -152,6 +152,7 @@ def test_connection_closed_before_the_released_event_still_counts_as_released(tm
     from covid_plugin.instance import read_header
     from covid_plugin.node.scp import StorageSCP
     from covid_plugin.observability import Metrics
+    from covid_plugin.store.associations import Associations
     from covid_plugin.store.db import SQLiteDatabase
     from covid_plugin.store.spool import Spool
 
@@ -161,7 +162,7 @@ def test_connection_closed_before_the_released_event_still_counts_as_released(tm
     data = rider_files(1)[0].read_bytes()
     header = read_header(data)
     spool.store(header, data, "PACS")
-    scp = StorageSCP(settings, spool, Metrics())
+    scp = StorageSCP(settings, spool, Metrics(), Associations(db, "listener"))
 
     def state() -> tuple[float | None, float | None]:
         return tuple(db.connection().execute(
@@ -171,8 +172,7 @@ def test_connection_closed_before_the_released_event_still_counts_as_released(tm
     for order in ([release, (evt.EVT_CONN_CLOSE, {}), (evt.EVT_RELEASED, {})],
                   [release, (evt.EVT_RELEASED, {}), (evt.EVT_CONN_CLOSE, {})]):
         assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
-        scp._active[id(assoc)].add(header.series_uid)
-        scp._associations.delivering(str(id(assoc)), header.series_uid)
+        scp._delivering(assoc, header.series_uid)
         for event, attrs in order:
             {evt.EVT_PDU_RECV: scp._on_pdu, evt.EVT_CONN_CLOSE: scp._on_conn_close,
              evt.EVT_RELEASED: scp._on_released}[event](evt.Event(assoc, event, attrs))
@@ -182,7 +182,6 @@ def test_connection_closed_before_the_released_event_still_counts_as_released(tm
             conn.execute("UPDATE series SET released_at = NULL")
     # a connection that closes without a release request is a broken-off transfer
     assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
-    scp._active[id(assoc)].add(header.series_uid)
-    scp._associations.delivering(str(id(assoc)), header.series_uid)
+    scp._delivering(assoc, header.series_uid)
     scp._on_conn_close(evt.Event(assoc, evt.EVT_CONN_CLOSE, {}))
     assert state()[1] is not None

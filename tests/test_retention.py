@@ -85,7 +85,7 @@ def test_results_waiting_to_be_sent_are_kept(tmp_path: Path):
                                            "port": 9}])
     assert state.count("SELECT COUNT(*) FROM outbox WHERE state = 'pending'") == 2
     purge(state.settings, state.db, at=time.time() + 400 * DAY)
-    assert len(list(state.results.iterdir())) == 2
+    assert len(list(state.results.glob("*/*"))) == 2  # results/<job>/<attempt>/
     assert state.count("SELECT COUNT(*) FROM jobs") == 2
 
 

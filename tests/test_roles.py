@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,9 @@ import torch
 from covid_plugin.cli import _settings, build_parser, main
 from covid_plugin.config import ConfigError, Settings, load_settings
 from covid_plugin.ml.device import resolve_device
+from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.lock import DataDirInUse, DataDirLock
+from covid_plugin.store.spool import Spool
 from covid_plugin.worker import Worker
 
 
@@ -72,3 +76,29 @@ def test_processes_sharing_a_database_share_the_data_dir_and_keep_an_embedded_no
     with pytest.raises(DataDirInUse):
         DataDirLock(tmp_path, shared=True).acquire()
     alone.release()
+
+
+def test_a_shared_spool_keeps_another_listeners_transfer_in_progress(tmp_path: Path, db):
+    spool = Spool(tmp_path / "spool", db)
+    fresh = spool.root / "tmp" / "other-listener.part"
+    stale = spool.root / "tmp" / "crashed-long-ago.part"
+    fresh.write_bytes(b"half an instance")
+    stale.write_bytes(b"half an instance")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    spool.recover(keep_parts_younger_than_s=3600)
+    assert fresh.exists() and not stale.exists()
+    spool.recover()  # alone on the spool (embedded node): every temp file is a leftover
+    assert not fresh.exists()
+
+
+def test_only_one_of_several_workers_closes_a_series(db):
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO series (series_uid, study_uid, modality, sop_class_uid, "
+                     "body_part, description, image_type, calling_ae, n_instances, first_at, "
+                     "last_at) VALUES ('1.1', '1', 'CT', '', '', '', '', 'A', 30, 0, 0)")
+        conn.execute("INSERT INTO jobs (series_uid, state, created_at, updated_at) "
+                     "VALUES ('1.1', 'received', 0, 0)")
+    first, second = JobQueue(db), JobQueue(db)
+    assert first.close(1, None) is True
+    assert second.close(1, "selection rules") is False
+    assert [(j.state, j.reason) for j in first.all()] == [("queued", None)]

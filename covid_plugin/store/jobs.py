@@ -145,8 +145,9 @@ class JobQueue:
             for r in rows
         ]
 
-    def close(self, job_id: int, reason: str | None) -> None:
-        """End collection: queue the job, or reject it with `reason`.
+    def close(self, job_id: int, reason: str | None) -> bool:
+        """End collection: queue the job, or reject it with `reason`. False when another
+        worker closed it first (every worker decides completion from the same rows).
 
         Queuing a newer run of a series supersedes an older run that is still waiting in the
         queue: it would only process fewer instances of the same series.
@@ -154,13 +155,13 @@ class JobQueue:
         state = "queued" if reason is None else "rejected"
         t = now()
         with self.db.transaction() as conn:
-            conn.execute(
+            closed = conn.execute(
                 "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, n_instances_at_queue = "
                 "(SELECT n_instances FROM series WHERE series_uid = jobs.series_uid) "
                 "WHERE id = ? AND state = 'received'",
                 (state, reason, t, job_id),
-            )
-            if state == "queued":
+            ).rowcount
+            if closed and state == "queued":
                 conn.execute(
                     "UPDATE jobs SET state = 'superseded', reason = ?, updated_at = ? "
                     "WHERE state = 'queued' AND id < ? "
@@ -168,6 +169,7 @@ class JobQueue:
                     (f"more instances arrived before it ran; job {job_id} runs instead",
                      t, job_id, job_id),
                 )
+        return bool(closed)
 
     def claim(self, owner: str) -> Job | None:
         """Take the next queued job and lease it to `owner` for `lease_s`.

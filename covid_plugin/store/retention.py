@@ -142,7 +142,7 @@ def _results_candidates(db: Database, results_dir: Path) -> list[_Candidate]:
         folder = results_dir / str(row["id"])
         if not folder.is_dir():
             continue
-        files, size = _size([p for p in folder.iterdir() if p.is_file()])
+        files, size = _size([p for p in folder.rglob("*") if p.is_file()])  # <attempt>/
         out.append(_Candidate("results", row["updated_at"], files, size,
                               lambda folder=folder: shutil.rmtree(folder, ignore_errors=True)))
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,10 +170,19 @@ class Spool:
             log.exception("could not record rejected instance %s", sop_uid)
         return path
 
-    def recover(self) -> int:
-        """At start: drop partial temp files and index spooled files the index lacks."""
+    def recover(self, keep_parts_younger_than_s: float = 0.0) -> int:
+        """At start: drop partial temp files and index spooled files the index lacks.
+
+        On a spool that several listeners share, the temp files of the others' transfers in
+        progress are kept: only those older than `keep_parts_younger_than_s` are leftovers.
+        """
+        cutoff = time.time() - keep_parts_younger_than_s
         for part in self._tmp.glob("*.part"):
-            part.unlink(missing_ok=True)
+            try:
+                if keep_parts_younger_than_s <= 0 or part.stat().st_mtime < cutoff:
+                    part.unlink(missing_ok=True)
+            except FileNotFoundError:  # its listener has just renamed it into place
+                continue
         recovered = 0
         for path in self.root.glob("*/*/*.dcm"):
             if self.contains(path.stem):
