@@ -45,7 +45,7 @@ def test_decide_calls_covid_at_the_threshold_not_by_argmax() -> None:
 
 def test_evaluation_scores_with_the_node_rule() -> None:
     """`training evaluate` calls the very function the node calls, film by film."""
-    from training import cxr_eval
+    from training.cxr_classifier import evaluate as cxr_eval
 
     assert cxr_eval.decide is decide
     probs = np.random.default_rng(0).dirichlet(np.ones(3), size=200)

