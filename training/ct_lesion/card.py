@@ -136,7 +136,8 @@ inside the lungs found by `ct-lung`. Weights `{spec.weights}` sha256 `{spec.weig
 {HU_SOURCES}
 ## From real DICOM (HU) to the training domain
 The 8-bit slices have an unpublished window. Estimated against the real HU series
-(`training/ct_window.py`, evidence in `window_calibration.json` and `window_calibration.png`):
+(`training/ct_lesion/window.py`, evidence in `window_calibration.json` and
+`window_calibration.png`):
 - histogram matching of the thorax crops (cropped as the node crops) to the 98 slices:
   **[{window['lower_hu']:.0f}, {window['upper_hu']:.0f}] HU** (centre {window['center']:.0f},
   width {window['width']:.0f}); this is the mapping in `spec.json` → `intensity`.
@@ -196,7 +197,7 @@ Goal was any-lesion Dice >= 0.72: {goal}.
 
 ### Measurement setting: segmentation quality against false positives on normal lungs
 Every candidate (lesion probability p, smallest 3D lesion, smallest mean probability of a kept
-lesion) measured (`training/ct_lesion_tradeoff.py`): MedSeg pooled Dice on the 50 training
+lesion) measured (`training/ct_lesion/tradeoff.py`): MedSeg pooled Dice on the 50 training
 slices (**selection**: MedSeg has no validation split, these are the only non-test slices; the
 network was trained on them, so every candidate's selection Dice is optimistic alike) and on
 the 48 test slices (**reported only**; never used to choose), each MedSeg slice filtered in 2D
@@ -226,7 +227,7 @@ training data, 3D context, vessel-aware training), not another threshold.
 
 **Slice-level detection** (predicted lesion mL per slice vs the radiologists' slice labels on the
 whole COVID-CT-MD series, each patient at the decision's lesion setting (`ct-classifier`)
-chosen without it, `training/ct_lopo.py`):
+chosen without it, `training/common/ct_lopo.py`):
 - the four labelled patients (P001, P002, cap001, cap002): AUC
   {auc_text(detection['labelled_patients'])};
 - with the two normal patients' slices as negatives: AUC
