@@ -16,19 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from covid_plugin.ml.cxr import (
-    CLASS_KEYS,
-    LungCrop,
-    preprocess,
-    to_network_input,
-)
-from training.common.data import (
-    Item,
-    leakage_groups,
-    read_grey,
-    read_manifests,
-    read_pairs,
-)
+from covid_plugin.ml.cxr import CLASS_KEYS, LungCrop, preprocess, to_network_input
+from training.common.data import Item, leakage_groups, read_grey, read_manifests, read_pairs
 
 FOLDERS = ("cxr", "cxr_adult", "cxr_adult_findings")
 # adult NIH films with findings but no 3-class label (effusion, mass, nodule, ...): trained as

@@ -41,13 +41,7 @@ from training.common.metrics import (
     sensitivity_specificity,
 )
 from training.common.paths import REPO
-from training.cxr_classifier.data import (
-    is_adult,
-    load_cache,
-    load_items,
-    other_abnormal,
-    targets,
-)
+from training.cxr_classifier.data import is_adult, load_cache, load_items, other_abnormal, targets
 from training.cxr_classifier.model import predict_logits
 from training.cxr_classifier.options import options
 

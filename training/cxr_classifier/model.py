@@ -6,11 +6,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from covid_plugin.ml.cxr import (
-    CLASS_KEYS,
-    FEATURES,
-    CxrNet,
-)
+from covid_plugin.ml.cxr import CLASS_KEYS, FEATURES, CxrNet
 from training.cxr_classifier.data import network_batch
 
 

@@ -6,9 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from covid_plugin.ml.cxr import (
-    INPUT_SIZE,
-)
+from covid_plugin.ml.cxr import INPUT_SIZE
 from training.common.paths import REPO
 
 DEFAULT_CACHE = REPO / "cache"

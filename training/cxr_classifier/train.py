@@ -26,20 +26,10 @@ from monai.utils import set_determinism
 from torch import nn
 from tqdm import tqdm
 
-from covid_plugin.ml.cxr import (
-    CLASS_KEYS,
-    CxrNet,
-    LungCrop,
-    build_network,
-    to_network_input,
-)
+from covid_plugin.ml.cxr import CLASS_KEYS, CxrNet, LungCrop, build_network, to_network_input
 from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import sha256_of
-from training.common.data import (
-    Item,
-    Split,
-    make_split,
-)
+from training.common.data import Item, Split, make_split
 from training.cxr_classifier.data import (
     is_adult,
     load_cache,

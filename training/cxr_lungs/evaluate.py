@@ -15,14 +15,8 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from covid_plugin.ml.cxr_lungs import (
-    CxrLungSegmenter,
-)
-from training.cxr_lungs.data import (
-    frontal_items,
-    read_grey,
-    split,
-)
+from covid_plugin.ml.cxr_lungs import CxrLungSegmenter
+from training.cxr_lungs.data import frontal_items, read_grey, split
 from training.cxr_lungs.targets import clean_teacher_mask, plausible, read_teacher_mask
 from training.cxr_lungs.teacher import TEACHER_SIZE, cache_teacher_masks
 

@@ -9,9 +9,7 @@ import torch
 from torch import nn
 
 from covid_plugin.ml.spec import LabelSpec, ModelSpec, sha256_of
-from training.cxr_lungs.data import (
-    PER_SOURCE_CAP,
-)
+from training.cxr_lungs.data import PER_SOURCE_CAP
 from training.cxr_lungs.teacher import TEACHER_SHA256, TEACHER_SIZE
 
 VERSION = "0.2.0"

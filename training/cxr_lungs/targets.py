@@ -11,14 +11,8 @@ from PIL import Image
 from skimage import measure
 from tqdm import tqdm
 
-from covid_plugin.ml.cxr_lungs import (
-    input_transform,
-    keep_lungs,
-)
-from training.cxr_lungs.data import (
-    Item,
-    read_grey,
-)
+from covid_plugin.ml.cxr_lungs import input_transform, keep_lungs
+from training.cxr_lungs.data import Item, read_grey
 from training.cxr_lungs.model import INPUT, INTENSITY, THRESHOLDS
 from training.cxr_lungs.teacher import mask_path
 

@@ -15,13 +15,8 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised
 from tqdm import tqdm
 
-from covid_plugin.ml.cxr_lungs import (
-    build_network,
-)
-from training.cxr_lungs.data import (
-    frontal_items,
-    split,
-)
+from covid_plugin.ml.cxr_lungs import build_network
+from training.cxr_lungs.data import frontal_items, split
 from training.cxr_lungs.evaluate import evaluate
 from training.cxr_lungs.model import NETWORK, write_model
 from training.cxr_lungs.targets import clean_teacher_mask, plausible, student_tensors
