@@ -132,3 +132,24 @@ def test_no_import_cycles():
     found = set(cycles(import_graph()))
     unexpected = sorted(found - ALLOWED_CYCLES)
     assert not unexpected, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in unexpected)
+
+
+def _function_level_imports(path: Path) -> list[ast.stmt]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [node for func in ast.walk(tree)
+            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef)
+            for node in ast.walk(func) if isinstance(node, ast.Import | ast.ImportFrom)]
+
+
+def test_training_imports_inside_functions_say_why():
+    """In training/, an import inside a function is only for a heavy optional dependency, and
+    the comment line above it says so (`# lazy: ...`); anything else belongs at the top."""
+    unexplained = []
+    for path in sorted((REPO / "training").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in _function_level_imports(path):
+            above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+            if not above.startswith("# lazy:"):
+                unexplained.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not unexplained, "function-level imports without a `# lazy:` reason: " + ", ".join(
+        unexplained)
