@@ -137,6 +137,19 @@ def test_no_import_cycles():
     assert not unexpected, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in unexpected)
 
 
+def test_model_packages_share_only_through_common():
+    """training/<model>/ imports its own package and training/common/, never another model's."""
+    crossing = []
+    for module, imported in import_graph().items():
+        parts = module.split(".")
+        if parts[0] != "training" or len(parts) < 3 or parts[1] == "common":
+            continue
+        allowed = (f"training.{parts[1]}.", "training.common.")
+        crossing += [f"{module} -> {target}" for target in sorted(imported)
+                     if target.startswith("training.") and not target.startswith(allowed)]
+    assert not crossing, "\n".join(crossing)
+
+
 def _function_level_imports(path: Path) -> list[ast.stmt]:
     tree = ast.parse(path.read_text(), filename=str(path))
     return [node for func in ast.walk(tree)
