@@ -178,7 +178,7 @@ def test_lung_crop_training_pins_the_lung_model_and_the_node_crops_identically(
 
 def test_pointing_tests_the_heat_peak_against_boxes_in_image_pixels() -> None:
     """Boxes (x right, y down, staged-image pixels) against the heatmap's hottest pixel."""
-    from training.cxr_classifier.evaluate import peak_in_boxes
+    from training.cxr_classifier.pointing import peak_in_boxes
 
     heat = np.zeros((320, 320), dtype=np.float32)
     heat[200, 50] = 1.0  # row 200, column 50: x = 50.5, y = 200.5

@@ -27,15 +27,10 @@ from covid_plugin.ml.spec import load_spec
 from training.common.data import Item, make_split
 from training.common.metrics import expected_calibration_error
 from training.cxr_classifier.data import is_adult, load_cache, load_items, other_abnormal, targets
-from training.cxr_classifier.evaluate import (
-    calibrated,
-    patient_index,
-    rule_calls,
-    share,
-    source_probe,
-)
 from training.cxr_classifier.model import predict_logits
 from training.cxr_classifier.options import DEFAULT_CACHE
+from training.cxr_classifier.probes import source_probe
+from training.cxr_classifier.scoring import calibrated, patient_index, rule_calls, share
 
 log = logging.getLogger(__name__)
 COVID = CLASS_KEYS.index("covid")
