@@ -7,7 +7,8 @@ import pytest
 
 from covid_plugin.ml.ct_cls import CtClassifier, lesion_features, rule_score
 from covid_plugin.ml.spec import ModelSpec
-from training.ct_cls import THRESHOLDS, spec
+from training.common.ct_rule import THRESHOLDS
+from training.ct_cls.spec import spec
 
 SPACING = (5.0, 1.0, 1.0)
 

@@ -12,7 +12,7 @@ from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit, unit_to_hu, window_bounds
 from covid_plugin.ml.spec import ModelSpec
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
-from training.data import read_grey
+from training.common.data import read_grey
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 SPEC = ModelSpec(
@@ -37,7 +37,7 @@ def test_training_slice_gives_the_same_tensor_through_the_node_path():
 
 
 def test_real_hu_slice_and_its_8bit_export_agree_within_quantisation(tmp_path):
-    from training.ct_series import load_hu_series
+    from training.common.ct_series import load_hu_series
 
     series = load_hu_series(DATA, ["covid-ct-md_P002"])[0]
     hu = series.hu[10:11]

@@ -33,8 +33,8 @@ pytestmark = pytest.mark.skipif(not (DATA / "ct").is_dir(), reason="needs ../sha
 
 
 def _pooled_dice(segmenter: LesionSegmenter, setting: tuple[float, float, float]) -> float:
-    from training.ct_lesion import load_slices
-    from training.ct_lesion_tradeoff import MEDSEG_SPACING, medseg_probabilities
+    from training.ct_lesion.data import load_slices
+    from training.ct_lesion.tradeoff import MEDSEG_SPACING, medseg_probabilities
 
     probability, kind, true = medseg_probabilities(segmenter, load_slices(DATA, "test"))
     pred = np.stack([filter_lesions(probability[i:i + 1], kind[i:i + 1], MEDSEG_SPACING,

@@ -3,7 +3,7 @@
 Before, normal002 was called COVID-19 (0.59) on 37 mL of "lesion" in 30 slices: hilar vessels,
 dependent density, and the cardiac fat pad inside the lung mask, all through the network's
 argmax. The shipped measurement setting (models/ct-lesion/spec.json, chosen under the normals'
-false-positive goal by training/ct_lesion_tradeoff.py) must keep it under the 5 mL goal.
+false-positive goal by training/ct_lesion/tradeoff.py) must keep it under the 5 mL goal.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data"
 
 
 def _series(name: str, every: int = 1):
-    from training.ct_series import load_hu_series
+    from training.common.ct_series import load_hu_series
 
     series = load_hu_series(DATA, [name])[0]
     return series.hu[::every], (series.spacing[0] * every, *series.spacing[1:])
@@ -89,7 +89,7 @@ def test_cardiac_fat_pad_wrapped_by_the_lung_is_not_lung():
 def test_trachea_and_main_bronchi_are_not_lung():
     # normal002 sample block (carina level): the main bronchi's lumen (< -950 HU, 3D pieces
     # near the midline between the lungs); the old 2D blob seeds missed it (3.3 mL as lung)
-    from training.ct_lung import airway_as_lung_ml
+    from training.ct_lung.evaluate import airway_as_lung_ml
 
     series = _normal_sample()
     hu, spacing = series.array, series.spacing

@@ -40,7 +40,7 @@ def test_lesion_training_writes_a_loadable_model(lesion_model):
 
 
 def test_lesion_inference_on_a_real_series_stays_inside_the_lungs(lesion_model):
-    from training.ct_series import load_hu_series
+    from training.common.ct_series import load_hu_series
 
     series = load_hu_series(DATA, ["tcia-lung-pet-ct-dx_Lung_Dx-A0002"])[0]
     hu = series.hu[::4]

@@ -45,13 +45,13 @@ def test_decide_calls_covid_at_the_threshold_not_by_argmax() -> None:
 
 def test_evaluation_scores_with_the_node_rule() -> None:
     """`training evaluate` calls the very function the node calls, film by film."""
-    from training import cxr_eval
+    from training.cxr_classifier import evaluate, scoring
 
-    assert cxr_eval.decide is decide
+    assert scoring.decide is decide and evaluate.rule_calls is scoring.rule_calls
     probs = np.random.default_rng(0).dirichlet(np.ones(3), size=200)
     expected = [CLASS_KEYS.index(decide(dict(zip(CLASS_KEYS, p, strict=True)), 0.3))
                 for p in probs]
-    assert cxr_eval.rule_calls(probs, 0.3).tolist() == expected
+    assert scoring.rule_calls(probs, 0.3).tolist() == expected
 
 
 def disagreeing(clf: CxrClassifier, image: np.ndarray) -> str:

@@ -16,7 +16,7 @@ from covid_plugin.ml.cxr_lungs import CxrLungSegmenter, keep_lungs, lung_bbox
 from covid_plugin.ml.spec import ModelIntegrityError
 from covid_plugin.volume import load_series_files
 from tests.conftest import CHEST_CR, DATA, REPO
-from training.cxr_lung_teacher import (
+from training.cxr_lungs.teacher import (
     TEACHER_FILE,
     AllowListUnpickler,
     TeacherUNet,

@@ -24,8 +24,8 @@ from covid_plugin.ml.cxr import (
 )
 from covid_plugin.ml.spec import ModelIntegrityError, sha256_of
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
-from training.cxr import load_cache, network_batch
-from training.data import read_grey, read_manifests
+from training.common.data import read_grey, read_manifests
+from training.cxr_classifier.data import load_cache, network_batch
 
 needs_data = pytest.mark.skipif(not (DATA / "cxr" / "manifest.csv").is_file(),
                                 reason="shared/data not present")

@@ -14,21 +14,23 @@ from covid_plugin.ml.cxr import MODELS_DIR, CxrClassifier, preprocess
 from covid_plugin.ml.spec import load_spec
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.__main__ import main
-from training.cxr import (
+from training.common.data import Item, leakage_groups, make_split, read_grey
+from training.common.metrics import bootstrap_auc, expected_calibration_error, macro_f1
+from training.cxr_classifier.data import (
     OTHER_ABNORMAL,
-    augment,
-    balanced_weights,
-    checkpoint_path,
     load_cache,
     load_items,
-    losses,
-    not_covid_loss,
     targets,
     with_other_abnormal,
 )
-from training.cxr_export import VERSION_LUNG_CROP
-from training.data import Item, leakage_groups, make_split, read_grey
-from training.metrics import bootstrap_auc, expected_calibration_error, macro_f1
+from training.cxr_classifier.export import VERSION_LUNG_CROP
+from training.cxr_classifier.train import (
+    augment,
+    balanced_weights,
+    checkpoint_path,
+    losses,
+    not_covid_loss,
+)
 
 needs_data = pytest.mark.skipif(not (DATA / "cxr" / "manifest.csv").is_file(),
                                 reason="shared/data not present")
@@ -176,7 +178,7 @@ def test_lung_crop_training_pins_the_lung_model_and_the_node_crops_identically(
 
 def test_pointing_tests_the_heat_peak_against_boxes_in_image_pixels() -> None:
     """Boxes (x right, y down, staged-image pixels) against the heatmap's hottest pixel."""
-    from training.cxr_eval import peak_in_boxes
+    from training.cxr_classifier.pointing import peak_in_boxes
 
     heat = np.zeros((320, 320), dtype=np.float32)
     heat[200, 50] = 1.0  # row 200, column 50: x = 50.5, y = 200.5

@@ -6,9 +6,10 @@ import argparse
 import importlib
 import sys
 
-# model name -> module in training/ that defines train(args) and evaluate(args)
+# model name -> its package in training/; `train` runs <package>.train.train(args) and
+# `evaluate` runs <package>.evaluate.evaluate(args), so only the command asked for is imported
 MODELS = {
-    "cxr": "training.cxr",
+    "cxr": "training.cxr_classifier",
     "ct-lesion": "training.ct_lesion",
     "ct-lung": "training.ct_lung",
     "ct-cls": "training.ct_cls",
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args, extra = parser.parse_known_args(argv)
     args.extra = extra
-    module = importlib.import_module(MODELS[args.model])
+    module = importlib.import_module(f"{MODELS[args.model]}.{args.command}")
     return int(getattr(module, args.command)(args) or 0)
 
 

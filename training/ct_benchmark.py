@@ -20,9 +20,8 @@ import torch
 from covid_plugin.ml.ct_cls import CtClassifier
 from covid_plugin.ml.ct_lesion import LesionSegmenter
 from covid_plugin.ml.ct_lung import segment_lungs
-from training.ct_series import load_hu_series
-
-REPO = Path(__file__).resolve().parents[1]
+from training.common.ct_series import load_hu_series
+from training.common.paths import REPO
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ from covid_plugin.config import Settings
 
 def default_pipelines(settings: Settings) -> list:
     """The shipped pipelines: chest X-ray (CR/DX) and chest CT."""
+    # lazy: torch and the model code load only when the node builds its pipelines, not when
+    # pipelines.codes is imported (by summary.py)
     from covid_plugin.pipelines.ct import CtPipeline
     from covid_plugin.pipelines.cxr import CxrPipeline
 

@@ -1,12 +1,12 @@
-"""The series-level CT COVID-19 rule as a model folder: `python -m training train ct-cls`.
+"""The series-level CT COVID-19 rule as a model folder: `python -m training evaluate ct-cls`.
 
-The ramps below were written down from the radiology consensus description of typical
-COVID-19 pneumonia before the rule was run on any series. The decision threshold, and the
-lesion network's probability threshold and smallest lesion, are chosen leave-one-patient-out
-(training/ct_lopo.py): `evaluate` runs the node's whole CT path (lungs from HU, lesion UNet,
-rule) on every real HU patient, judges each with the thresholds chosen on the others, reports
-LOPO AUC and sensitivity/specificity next to a burden-only ablation, writes the decision
-chosen on all patients into spec.json, and says how the normal sample series is called.
+The ramps (training/common/ct_rule.py) were set before the rule met any series. The decision
+threshold, and the lesion network's probability threshold and smallest lesion, are chosen
+leave-one-patient-out (training/common/ct_lopo.py): `evaluate` runs the node's whole CT path
+(lungs from HU, lesion UNet, rule) on every real HU patient, judges each with the thresholds
+chosen on the others, reports LOPO AUC and sensitivity/specificity next to a burden-only
+ablation, writes the decision chosen on all patients into spec.json, and says how the normal
+sample series is called.
 """
 
 from __future__ import annotations
@@ -21,27 +21,13 @@ import torch
 from covid_plugin.ml.ct_cls import CtClassifier, lesion_features, rule_score
 from covid_plugin.ml.ct_lesion import LesionSegmenter
 from covid_plugin.ml.ct_lung import segment_lungs
-from training.ct_series import SOURCES, read_series
-from training.metrics import bootstrap_auc, plot_roc, sensitivity_specificity
+from training.common import ct_lopo
+from training.common.ct_series import read_series
+from training.common.metrics import bootstrap_auc, plot_roc, sensitivity_specificity
+from training.common.paths import REPO
+from training.ct_cls.card import write_cls_card
+from training.ct_cls.spec import spec
 
-REPO = Path(__file__).resolve().parents[1]
-
-THRESHOLDS = {
-    "burden_low_pct": 0.5,  # below: no more than the network's false-positive level
-    "burden_high_pct": 3.0,
-    "side_low_pct": 0.1,  # the less involved lung: bilateral above side_high_pct
-    "side_high_pct": 1.0,
-    "peripheral_mm": 20.0,  # lesion voxel within this distance of the lung border = peripheral
-    "peripheral_low": 0.4,
-    "peripheral_high": 0.8,
-    "ggo_low": 0.4,  # GGO share of lesion volume
-    "ggo_high": 0.8,
-    "w_base": 0.25,
-    "w_bilateral": 0.25,
-    "w_peripheral": 0.25,
-    "w_ggo": 0.25,
-    "decision": 0.5,  # replaced by `evaluate` with the value chosen on all patients (LOPO)
-}
 NORMAL_SAMPLE = REPO / "dicom_samples" / "ct-normal_covid-ct-md-normal002"
 
 
@@ -49,45 +35,6 @@ def options(extra: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training train|evaluate ct-cls")
     parser.add_argument("--lesion-model", type=Path, default=REPO / "models" / "ct-lesion")
     return parser.parse_args(list(extra))
-
-
-def spec() -> dict:
-    return {
-        "name": "ct-classifier",
-        "version": "1.0.0",
-        "task": "classification",
-        "weights": None,
-        "weights_sha256": None,
-        "labels": [
-            {"key": "covid", "value": "840539006", "scheme": "SCT", "meaning": "COVID-19"},
-            {"key": "non_covid", "value": "260385009", "scheme": "SCT", "meaning": "Negative"},
-        ],
-        "input": {
-            "lung": "ct-lung labels (1 right, 2 left)",
-            "lesion": "ct-lesion labels (1 GGO, 2 consolidation)",
-            "level": "series",
-        },
-        "intensity": {},
-        "spacing": None,
-        "thresholds": THRESHOLDS,
-        "rule": "score = ramp(involvement%, burden_low, burden_high) * (w_base + "
-                "w_bilateral*ramp(min(right%, left%)) + w_peripheral*ramp(peripheral fraction) + "
-                "w_ggo*ramp(GGO fraction)); covid if score >= decision. Not calibrated.",
-        "depends_on": ["ct-lung", "ct-lesion"],
-        "data": {
-            "evaluated_on": [f"{name}: {licence}" for name, licence in SOURCES.values()],
-            "split": "ramps set a priori; decision (and the lesion threshold and smallest "
-                     "lesion of ct-lesion) chosen leave-one-patient-out, shipped as chosen on "
-                     "all patients",
-        },
-    }
-
-
-def train(args: argparse.Namespace) -> int:
-    out = Path(args.out or REPO / "models" / "ct-classifier")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.json").write_text(json.dumps(spec(), indent=2) + "\n")
-    return 0
 
 
 def call_sample(segmenter: LesionSegmenter, rule: dict[str, float], chosen: dict) -> dict:
@@ -104,8 +51,6 @@ def call_sample(segmenter: LesionSegmenter, rule: dict[str, float], chosen: dict
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from training import ct_lopo
-
     torch.set_num_threads(1)
     opts = options(args.extra)
     data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-classifier")
@@ -164,7 +109,7 @@ def evaluate(args: argparse.Namespace) -> int:
         "decision: lesion_probability and min_lesion_ml build the lesion mask the rule's "
         "features are computed on (not the mask the node writes and measures, which is "
         "ct-lesion's measurement setting); decision is the score threshold; all three chosen "
-        "leave-one-patient-out (training/ct_lopo.py), shipped as chosen on all patients")
+        "leave-one-patient-out (training/common/ct_lopo.py), shipped as chosen on all patients")
     spec_json["data"]["split"] = spec()["data"]["split"]
     spec_json["metrics"] = {
         "auc_lopo": metrics["lopo"]["auc"]["auc"],
@@ -174,7 +119,5 @@ def evaluate(args: argparse.Namespace) -> int:
               "metrics.json",
     }
     (out / "spec.json").write_text(json.dumps(spec_json, indent=2) + "\n")
-    from training.ct_cards import write_cls_card
-
     write_cls_card(out, CtClassifier.load(out).spec, metrics)
     return 0

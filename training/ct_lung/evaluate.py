@@ -1,4 +1,4 @@
-"""The rule-based CT lung segmentation as a model folder: `python -m training train ct-lung`.
+"""The rule-based CT lung segmentation as a model folder: `python -m training evaluate ct-lung`.
 
 There is nothing to fit (no lung masks exist in the shared data), so `train` writes the spec
 of the rule (covid_plugin/ml/ct_lung.py, weights null) and `evaluate` checks it on every real
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from covid_plugin.ml import ct_lung
 from covid_plugin.ml.ct_lung import lung_volumes_ml, segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit
-from training.ct_plots import LUNG_COLOURS, overlay, save_grid, tile
-from training.ct_series import FULL_SERIES, SOURCES, load_hu_series
+from training.common.ct_plots import LUNG_COLOURS, overlay, save_grid, tile
+from training.common.ct_series import FULL_SERIES, load_hu_series
+from training.common.paths import REPO
+from training.ct_lung.card import write_lung_card
 
-REPO = Path(__file__).resolve().parents[1]
 DISPLAY_WINDOW = (-1350.0, 150.0)  # a lung window for the overlays only
 # plausible adult lung volume per mm of craniocaudal extent through the mid/lower chest (mL/mm)
 PLAUSIBLE_ML_PER_MM = (5.0, 40.0)
@@ -67,63 +67,6 @@ def storage_check(hu: np.ndarray, spacing, reference: dict[str, float]) -> dict[
                                <= 0.01 * reference["left_ml"]),
         }
     return out
-
-
-def spec() -> dict:
-    return {
-        "name": "ct-lung",
-        "version": "1.0.0",
-        "task": "segmentation",
-        "weights": None,
-        "weights_sha256": None,
-        "labels": [
-            {"key": "right_lung", "value": "3341006", "scheme": "SCT", "meaning": "Right lung"},
-            {"key": "left_lung", "value": "44029006", "scheme": "SCT", "meaning": "Left lung"},
-            {"key": "lung", "value": "39607008", "scheme": "SCT", "meaning": "Lung"},
-        ],
-        "input": {
-            "volume": "float32 HU (slices, rows, cols) sorted along the slice normal",
-            "working_grid": "in-plane block mean to about 256 px, labels repeated back",
-            "orientation": "from ImageOrientationPatient: turned to LPS (SimpleITK DICOMOrient) "
-                           "and back; right/left are the patient's",
-        },
-        "intensity": {
-            "kind": "hu_thresholds",
-            "body_hu": ct_lung.BODY_HU,
-            "lung_hu": ct_lung.LUNG_HU,
-            "airway_hu": ct_lung.AIRWAY_HU,
-            "padding_hu": ct_lung.PADDING_HU,
-        },
-        "spacing": None,
-        "thresholds": {
-            "min_lung_ml": ct_lung.MIN_LUNG_ML,
-            "min_airway_ml": ct_lung.MIN_AIRWAY_ML,
-            "max_airway_ml": ct_lung.MAX_AIRWAY_ML,
-            "airway_band": ct_lung.AIRWAY_BAND,
-            "airway_wall_mm": ct_lung.AIRWAY_WALL_MM,
-            "max_bridged_hole_cm2": ct_lung.MAX_BRIDGED_HOLE_CM2,
-            "closing_mm": ct_lung.CLOSING_MM,
-            "padding_share": ct_lung.PADDING_SHARE,
-        },
-        "output": {"0": "background", "1": "right_lung", "2": "left_lung"},
-        "method": "orient to LPS (SimpleITK) -> threshold -> body -> airway removal (midline "
-                  "3D lumen components) -> 3D components -> left/right split (eroded seeds + "
-                  "watershed) -> per-slice closing and hole filling, holes open to the "
-                  "mediastinum in 3D left out -> back to the source grid (scipy.ndimage, "
-                  "scikit-image, SimpleITK); rule-based, nothing trained",
-        "data": {
-            "checked_on": [f"{name}: {licence}" for name, licence in SOURCES.values()],
-            "split": "none (no parameters fitted); every real HU series is a check",
-        },
-    }
-
-
-def train(args: argparse.Namespace) -> int:
-    out = Path(args.out or REPO / "models" / "ct-lung")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.json").write_text(json.dumps(spec(), indent=2) + "\n")
-    return evaluate(args)
-
 
 def evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
@@ -186,7 +129,5 @@ def evaluate(args: argparse.Namespace) -> int:
     }
     spec_json["metrics"]["on"] = f"{len(results)} real HU series; details in metrics.json"
     (out / "spec.json").write_text(json.dumps(spec_json, indent=2) + "\n")
-    from training.ct_cards import write_lung_card
-
     write_lung_card(out, metrics)
     return 0

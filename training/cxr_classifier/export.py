@@ -28,8 +28,10 @@ from covid_plugin.ml.cxr import (
     build_network,
 )
 from covid_plugin.ml.spec import sha256_of
-from training.data import Item, Split
-from training.metrics import youden_threshold
+from training.common.data import Item, Split
+from training.common.metrics import youden_threshold
+from training.cxr_classifier.data import is_adult, other_abnormal, targets
+from training.cxr_classifier.model import predict_logits
 
 NAME = "cxr-classifier"
 VERSION = "3.0.0"  # adult product: adult training data, adult calibration, age-gated node
@@ -85,8 +87,6 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
 def half_is_free(net: CxrNet, images: torch.Tensor, indices: np.ndarray,
                  temperature: float) -> tuple[bool, float]:
     """Whether rounding the weights to fp16 leaves validation probabilities unchanged."""
-    from training.cxr import predict_logits
-
     reference = softmax(predict_logits(net, images, indices, torch.device("cpu"))[:, :3],
                         temperature)
     rounded = build_network(images.shape[-1])
@@ -133,8 +133,6 @@ def export_model(
     With a lung crop, spec.json gets a `lung_crop` block naming the lung model and its weights'
     sha256: the node loads that model itself and refuses other weights.
     """
-    from training.cxr import is_adult, other_abnormal, predict_logits, targets
-
     cls, _ = targets(items)
     other = other_abnormal(items).numpy()
     adult = np.array([is_adult(it) for it in items])

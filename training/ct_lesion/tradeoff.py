@@ -2,7 +2,7 @@
 
 The lesion mask the node writes (SEG, SR volumes, percent of each lung) should be as close to
 a radiologist's outline as it can be, while normal lungs stay nearly empty. The COVID call is a
-different question with its own settings (training/ct_lopo.py); forcing both onto one lesion
+different question with its own settings (training/common/ct_lopo.py); forcing both onto one lesion
 probability chosen for the call cost the mask most of its overlap (MedSeg Dice 0.72 -> 0.21).
 
 Every candidate (lesion probability, smallest 3D lesion, smallest mean probability of a kept
@@ -37,6 +37,7 @@ from covid_plugin.ml.ct_lesion import (
     filter_lesions,
     network_probabilities,
 )
+from training.ct_lesion.data import load_slices
 
 LESION_PROBABILITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_LESION_ML = (0.0, 0.5, 1.0, 2.0, 5.0)
@@ -140,8 +141,6 @@ def choose_measurement(table: list[dict], normals: list[str]) -> dict:
 def tradeoff(segmenter: LesionSegmenter, data: Path, patients: dict[str, tuple],
              limit: int | None = None) -> dict:
     """The whole table. `patients`: name -> (label, lung, probability, kind, spacing)."""
-    from training.ct_lesion import load_slices
-
     selection = medseg_probabilities(segmenter, load_slices(data, "train", limit))
     test = medseg_probabilities(segmenter, load_slices(data, "test", limit))
     table = []

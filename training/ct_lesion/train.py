@@ -12,7 +12,6 @@ continues from; a finished run resumed just rewrites the model folder.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -34,21 +33,19 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 from monai.utils import set_determinism
-from PIL import Image
 from tqdm import tqdm
 
-from covid_plugin.ml.ct_lesion import build_network, to_network_input
+from covid_plugin.ml.ct_lesion import build_network
 from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import sha256_of
-from training.data import read_grey
+from training.common.paths import REPO
+from training.ct_lesion.data import INPUT_SIZE, load_slices
+from training.ct_lesion.window import estimate_window
 
-log = logging.getLogger("training.ct_lesion")
+log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-INPUT_SIZE = 256
 CHANNELS = (16, 32, 64, 128, 256)
 WEIGHTS = "model.pt"
-CLASS_NAMES = ("ggo", "consolidation")
 
 
 def options(extra: Sequence[str]) -> argparse.Namespace:
@@ -61,33 +58,6 @@ def options(extra: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=REPO / "cache" / "ct-lesion")
     return parser.parse_args(list(extra))
 
-
-def load_slices(data: Path, split: str, limit: int | None = None) -> list[dict]:
-    """MedSeg slices of one Inf-Net split as network-ready tensors: image (1,S,S), label (1,S,S).
-
-    The split is Inf-Net's own, as the manifest's split_hint column records it.
-    """
-    with open(data / "ct" / "masks.csv", newline="") as fh:
-        masks = {row["path"]: row["lesion_mask"] for row in csv.DictReader(fh)}
-    with open(data / "ct" / "manifest.csv", newline="") as fh:
-        paths = [row["path"] for row in csv.DictReader(fh)
-                 if row["label"] == "lesion_seg" and row["split_hint"] == split]
-    out = []
-    for path in paths[:limit]:
-        image, place = to_network_input(torch.from_numpy(read_grey(data / path))[None, None],
-                                        INPUT_SIZE)
-        mask = torch.from_numpy(read_label(data / masks[path]))[None, None].float()
-        label, _ = to_network_input(mask, INPUT_SIZE, mode="nearest")
-        valid = torch.zeros_like(label[0], dtype=torch.bool)  # the slice, not its padding
-        valid[:, place.top : place.top + place.rows, place.left : place.left + place.cols] = True
-        out.append({"image": image[0], "label": label[0], "valid": valid, "path": path})
-    return out
-
-
-def read_label(path: Path) -> np.ndarray:
-    """A palette/index mask PNG as its label indices (0 none, 1 GGO, 2 consolidation)."""
-    with Image.open(path) as img:
-        return np.asarray(img, dtype=np.uint8).copy()
 
 
 def warmup_cosine(step: int, total: int) -> float:
@@ -186,9 +156,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def write_spec(out: Path, data: Path, n_train: int, steps: int, limit: int | None) -> None:
-    """spec.json from the weights and the HU window calibration (training/ct_window.py)."""
-    from training.ct_window import estimate_window
-
+    """spec.json from the weights and the HU window calibration (training/ct_lesion/window.py)."""
     window = estimate_window(data, out, limit)
     spec = {
         "name": "ct-lesion",
@@ -214,7 +182,7 @@ def write_spec(out: Path, data: Path, n_train: int, steps: int, limit: int | Non
         "intensity": window,
         "spacing": None,
         # the network's own operating point until `evaluate ct-lesion` chooses both on the
-        # real HU patients (training/ct_lopo.py)
+        # real HU patients (training/common/ct_lopo.py)
         "thresholds": {"lesion_probability": 0.5, "min_lesion_ml": 0.0},
         "output": {"0": "none", "1": "ggo", "2": "consolidation", "restricted_to": "ct-lung",
                    "postprocess": "softmax, [1,2,2,2,1]/8 low-pass (decoder checkerboard), "
@@ -233,10 +201,3 @@ def write_spec(out: Path, data: Path, n_train: int, steps: int, limit: int | Non
         },
     }
     (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-
-
-def evaluate(args: argparse.Namespace) -> int:
-    """Dice/IoU on the held-out slices and the node's path on real HU series (ct_lesion_eval)."""
-    from training.ct_lesion_eval import evaluate as run
-
-    return run(args)

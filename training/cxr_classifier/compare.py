@@ -1,6 +1,6 @@
 """Paired comparison of two CXR classifiers on the same images (v1 against v2, say).
 
-`python -m training.cxr_compare --data ../shared/data --a models/cxr-classifier
+`python -m training.cxr_classifier.compare --data ../shared/data --a models/cxr-classifier
 --a-holdout runs/cxr-holdout-hannover --b runs/cxr-v2 --b-holdout runs/cxr-v2-holdout-hannover
 --json runs/cxr-v2/comparison.json`
 
@@ -24,20 +24,15 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from covid_plugin.ml.cxr import CLASS_KEYS, CxrClassifier
 from covid_plugin.ml.spec import load_spec
-from training.cxr import (
-    DEFAULT_CACHE,
-    is_adult,
-    load_cache,
-    load_items,
-    other_abnormal,
-    predict_logits,
-    targets,
-)
-from training.cxr_eval import calibrated, patient_index, rule_calls, share, source_probe
-from training.data import Item, make_split
-from training.metrics import expected_calibration_error
+from training.common.data import Item, make_split
+from training.common.metrics import expected_calibration_error
+from training.cxr_classifier.data import is_adult, load_cache, load_items, other_abnormal, targets
+from training.cxr_classifier.model import predict_logits
+from training.cxr_classifier.options import DEFAULT_CACHE
+from training.cxr_classifier.probes import source_probe
+from training.cxr_classifier.scoring import calibrated, patient_index, rule_calls, share
 
-log = logging.getLogger("training.cxr_compare")
+log = logging.getLogger(__name__)
 COVID = CLASS_KEYS.index("covid")
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
@@ -166,7 +161,7 @@ def compare(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.cxr_compare")
+    parser = argparse.ArgumentParser(prog="python -m training.cxr_classifier.compare")
     parser.add_argument("--data", default="../shared/data")
     parser.add_argument("--a", type=Path, required=True, help="the reference model (v1)")
     parser.add_argument("--b", type=Path, required=True, help="the candidate model (v2)")

@@ -25,7 +25,7 @@ from scipy import ndimage as ndi  # noqa: E402
 
 from covid_plugin.ml.ct_lesion import thorax_box  # noqa: E402
 from covid_plugin.ml.ct_lung import segment_lungs  # noqa: E402
-from training.ct_series import load_hu_series  # noqa: E402
+from training.common.ct_series import load_hu_series  # noqa: E402
 
 CROP_MARGIN = 0.08
 FAT_HU, SOFT_TISSUE_RANGE, LUNG_RANGE = -100.0, (0.0, 80.0), (-960.0, -700.0)

@@ -4,12 +4,12 @@ Kinds of evidence, kept apart in metrics.json:
 - Dice/IoU on the 48 Inf-Net test slices (8-bit, the training domain; no patient ids, so the
   same patient may appear in training: optimistic).
 - The measurement setting (the mask the node writes and measures) from the trade-off table
-  of training/ct_lesion_tradeoff.py: MedSeg Dice (selection on the training slices, test
+  of training/ct_lesion/tradeoff.py: MedSeg Dice (selection on the training slices, test
   reported) against false-positive lesion volume on the normal HU patients (leave one normal
   out), lesion mL of every real HU patient; written to spec.json `thresholds`.
 - On the real HU patients, through the node's own path: slice-level detection AUC against the
   COVID-CT-MD slice labels (each patient at the decision's lesion setting chosen without it,
-  training/ct_lopo.py), volumes at the measurement setting, the label grid before/after.
+  training/common/ct_lopo.py), volumes at the measurement setting, the label grid before/after.
 """
 
 from __future__ import annotations
@@ -32,14 +32,17 @@ from covid_plugin.ml.ct_lesion import (
 )
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit, window_bounds
-from training import ct_lesion_tradeoff, ct_lopo
-from training.ct_cls import THRESHOLDS as RULE
-from training.ct_lesion_tradeoff import MEDSEG_SPACING, medseg_probabilities
-from training.ct_plots import LESION_COLOURS, overlay, save_grid, tile
-from training.ct_series import read_series, series_slice_labels
-from training.metrics import bootstrap_auc
+from training.common import ct_lopo
+from training.common.ct_plots import LESION_COLOURS, overlay, save_grid, tile
+from training.common.ct_rule import THRESHOLDS as RULE
+from training.common.ct_series import read_series, series_slice_labels
+from training.common.metrics import bootstrap_auc
+from training.common.paths import REPO
+from training.ct_lesion import tradeoff as lesion_tradeoff
+from training.ct_lesion.card import write_lesion_card
+from training.ct_lesion.data import load_slices
+from training.ct_lesion.tradeoff import MEDSEG_SPACING, medseg_probabilities
 
-REPO = Path(__file__).resolve().parents[1]
 LEAKAGE_NOTE = ("MedSeg has no patient ids: test slices may come from patients also in the "
                 "training slices, so these Dice values are optimistic")
 
@@ -89,10 +92,8 @@ def slice_metrics(pred: torch.Tensor, true: torch.Tensor, seed: int) -> dict:
 def evaluate_test_slices(segmenter: LesionSegmenter, data: Path, limit: int | None, seed: int,
                          out: Path | None, setting: tuple[float, float, float]) -> dict:
     """Dice/IoU of the MedSeg test slices at one measurement setting (probability, smallest
-    lesion, smallest mean probability), each slice filtered in 2D as `ct_lesion_tradeoff`
+    lesion, smallest mean probability), each slice filtered in 2D as `tradeoff.py`
     does; the overlay picture when `out` is given."""
-    from training.ct_lesion import load_slices
-
     slices = load_slices(data, "test", limit)
     probability, kind, reference = medseg_probabilities(segmenter, slices)
     pred = torch.from_numpy(np.stack([
@@ -233,14 +234,14 @@ def evaluate(args: argparse.Namespace) -> int:
     patients = ct_lopo.load_patients(data, segmenter, RULE, limit=args.limit)
     lopo = ct_lopo.leave_one_patient_out(patients)
     maps = ct_lopo.load_maps(data, segmenter, limit=args.limit)
-    tradeoff = ct_lesion_tradeoff.tradeoff(segmenter, data, maps, args.limit)
+    tradeoff = lesion_tradeoff.tradeoff(segmenter, data, maps, args.limit)
     setting = measurement_setting(tradeoff)
     spec = json.loads((out / "spec.json").read_text())
-    spec["thresholds"] = dict(zip(ct_lesion_tradeoff.SETTING_FIELDS, setting, strict=True))
+    spec["thresholds"] = dict(zip(lesion_tradeoff.SETTING_FIELDS, setting, strict=True))
     spec["thresholds_use"] = (
         "measurement: the lesion mask the node writes (SEG) and measures (SR volumes, percent "
         "of each lung), chosen for segmentation quality under the normals' false-positive goal "
-        "(training/ct_lesion_tradeoff.py). The COVID call builds its own mask with "
+        "(training/ct_lesion/tradeoff.py). The COVID call builds its own mask with "
         "ct-classifier's lesion_probability / min_lesion_ml (chosen leave-one-patient-out).")
     spec["output"]["postprocess"] = (
         "softmax, [1,2,2,2,1]/8 low-pass (decoder checkerboard), bilinear resize, lesion where "
@@ -252,7 +253,7 @@ def evaluate(args: argparse.Namespace) -> int:
     metrics = {
         "model": {"name": segmenter.spec.name, "version": segmenter.spec.version,
                   "weights_sha256": segmenter.spec.weights_sha256},
-        "measurement_setting": dict(zip(ct_lesion_tradeoff.SETTING_FIELDS, setting,
+        "measurement_setting": dict(zip(lesion_tradeoff.SETTING_FIELDS, setting,
                                         strict=True)),
         "test_slices_8bit": evaluate_test_slices(segmenter, data, args.limit, args.seed, out,
                                                  setting),
@@ -283,7 +284,5 @@ def evaluate(args: argparse.Namespace) -> int:
         "details": "metrics.json",
     }
     (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-    from training.ct_cards import write_lesion_card
-
     write_lesion_card(out, segmenter.spec, metrics)
     return 0

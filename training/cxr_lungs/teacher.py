@@ -17,7 +17,7 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -27,9 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from covid_plugin.ml.spec import ModelIntegrityError, sha256_of
-
-if TYPE_CHECKING:
-    from training.cxr_lungs import Item
+from training.cxr_lungs.data import Item, read_grey
 
 TEACHER_SHA256 = "9e073074b44a605f360b65ec5735dec024b471f28a5e1343638ccfcf7893e906"
 TEACHER_FILE = Path("cache/chexwhatsapp/cheXwhatsApp-0.1.5/cheXwhatsApp/lung_segmentation.pt")
@@ -209,11 +207,6 @@ def load_teacher(path: Path) -> TeacherUNet:
 
 
 # --------------------------------------------------------------------------- teacher masks
-
-
-def read_grey(path: Path) -> np.ndarray:
-    """An 8-bit CXR as float32 in [0, 1], bones white (as staged)."""
-    return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
 
 
 def teacher_probability(teacher: TeacherUNet, image: np.ndarray) -> np.ndarray:

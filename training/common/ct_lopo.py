@@ -4,7 +4,7 @@ The node's CT decision has three numbers that were not fixed a priori: the lesio
 a voxel needs (`lesion_probability`) and the smallest 3D lesion kept (`min_lesion_ml`) in the
 mask the rule's features are computed on, and the score the series-level rule needs to call
 COVID-19 (`decision`), all three in ct-classifier/spec.json. (The mask the node writes and
-measures has its own setting, chosen for segmentation quality: training/ct_lesion_tradeoff.py.)
+measures has its own setting, chosen for segmentation quality: training/ct_lesion/tradeoff.py.)
 With eleven patients there is no separate validation set, so each is
 chosen on the other patients only (`choose`), and the held-out patient is judged with what was
 chosen without it (`leave_one_patient_out`). The values shipped are `choose` on all patients.
@@ -26,11 +26,11 @@ import numpy as np
 from covid_plugin.ml import ct_lung
 from covid_plugin.ml.ct_cls import lesion_features, peripheral_zone, rule_score
 from covid_plugin.ml.ct_lesion import LesionSegmenter, filter_lesions
-from training.ct_series import FULL_SERIES, HuSeries, read_series
+from training.common.ct_series import FULL_SERIES, HuSeries, read_series
+from training.common.paths import REPO
 
-log = logging.getLogger("training.ct_lopo")
+log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "cache" / "ct-eval"
 
 # one series per patient (the whole-chest series where there is one), and its label

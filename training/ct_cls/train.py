@@ -1,0 +1,17 @@
+"""`python -m training train ct-cls`: the rule has nothing to fit; write its spec.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from training.common.paths import REPO
+from training.ct_cls.spec import spec
+
+
+def train(args: argparse.Namespace) -> int:
+    out = Path(args.out or REPO / "models" / "ct-classifier")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec(), indent=2) + "\n")
+    return 0
