@@ -227,12 +227,9 @@ class Worker:
         if t < self._next_housekeeping:
             return
         self._next_housekeeping = t + self.settings.cluster.heartbeat_s
-        if self.reap is not None and self.reap():
-            log.warning("a listener stopped answering; its open associations were ended as "
-                        "interrupted")
-        expired = self.jobs.expire_leases()
-        if expired:
-            log.warning("%d job(s) whose worker stopped answering were taken back", expired)
+        if self.reap is not None:
+            self.reap()  # both log what they took back
+        self.jobs.expire_leases()
 
     def close_complete_series(self) -> int:
         """Queue or reject every series that has gone quiet; returns how many were closed."""

@@ -169,7 +169,7 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_after_the_lease
     wait_for(lambda: c.query("SELECT state FROM jobs") == [("done",)], timeout=60,
              what="the job finished by the other worker")
     assert c.query("SELECT attempts FROM jobs") == [(2,)]
-    assert " done in " in survivor.log() and "taken back" in survivor.log()
+    assert " done in " in survivor.log() and "queued again: the lease of" in survivor.log()
     wait_for(lambda: all(s == "sent" for (s,) in c.query("SELECT state FROM outbox")),
              timeout=30, what="results sent")
     outbox = sorted(uid for (uid,) in c.query("SELECT sop_instance_uid FROM outbox"))
