@@ -99,8 +99,9 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     for job in JobQueue(_database(settings)).all():
         if args.state and job.state != args.state:
             continue
+        worker = f"worker={job.lease_owner} " if job.state == "running" else ""
         print(f"{job.id:6d}  {job.state:11s} tries={job.attempts} {job.modality:3s} "
-              f"{job.calling_ae:16s} {job.series_uid}  {job.reason or ''}")
+              f"{job.calling_ae:16s} {job.series_uid}  {worker}{job.reason or ''}")
     return 0
 
 

@@ -164,6 +164,7 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_after_the_lease
              timeout=30, what="a job running")
     [(owner,)] = c.query("SELECT lease_owner FROM jobs WHERE state = 'running'")
     victim = next(w for w in workers if f":{w.proc.pid}:" in owner)
+    assert f"worker={owner}" in listener.cli("jobs").stdout  # the admin sees who runs it
     victim.kill9()
     survivor = next(w for w in workers if w is not victim)
     wait_for(lambda: c.query("SELECT state FROM jobs") == [("done",)], timeout=60,

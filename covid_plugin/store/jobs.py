@@ -73,6 +73,7 @@ class Job:
     modality: str
     reason: str | None = None
     updated_at: float = 0.0
+    lease_owner: str | None = None  # the worker (host:pid:tag) that claimed it last
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class ReportRef:
 
 
 _JOB_COLUMNS = ("j.id, j.series_uid, j.state, j.attempts, j.reason, j.updated_at, "
-                "s.calling_ae, s.modality")
+                "j.lease_owner, s.calling_ae, s.modality")
 
 
 def _holding(owner: str | None) -> tuple[str, tuple[str, ...]]:
@@ -108,7 +109,7 @@ def _holding(owner: str | None) -> tuple[str, tuple[str, ...]]:
 
 def _job(row) -> Job:
     return Job(row["id"], row["series_uid"], row["state"], row["attempts"], row["calling_ae"],
-               row["modality"], row["reason"], row["updated_at"])
+               row["modality"], row["reason"], row["updated_at"], row["lease_owner"])
 
 
 def _busy(job: str) -> str:
