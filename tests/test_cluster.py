@@ -9,6 +9,7 @@ result sent twice would show.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -205,3 +206,26 @@ def test_a_listener_killed_mid_association_loses_nothing_it_acknowledged(
     assert storescu(other.port, paths).returncode == 0
     wait_for(lambda: c.query("SELECT state, n_instances_at_queue FROM jobs") == [("done", 10)],
              timeout=60, what="the resent series done")
+
+
+def test_a_series_sent_over_two_listeners_waits_for_both_associations(cluster, tmp_path: Path):
+    c = cluster()
+    first, second = c.listener("listen-a"), c.listener("listen-b")
+    c.worker("work")
+    folder = tmp_path / "study"
+    folder.mkdir()
+    [paths] = small_series(folder, 1, slices=8)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    still_open = ae.associate("127.0.0.1", second.port, ae_title="COVID_PLUGIN")
+    for ds in datasets[4:]:
+        assert still_open.send_c_store(ds).Status == 0
+    assert storescu(first.port, paths[:4]).returncode == 0  # released normally
+    # quiet for several quiet periods, and the listener holding it is alive: not complete
+    wait_for(lambda: c.query("SELECT n_instances FROM series") == [(8,)], what="8 stored")
+    time.sleep(4)
+    assert c.query("SELECT state FROM jobs") == [("received",)]
+    still_open.release()
+    wait_for(lambda: c.query("SELECT state, n_instances_at_queue FROM jobs") == [("done", 8)],
+             timeout=60, what="the series done once both associations ended")
