@@ -5,7 +5,10 @@ Receivers:
   orthanc_durable    Debian's Orthanc with "SyncStorageArea": true (fsync before the C-STORE
                      response): the durable peer the node is measured against
   pynetdicom_floor   a pynetdicom SCP whose handler answers success and keeps nothing: what
-                     pynetdicom itself costs per instance, the node's lower bound
+                     pynetdicom itself costs per instance
+  pynetdicom_fsync   the same SCP writing each instance as the node's spool does (temporary
+                     file, fsync, rename, directory fsync), with no parsing and no index: the
+                     lower bound of a durable pynetdicom receiver
   covid_plugin_node  this node: file fsynced, renamed, directory fsynced and indexed before
                      every success response
 
@@ -57,17 +60,39 @@ os.environ["TCP_NODELAY"] = "1"
 NODE_AE = "COVID_PLUGIN"
 Endpoint = tuple[str, int]
 
-# the floor: pynetdicom receives each instance and answers success without keeping it
+# pynetdicom alone: answers success after keeping nothing, or after writing the instance as
+# the spool does (argv[2], a folder). The node's own work is what it adds to the second.
 PYNETDICOM_FLOOR = """
-import sys
-from pynetdicom import AE, evt, _config
+import os, sys
+from pathlib import Path
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
-_config.LOG_HANDLER_LEVEL = "none"
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def keep(event):
+    if len(sys.argv) > 2:
+        out = Path(sys.argv[2])
+        name = str(event.request.AffectedSOPInstanceUID)
+        tmp, final = out / "tmp" / (name + ".part"), out / (name + ".dcm")
+        with open(tmp, "wb") as fh:
+            fh.write(event.encoded_dataset())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        fsync_path(out)
+    return 0
+
 ae = AE("FLOOR")
 ae.maximum_pdu_size = 4 * 1024 * 1024
 ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
 ae.add_supported_context("1.2.840.10008.1.1")
-ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, keep)])
 """
 
 
@@ -135,16 +160,31 @@ def orthanc_durable(work: Path, expected: int) -> Iterator[tuple[list[Endpoint],
 
 
 @contextmanager
-def pynetdicom_floor(work: Path, expected: int) -> Iterator[tuple[list[Endpoint], str]]:
+def _pynetdicom(out: Path | None, expected: int) -> Iterator[tuple[list[Endpoint], str]]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", PYNETDICOM_FLOOR, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-c", PYNETDICOM_FLOOR, str(port)]
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+        (out / "tmp").mkdir(parents=True)
+        command.append(str(out))
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: echo(port, "FLOOR"), timeout=30, what="pynetdicom floor")
         yield [("127.0.0.1", port)], "FLOOR"
     finally:
         proc.terminate()
         proc.wait(10)
+    if out is not None:
+        held = len(list(out.glob("*.dcm")))
+        assert held == expected, f"pynetdicom_fsync holds {held} of {expected}"
+
+
+def pynetdicom_floor(work: Path, expected: int):  # noqa: ANN201 (a context manager)
+    return _pynetdicom(None, expected)
+
+
+def pynetdicom_fsync(work: Path, expected: int):  # noqa: ANN201 (a context manager)
+    return _pynetdicom(work / "pynetdicom", expected)
 
 
 def start_nodes(folder: Path, listeners: int = 1) -> list[NodeProcess]:
@@ -178,6 +218,7 @@ RECEIVERS = {
     "dcmtk_storescp": dcmtk_storescp,
     "orthanc_durable": orthanc_durable,
     "pynetdicom_floor": pynetdicom_floor,
+    "pynetdicom_fsync": pynetdicom_fsync,
     "covid_plugin_node": covid_plugin_node,
 }
 
@@ -243,6 +284,7 @@ def main() -> int:
             "orthanc_durable": "SyncStorageArea: fsync of the stored file before the response",
             "dcmtk_storescp": "none (page cache only)",
             "pynetdicom_floor": "keeps nothing",
+            "pynetdicom_fsync": "fsync file, rename, fsync directory (no parse, no index)",
         },
         "load_average_1min": {"before": round(load_before[0], 2),
                               "after": round(os.getloadavg()[0], 2)},
