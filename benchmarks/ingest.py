@@ -2,8 +2,10 @@
 
 Receivers:
   dcmtk_storescp     DCMTK storescp writing to disk, no fsync (not durable): the wire's ceiling
-  orthanc_durable    Debian's Orthanc with "SyncStorageArea": true (fsync before the C-STORE
-                     response): the durable peer the node is measured against
+  orthanc_durable    Debian's Orthanc with "SyncStorageArea": true: the durable peer the node is
+                     measured against. Traced with strace (Orthanc 1.10.1): it writes each file
+                     in place and calls fdatasync on it before the response; it does not fsync
+                     the directory, so the file's name is not durable when it acknowledges
   pynetdicom_floor   a pynetdicom SCP whose handler answers success and keeps nothing: what
                      pynetdicom itself costs per instance
   pynetdicom_fsync   the same SCP writing each instance as the node's spool does (temporary
@@ -281,7 +283,8 @@ def main() -> int:
         "durability": {
             "covid_plugin_node": "fsync file, rename, fsync directory, index commit, then "
                                  "acknowledge",
-            "orthanc_durable": "SyncStorageArea: fsync of the stored file before the response",
+            "orthanc_durable": "SyncStorageArea: fdatasync of the file before the response, "
+                               "no directory fsync (strace, Orthanc 1.10.1)",
             "dcmtk_storescp": "none (page cache only)",
             "pynetdicom_floor": "keeps nothing",
             "pynetdicom_fsync": "fsync file, rename, fsync directory (no parse, no index)",
