@@ -13,6 +13,9 @@ Receivers:
                      lower bound of a durable pynetdicom receiver
   covid_plugin_node  this node: file fsynced, renamed, directory fsynced and indexed before
                      every success response
+  covid_plugin_2_listeners  two `covid-plugin listen --no-jobs` processes sharing one spool
+                     and one PostgreSQL database (Debian's server, fsync on), the associations
+                     spread over both; measured on the concurrent associations only
 
 The sender is DCMTK storescu (TCP_NODELAY=1, for the DCMTK tools on both sides, Orthanc included)
 for all of them, first on one association, then over several concurrent associations (several
@@ -38,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pydicom
@@ -54,6 +58,7 @@ from tests.conftest import (  # noqa: E402
     rider_files,
     wait_for,
 )
+from tests.postgres import PostgresServer, postgres_bindir  # noqa: E402
 
 # DCMTK reads TCP_NODELAY from the environment: storescu, storescp and Orthanc (built on DCMTK)
 # all inherit it. Without it Orthanc's responses wait for the peer's delayed ACK (~40 ms each).
@@ -189,15 +194,24 @@ def pynetdicom_fsync(work: Path, expected: int):  # noqa: ANN201 (a context mana
     return _pynetdicom(work / "pynetdicom", expected)
 
 
+POSTGRES: list[PostgresServer] = []  # started once in main(), when installed
+
+
 def start_nodes(folder: Path, listeners: int = 1) -> list[NodeProcess]:
-    """`covid-plugin listen` processes, one port each. Today one node owns a data dir, so only
-    `listeners=1` runs; several processes sharing one PostgreSQL database and spool are the
-    hook for the multi-listener setup (issue 12): start them here, return them all."""
-    if listeners != 1:
-        raise NotImplementedError("several listeners need the shared PostgreSQL store")
-    node = NodeProcess(folder, {"quiet_period_s": 3600, "log_level": "WARNING",
-                                "pipelines": "tests.pipelines_for_tests:pipelines"})
-    return [node.start()]
+    """`covid-plugin listen` processes, one port each: one all-in-one node on the embedded
+    SQLite store, or `listeners` listener-only processes sharing one spool and a fresh
+    PostgreSQL database."""
+    config = {"quiet_period_s": 3600, "log_level": "WARNING",
+              "pipelines": "tests.pipelines_for_tests:pipelines",
+              "data_dir": str(folder / "var")}
+    if listeners == 1:
+        return [NodeProcess(folder, config).start()]
+    config |= {"database_url": POSTGRES[0].create_database(), "listener_runs_jobs": False}
+    nodes = []
+    for i in range(listeners):
+        (folder / f"listener{i}").mkdir()
+        nodes.append(NodeProcess(folder / f"listener{i}", config).start())
+    return nodes
 
 
 @contextmanager
@@ -222,7 +236,9 @@ RECEIVERS = {
     "pynetdicom_floor": pynetdicom_floor,
     "pynetdicom_fsync": pynetdicom_fsync,
     "covid_plugin_node": covid_plugin_node,
+    "covid_plugin_2_listeners": partial(covid_plugin_node, listeners=2),
 }
+OURS = ("covid_plugin_node", "covid_plugin_2_listeners")
 
 
 def measure(files: list[Path], work: Path, repeats: int,
@@ -233,6 +249,9 @@ def measure(files: list[Path], work: Path, repeats: int,
     for repeat in range(repeats):
         for associations in modes:
             for name, receiver in RECEIVERS.items():
+                if name == "covid_plugin_2_listeners" and (associations == 1 or not POSTGRES):
+                    seconds[associations].pop(name, None)  # one association: one listener
+                    continue
                 with receiver(work, len(files)) as (endpoints, called):
                     elapsed = send(endpoints, files, called, associations)
                 seconds[associations][name].append(elapsed)
@@ -244,11 +263,11 @@ def measure(files: list[Path], work: Path, repeats: int,
 def summarise(seconds: dict[str, list[float]], count: int) -> dict:
     """files/s (median) per receiver, and the node's ratio to each peer: the median of the
     ratios taken within each repeat."""
-    node = seconds["covid_plugin_node"]
     ratios = {
-        f"node_over_{peer}": round(statistics.median(
-            t_peer / t_node for t_peer, t_node in zip(times, node, strict=True)), 3)
-        for peer, times in seconds.items() if peer != "covid_plugin_node"
+        f"{ours.removeprefix('covid_plugin_')}_over_{peer}": round(statistics.median(
+            t_peer / t_ours for t_peer, t_ours in zip(times, seconds[ours], strict=True)), 3)
+        for ours in OURS if ours in seconds
+        for peer, times in seconds.items() if peer not in OURS
     }
     return {
         "seconds": {k: [round(x, 3) for x in v] for k, v in seconds.items()},
@@ -268,12 +287,21 @@ def main() -> int:
                         default=REPO / "benchmarks" / "results" / "ingest.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        (work / "in").mkdir()
-        files = make_instances(work / "in", args.count)
-        mb = sum(p.stat().st_size for p in files) / 1e6
-        seconds = measure(files, work, args.repeats, [1, args.associations])
+    bindir = postgres_bindir()
+    if bindir is None:
+        print("PostgreSQL is not installed: the two-listener measurement is left out")
+    else:
+        POSTGRES.append(PostgresServer(bindir, durable=True).start())
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            (work / "in").mkdir()
+            files = make_instances(work / "in", args.count)
+            mb = sum(p.stat().st_size for p in files) / 1e6
+            seconds = measure(files, work, args.repeats, [1, args.associations])
+    finally:
+        for server in POSTGRES:
+            server.stop()
     report = {
         "instances": args.count, "megabytes": round(mb, 1), "repeats": args.repeats,
         "sender": "DCMTK storescu, TCP_NODELAY=1 (sender, storescp and Orthanc)",
@@ -288,6 +316,8 @@ def main() -> int:
             "dcmtk_storescp": "none (page cache only)",
             "pynetdicom_floor": "keeps nothing",
             "pynetdicom_fsync": "fsync file, rename, fsync directory (no parse, no index)",
+            "covid_plugin_2_listeners": "as the node; index in PostgreSQL (fsync on, "
+                                        "synchronous_commit off, as SQLite's NORMAL)",
         },
         "load_average_1min": {"before": round(load_before[0], 2),
                               "after": round(os.getloadavg()[0], 2)},

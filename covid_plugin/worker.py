@@ -281,7 +281,7 @@ class Worker:
                       type(exc).__name__)
             log.debug("job %d failure details", job.id, exc_info=exc)
             reason = f"internal error ({type(exc).__name__}); details at DEBUG"
-            outcome, record = "failed", lambda: self.jobs.fail(job.id, reason, owner=self.owner)
+            outcome, record = "failed", lambda: self._end(job, self.jobs.fail, reason)
         finally:
             self._current = None
         self._record(job, record)
@@ -310,6 +310,14 @@ class Worker:
                       job.series_uid, exc)
             self._unrecorded.append((job, record))
 
+    def _end(self, job: Job, end: Callable[..., Any], reason: str) -> Any:
+        """Record an ending other than 'done' while this worker holds the lease: the queue
+        changes nothing (False, None) once another worker has taken the job."""
+        result = end(job.id, reason, owner=self.owner)
+        if not result:
+            raise LeaseLost(f"job {job.id}: {self.owner} no longer holds its lease")
+        return result
+
     def _io_failure(self, job: Job, exc: OSError) -> tuple[str, Callable[[], None]]:
         """A file operation failed: for lack of space the job is tried later (the disk, not
         the series, is at fault), anything else fails it."""
@@ -318,13 +326,13 @@ class Worker:
         if exc.errno not in _NO_SPACE:
             log.error("job %d (series %s) failed: %s", job.id, job.series_uid, detail)
             reason = f"a file could not be read or written: {detail}"
-            return "failed", lambda: self.jobs.fail(job.id, reason, owner=self.owner)
+            return "failed", lambda: self._end(job, self.jobs.fail, reason)
         log.error("job %d (series %s): no space for results (%s); will retry", job.id,
                   job.series_uid, detail)
 
         def record() -> None:
-            state = self.jobs.retry_later(job.id, f"no space to write results ({detail})",
-                                          owner=self.owner)
+            state = self._end(job, self.jobs.retry_later,
+                              f"no space to write results ({detail})")
             if state == "quarantined":
                 log.error("job %d (series %s) quarantined after %d attempts", job.id,
                           job.series_uid, job.attempts)
@@ -355,10 +363,8 @@ class Worker:
         results, note = outcome.results, outcome.note
         if not results:
             if outcome.skipped == len(outcome.problems):
-                return "skipped", lambda: self.jobs.skip(job.id, note or "skipped",
-                                                         owner=self.owner)
-            return "failed", lambda: self.jobs.fail(job.id, note or "no result",
-                                                    owner=self.owner)
+                return "skipped", lambda: self._end(job, self.jobs.skip, note or "skipped")
+            return "failed", lambda: self._end(job, self.jobs.fail, note or "no result")
         folder = self._folder(job)
         # earlier attempts' files were never recorded as results (or this attempt would not
         # exist): a killed run's leftovers, or a stalled worker's dropped ones

@@ -54,8 +54,11 @@ def _server_user() -> str | None:
 
 
 class PostgresServer:
-    def __init__(self, bindir: Path) -> None:
+    """`durable=False` (tests) turns fsync off; the ingest benchmark keeps it on."""
+
+    def __init__(self, bindir: Path, durable: bool = False) -> None:
         self.bindir = bindir
+        self.durable = durable
         self.user = _server_user()
         # not under pytest's tmp dir: as root that is mode 700, closed to the server's user;
         # short, because a Unix socket path has at most 107 bytes
@@ -77,9 +80,13 @@ class PostgresServer:
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
                   "-A", "trust", "--no-sync", "-E", "UTF8", "--locale", "C")
-        # fsync off: a test server's durability is not under test, its speed is
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses='' -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        # fsync off: a test server's durability is not under test, its speed is. Durable (the
+        # benchmark): fsync on, commits not waited for, as the SQLite store's synchronous=NORMAL;
+        # the spool's fsyncs and start-up recovery keep what was acknowledged
+        safety = "-c synchronous_commit=off" if self.durable else (
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses='' {safety} "
+                   "-c max_connections=200")
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
                   str(self.root / "server.log"), "-o", options, "-w", "-t", "60", "start")
         return self

@@ -11,11 +11,16 @@ import torch
 
 from covid_plugin.cli import _settings, build_parser, main
 from covid_plugin.config import ConfigError, Settings, load_settings
+from covid_plugin.instance import read_header
 from covid_plugin.ml.device import resolve_device
+from covid_plugin.observability import Metrics
+from covid_plugin.outputs import write_all
 from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.lock import DataDirInUse, DataDirLock
 from covid_plugin.store.spool import Spool
 from covid_plugin.worker import Worker
+from tests.conftest import rider_files
+from tests.pipelines_for_tests import MeanIntensityPipeline
 
 
 def test_work_without_a_shared_database_is_refused_with_the_reason(tmp_path: Path, capsys):
@@ -102,3 +107,34 @@ def test_only_one_of_several_workers_closes_a_series(db):
     assert first.close(1, None) is True
     assert second.close(1, "selection rules") is False
     assert [(j.state, j.reason) for j in first.all()] == [("queued", None)]
+
+
+def test_a_worker_that_lost_its_lease_drops_its_results(tmp_path: Path, db):
+    """A worker stalls past its lease; another takes the job: the first one's results are
+    neither recorded nor sent, and its files go."""
+    settings = Settings(data_dir=tmp_path, quiet_period_s=0, selection={"min_ct_slices": 2},
+                        destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": 9}])
+    spool = Spool(settings.spool_dir, db)
+    for path in rider_files(3):
+        data = path.read_bytes()
+        spool.store(read_header(data), data, "PACS")
+    with db.transaction() as conn:
+        conn.execute("UPDATE series SET released_at = last_at + 1")
+
+    class Stalls(MeanIntensityPipeline):
+        def run(self, series, models):
+            time.sleep(0.1)  # past the 0.05 s lease
+            other = JobQueue(db)
+            other.expire_leases()
+            assert other.claim("other-worker").id == 1
+            return super().run(series, models)
+
+    jobs = JobQueue(db, lease_s=0.05)
+    worker = Worker(settings, spool, jobs, Metrics(), [Stalls()], write_all, set,
+                    owner="stalled-worker")
+    assert worker.close_complete_series() == 1
+    assert worker.run_one()
+    [job] = jobs.all()
+    assert (job.state, job.lease_owner, job.attempts) == ("running", "other-worker", 2)
+    assert db.connection().execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+    assert not (settings.results_dir / "1" / "1").exists()
