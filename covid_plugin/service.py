@@ -125,7 +125,7 @@ class Node:
         beats: list[Callable[[], object]] = []
         if self.listens:
             self.scp = StorageSCP(settings, self.spool, self.metrics, self.associations)
-            beats.append(self.associations.heartbeat)
+            beats += [self.associations.heartbeat, self.scp.record_ended]
         if self.works:
             pipelines = load_object(settings.pipelines)(settings)
             self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -138,3 +139,32 @@ def test_a_worker_that_lost_its_lease_drops_its_results(tmp_path: Path, db):
     assert (job.state, job.lease_owner, job.attempts) == ("running", "other-worker", 2)
     assert db.connection().execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
     assert not (settings.results_dir / "1" / "1").exists()
+
+
+def test_an_association_end_the_database_refused_is_written_by_the_heartbeat(
+        tmp_path: Path, monkeypatch):
+    """Until its end is written the series counts as being delivered: the end must not be
+    lost when the store refuses it for a moment, or the series would never complete."""
+    from types import SimpleNamespace
+
+    from covid_plugin.node.scp import StorageSCP
+    from covid_plugin.store.associations import Associations
+    from covid_plugin.store.db import SQLiteDatabase
+
+    settings = Settings(data_dir=tmp_path)
+    db = SQLiteDatabase(settings.db_path)
+    associations = Associations(db, "listener")
+    associations.heartbeat()
+    scp = StorageSCP(settings, Spool(settings.spool_dir, db), Metrics(), associations)
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
+    scp._delivering(assoc, "1.2.3")
+    real_ended = Associations.ended
+
+    def unwritable(self, name, released):
+        raise sqlite3.OperationalError("database is locked")
+    monkeypatch.setattr(Associations, "ended", unwritable)
+    scp._on_released(SimpleNamespace(assoc=assoc))
+    assert associations.active_series() == {"1.2.3"}
+    monkeypatch.setattr(Associations, "ended", real_ended)
+    scp.record_ended()
+    assert associations.active_series() == set()

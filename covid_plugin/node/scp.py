@@ -98,6 +98,7 @@ class StorageSCP:
         # association id -> (its name in the database, the series it has delivered to)
         self._active: dict[int, tuple[str, set[str]]] = {}
         self._release_requested: set[int] = set()  # associations whose sender asked to release
+        self._unrecorded_ends: list[tuple[str, bool]] = []  # ends the database did not take
         self._lock = threading.Lock()
         self._server: GuardedAssociationServer | None = None
         self.ae = self._build_ae()
@@ -204,8 +205,8 @@ class StorageSCP:
         One transaction ends it in the database: the series' release or abort time is written
         as its open-association rows go, so a worker never sees the series finished before its
         abort. An aborted or lost association leaves its series incomplete until the sender
-        sends it again (series.py decides). If this write fails, the rows stay until the
-        association is ended at this listener's stop, or by a worker once its heartbeat stops.
+        sends it again (series.py decides). If this write fails, the heartbeat writes it later
+        (`record_ended`): until then the series still counts as being delivered.
         """
         with self._lock:
             name, series = self._active.get(id(assoc), ("", set()))
@@ -215,9 +216,11 @@ class StorageSCP:
                             "possibly incomplete", assoc.requestor.ae_title, len(series))
             try:
                 self.associations.ended(name, released)
-            except Exception:  # the store is unwritable: the quiet period still applies
-                log.exception("could not record the end of an association from %s",
-                              assoc.requestor.ae_title)
+            except Exception:  # the store is unwritable for a moment
+                log.exception("could not record the end of an association from %s; will "
+                              "retry", assoc.requestor.ae_title)
+                with self._lock:
+                    self._unrecorded_ends.append((name, released))
         with self._lock:
             self._active.pop(id(assoc), None)
             self._release_requested.discard(id(assoc))
@@ -261,6 +264,18 @@ class StorageSCP:
             self.metrics.duplicates.inc()
             log.info("instance %s from %s already held; kept once", sop_uid, calling)
         return 0x0000
+
+    def record_ended(self) -> None:
+        """Write the association ends the database refused before (the heartbeat calls it)."""
+        with self._lock:
+            pending, self._unrecorded_ends = self._unrecorded_ends, []
+        for i, (name, released) in enumerate(pending):
+            try:
+                self.associations.ended(name, released)
+            except Exception:
+                with self._lock:
+                    self._unrecorded_ends.extend(pending[i:])
+                raise
 
     def _delivering(self, assoc: Association, series_uid: str) -> None:
         """Before an association's first instance of a series is stored, record that it
