@@ -10,6 +10,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pydicom
 
@@ -206,8 +207,15 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
-    """The effective configuration: embedded defaults, then the file, environment and flags."""
-    print(settings.model_dump_json(indent=2))
+    """The effective configuration: embedded defaults, then the file, environment and flags;
+    the database password is not printed (the output gets pasted into tickets)."""
+    shown = settings.model_dump(mode="json")
+    if settings.database_url:
+        url = urlsplit(settings.database_url)
+        if url.password:
+            netloc = url.netloc.replace(f":{url.password}@", ":***@", 1)
+            shown["database_url"] = urlunsplit(url._replace(netloc=netloc))
+    print(json.dumps(shown, indent=2))
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from covid_plugin.cli import _settings, build_parser, main
+from covid_plugin.cli import _settings, build_parser, cmd_config, main
 from covid_plugin.config import ConfigError, Settings, load_settings
 from covid_plugin.instance import read_header
 from covid_plugin.ml.device import resolve_device
@@ -168,3 +168,11 @@ def test_an_association_end_the_database_refused_is_written_by_the_heartbeat(
     monkeypatch.setattr(Associations, "ended", real_ended)
     scp.record_ended()
     assert associations.active_series() == set()
+
+
+def test_config_output_hides_the_database_password(capsys):
+    settings = load_settings(None, {"database_url": "postgresql://covid:s3cret@db/covid"},
+                             environ={})
+    cmd_config(settings, build_parser().parse_args(["config"]))
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "postgresql://covid:***@db/covid" in out
