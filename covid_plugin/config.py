@@ -138,6 +138,9 @@ class NetworkSettings(_Strict):
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     max_associations: int = Field(default=32, ge=1)
     max_associations_per_peer: int = Field(default=16, ge=1)  # per remote IP address
+    # several `covid-plugin listen` processes on this machine share `port` (SO_REUSEPORT): the
+    # kernel spreads new connections over them. Every one of them must set it
+    reuse_port: bool = False
 
 
 class StorageLimits(_Strict):

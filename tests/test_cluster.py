@@ -229,3 +229,25 @@ def test_a_series_sent_over_two_listeners_waits_for_both_associations(cluster, t
     still_open.release()
     wait_for(lambda: c.query("SELECT state, n_instances_at_queue FROM jobs") == [("done", 8)],
              timeout=60, what="the series done once both associations ended")
+
+
+def test_two_listeners_share_one_port(cluster, pacs, tmp_path: Path):
+    """Two listeners behind one address on one machine (network.reuse_port): the kernel
+    spreads the associations over both, and every series still runs once."""
+    port = free_port()
+    c = cluster(port=port, network={"reuse_port": True})
+    listeners = []
+    for name in ("listen-a", "listen-b"):
+        process = c._process(name, ("listen", "--no-jobs"), None)
+        listeners.append(process.start(ready=lambda p=process: "listening as" in p.log()))
+    c.worker("work")
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    series = small_series(folder, 16, slices=2)
+    with ThreadPoolExecutor(max_workers=8) as senders:
+        results = list(senders.map(lambda paths: storescu(port, paths), series))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    wait_for(lambda: c.query("SELECT state, attempts FROM jobs") == [("done", 1)] * 16,
+             timeout=120, what="16 jobs done once")
+    accepted = [p.log().count("association from STORESCU") for p in listeners]
+    assert sum(accepted) == 16 and all(accepted), accepted  # both took associations

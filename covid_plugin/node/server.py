@@ -81,6 +81,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._pending: defaultdict[str, set[int]] = defaultdict(set)
         super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers)
 
+    def server_bind(self) -> None:
+        """With `reuse_port`, several listener processes on this machine bind the same port
+        and the kernel spreads new connections over them (SO_REUSEPORT): two listeners behind
+        one address without a balancer. pynetdicom's own bind then sets SO_REUSEADDR."""
+        if self.limits.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def connections_from(self, host: str) -> int:
         """Connections this address holds: in handshake, plus live associations (by client
         port, so that one being handed over is not counted twice)."""
