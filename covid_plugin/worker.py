@@ -383,11 +383,14 @@ class Worker:
         if not deliveries:
             log.warning("job %d: no destination configured for %s; results kept in %s",
                         job.id, job.calling_ae, folder)
-        if self.on_result is not None:
-            for findings, _ in results:
-                self.on_result(job, findings, [path for path, _ in saved])
-        return "done", lambda: self.jobs.finish(job.id, deliveries, note, reports,
-                                                supersedes=earlier, owner=self.owner)
+
+        def record() -> None:
+            self.jobs.finish(job.id, deliveries, note, reports, supersedes=earlier,
+                             owner=self.owner)
+            if self.on_result is not None:  # told only of results that stand
+                for findings, _ in results:
+                    self.on_result(job, findings, [path for path, _ in saved])
+        return "done", record
 
     def purge_if_due(self) -> None:
         """Apply the retention policy every `retention.interval_s`."""
