@@ -123,11 +123,12 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _outbox(settings: Settings):
+def _outbox(settings: Settings, db=None):
     from covid_plugin.store.outbox import Outbox
 
     o = settings.outbox
-    return Outbox(_database(settings), o.max_attempts, o.backoff_base_s, o.backoff_max_s)
+    return Outbox(db or _database(settings), o.max_attempts, o.backoff_base_s,
+                  o.backoff_max_s)
 
 
 def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
@@ -176,14 +177,14 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 
     report: dict = {"ae_title": settings.ae_title}
     try:
-        db = _database(settings)
-        report["jobs"] = JobQueue(db).counts()
-        report["outbox"] = _outbox(settings).counts()
+        db = _database(settings)  # one connection (and one schema check) for the report
+        jobs, outbox = JobQueue(db), _outbox(settings, db)
+        report["jobs"] = jobs.counts()
+        report["outbox"] = outbox.counts()
         report["store"] = True
         report.update(operations_health(
             settings.data_dir, settings.storage,
-            [j.id for j in JobQueue(db).stuck(settings.jobs.stuck_after_s)], [],
-            _outbox(settings).backlog()))
+            [j.id for j in jobs.stuck(settings.jobs.stuck_after_s)], [], outbox.backlog()))
     except Exception as exc:  # report the failure, as a health check must
         report["store"] = False
         report["store_error"] = str(exc)
