@@ -663,3 +663,15 @@ def test_declined_series_gets_a_short_valid_sr_that_says_why(
     assert report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
         .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr_series.datasets[0].SOPInstanceUID
     assert write_declined(cr_series, reason, OutputSettings(declined_reports=False)) == []
+
+
+def test_lungs_too_small_to_outline_leave_the_whole_image_as_the_region(
+        cr_series: LoadedSeries) -> None:
+    """A lung mask of one pixel has no outline: the report still gets written (it raised an
+    IndexError before, so the job failed with no SR at all)."""
+    findings = cxr_findings(cr_series, predicted="normal")
+    tiny = np.zeros(cr_series.array.shape, bool)
+    tiny[0, 700, 700] = True
+    findings.masks[0].array = tiny
+    objects = write_all(findings, cr_series)
+    assert "SR" in [o.Modality for o in objects]

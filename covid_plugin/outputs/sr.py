@@ -245,15 +245,14 @@ def _summary_group(
     for mask in findings.masks:
         if is_anatomy(mask):
             anatomy |= mask.array[frame].astype(bool)
-    if anatomy.any():
-        region = convex_hull_image(anatomy)
-    else:
-        region = np.ones(series.array.shape[1:], dtype=bool)
+    hull = outlines(convex_hull_image(anatomy), 1) if anatomy.any() else []
+    # lungs too small to outline (a few pixels) say nothing about where: the whole image
+    region = hull[0] if hull else outlines(np.ones(series.array.shape[1:], dtype=bool), 1)[0]
     c = findings.classification
     called = next((p.code for p in c.probabilities if p.key == c.predicted), None) if c else None
     model = c.model if c is not None else (findings.models[0] if findings.models else None)
     return _outline_group(
-        series, frame, outlines(region, 1)[0],
+        series, frame, region,
         tracking_uid=tracking_uid,
         label="AI result",
         finding_type=coded(called) if called else None,
