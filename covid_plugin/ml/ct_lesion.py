@@ -230,7 +230,7 @@ class LesionSegmenter:
     def __init__(self, spec: ModelSpec, network: torch.nn.Module, batch_size: int = 4,
                  device: str | torch.device = "cpu"):
         self.spec = spec
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # the one rule, as the CXR models
         self.network = network.eval().to(self.device)
         self.batch_size = batch_size
         # the measurement setting: the mask the node writes and measures (SEG, SR volumes)
@@ -245,7 +245,7 @@ class LesionSegmenter:
         network = build_network(tuple(spec.input["channels"]))
         state = torch.load(model_dir / spec.weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
-        return cls(spec, network, batch_size, resolve_device(device))
+        return cls(spec, network, batch_size, device)
 
     @torch.inference_mode()
     def infer(self, hu: np.ndarray, lung: np.ndarray) -> LesionProbabilities:
