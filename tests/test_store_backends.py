@@ -7,6 +7,7 @@ concurrency that only PostgreSQL allows is in test_store_concurrency.py.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -201,3 +202,16 @@ def test_an_instance_is_indexed_once(db: Database, tmp_path: Path):
 def test_unknown_database_url_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="postgresql://"):
         open_database("mysql://x", tmp_path / "db.sqlite")
+
+
+def test_an_instance_resent_under_another_series_leaves_no_second_file(db: Database,
+                                                                       tmp_path: Path):
+    """Recovery and retention know files by their index rows: a copy the index does not hold
+    would stay on disk for ever."""
+    spool = Spool(tmp_path / "spool", db)
+    data = rider_files(1)[0].read_bytes()
+    header = read_header(data)
+    assert spool.store(header, data, "PACS").is_new
+    moved = dataclasses.replace(header, series_uid=header.series_uid + ".9")
+    assert not spool.store(moved, data, "PACS").is_new
+    assert len(list((tmp_path / "spool").glob("*/*/*.dcm"))) == 1

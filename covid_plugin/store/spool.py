@@ -100,20 +100,24 @@ class Spool:
         _fsync_dir(final.parent)
 
     def contains(self, sop_instance_uid: str) -> bool:
-        """Whether the index holds the instance (start-up recovery asks, per file)."""
         row = self.db.connection().execute(
             "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
         ).fetchone()
         return row is not None
 
     def store(self, header: InstanceHeader, data: bytes, calling_ae: str) -> StoredInstance:
-        """Make one instance durable and indexed; a SOP Instance UID already held is indexed
-        once (the insert's conflict decides, without a look-up first: a resend is rare, a
-        look-up per instance is not). A resent copy replaces the file's bytes atomically.
+        """Make one instance durable and indexed; a SOP Instance UID already held is kept once.
+
+        The look-up comes before the write: a resend is not written again (a whole study
+        resent would cost a durable write per instance), and one resent under another series
+        would leave a second file that no index row, recovery or retention knows. Two copies
+        arriving at once are both written; the insert's conflict indexes one.
 
         Raises OSError when the disk cannot take it (the caller answers 'out of resources').
         """
         final = self.path_for(header)
+        if self.contains(header.sop_instance_uid):
+            return StoredInstance(header.sop_instance_uid, final, is_new=False)
         self._write_durably(data, final)
         is_new = self._index(header, final, len(data), calling_ae)
         return StoredInstance(header.sop_instance_uid, final, is_new)
