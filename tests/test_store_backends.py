@@ -215,3 +215,26 @@ def test_an_instance_resent_under_another_series_leaves_no_second_file(db: Datab
     moved = dataclasses.replace(header, series_uid=header.series_uid + ".9")
     assert not spool.store(moved, data, "PACS").is_new
     assert len(list((tmp_path / "spool").glob("*/*/*.dcm"))) == 1
+
+
+def test_a_full_resend_of_a_series_recorded_incomplete_opens_a_new_job(db: Database,
+                                                                        tmp_path: Path):
+    """The sender stored every instance, then aborted; the series was recorded incomplete.
+    Its resend brings only instances already held: it must still be processed, once."""
+    spool = Spool(tmp_path / "spool", db)
+    files = [p.read_bytes() for p in rider_files(3)]
+    for data in files:
+        spool.store(read_header(data), data, "PACS")
+    JobQueue(db).close(1, "incomplete: the transfer broke off after 3 instance(s) ...")
+    for data in files + files:  # resent, twice
+        spool.store(read_header(data), data, "PACS")
+    assert [(j.state, j.id) for j in JobQueue(db).all()] == [("rejected", 1), ("received", 2)]
+
+
+def test_a_resend_of_a_processed_series_is_not_run_again(db: Database, tmp_path: Path):
+    spool = Spool(tmp_path / "spool", db)
+    data = rider_files(1)[0].read_bytes()
+    spool.store(read_header(data), data, "PACS")
+    JobQueue(db).close(1, "not a chest study (body part KNEE, ...)")
+    spool.store(read_header(data), data, "PACS")
+    assert [j.state for j in JobQueue(db).all()] == ["rejected"]

@@ -31,6 +31,10 @@ from covid_plugin.store.db import Database, now
 
 log = logging.getLogger(__name__)
 
+# how a 'rejected' job's reason starts when its sender broke off (series.incomplete_reason):
+# a resend of that series opens a new job even when every instance was already held
+INCOMPLETE = "incomplete"
+
 ENDED_STATES = ("done", "failed", "rejected", "quarantined", "superseded")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from covid_plugin.config import StorageLimits
 from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
 from covid_plugin.store.db import Database, now
+from covid_plugin.store.jobs import INCOMPLETE
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Spool:
         """
         final = self.path_for(header)
         if self.contains(header.sop_instance_uid):
+            self._reopen_if_broken_off(header.series_uid)
             return StoredInstance(header.sop_instance_uid, final, is_new=False)
         self._write_durably(data, final)
         is_new = self._index(header, final, len(data), calling_ae)
@@ -155,6 +157,28 @@ class Spool:
                 (header.series_uid, t, t, header.series_uid),
             )
         return True
+
+    def _reopen_if_broken_off(self, series_uid: str) -> None:
+        """A series recorded as incomplete (its sender broke off) that the sender now sends
+        again: when the first transfer had in fact stored every instance, the resend brings
+        only instances already held, and without a new job the complete series would never
+        be processed. The quiet period counts from the resend."""
+        latest = self.db.connection().execute(
+            "SELECT state, reason FROM jobs WHERE series_uid = ? ORDER BY id DESC LIMIT 1",
+            (series_uid,),
+        ).fetchone()
+        if latest is None or latest["state"] != "rejected" or \
+                not (latest["reason"] or "").startswith(INCOMPLETE):
+            return
+        t = now()
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO jobs (series_uid, state, created_at, updated_at) "
+                "SELECT ?, 'received', ?, ? WHERE NOT EXISTS "
+                "(SELECT 1 FROM jobs WHERE series_uid = ? AND state = 'received')",
+                (series_uid, t, t, series_uid),
+            )
+            conn.execute("UPDATE series SET last_at = ? WHERE series_uid = ?", (t, series_uid))
 
     def reject(self, data: bytes, reason: str, calling_ae: str, sop_uid: str | None) -> Path | None:
         """Keep a refused dataset for inspection and record why; never raises."""
