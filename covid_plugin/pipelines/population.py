@@ -11,9 +11,10 @@ node. Reasons carry no header value, only the derived age in whole years.
 from __future__ import annotations
 
 import re
-from datetime import date, datetime
+from datetime import date
 
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DA
 
 from covid_plugin.config import CxrPopulationSettings
 
@@ -36,13 +37,14 @@ def age_from_age_string(value: object) -> float | None:
 
 
 def parse_date(value: object) -> date | None:
-    """A DICOM DA (YYYYMMDD, or the old YYYY.MM.DD) as a date; None when not a real date."""
-    text = str(value or "").strip().replace(".", "")
-    if not re.fullmatch(r"\d{8}", text):
+    """A DICOM DA (YYYYMMDD, or the old YYYY.MM.DD) as a date, read by pydicom; None when
+    absent or not a real date ("00000000", month 13, 30 February)."""
+    text = str(value or "").strip()
+    if not text:
         return None
     try:
-        return datetime.strptime(text, "%Y%m%d").date()
-    except ValueError:  # "00000000", month 13, 30 February
+        return DA(text)
+    except ValueError:
         return None
 
 
