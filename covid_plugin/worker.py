@@ -233,9 +233,12 @@ class Worker:
 
     def close_complete_series(self) -> int:
         """Queue or reject every series that has gone quiet; returns how many were closed."""
+        open_series = self.jobs.open_series()
+        if not open_series:  # the usual round: no need to ask which associations are open
+            return 0
         active, t, closed = self.active_series(), time.time(), 0
         timeout = self.settings.jobs.incomplete_timeout_s
-        for series in self.jobs.open_series():
+        for series in open_series:
             state = completion(series, t, self.settings.quiet_period_s, active,
                                self._held_until, timeout)
             if state == "wait":
