@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covid_plugin.ml import ct_lung
+from covid_plugin.ml import ct_lesion, ct_lung
 from covid_plugin.ml.ct_cls import lesion_features, peripheral_zone, rule_score
 from covid_plugin.ml.ct_lesion import LesionSegmenter, filter_lesions
 from training.common.ct_series import FULL_SERIES, HuSeries, read_series
@@ -48,7 +48,6 @@ BLOCKS = {
     "ct_hu/dicom/covid-ct-md_cap002": "pneumonia_other",
     "ct_hu/dicom/covid-ct-md_normal002": "normal",
 }
-NORMALS = [name for name, label in PATIENTS.items() if label == "normal"]
 
 LESION_PROBABILITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_LESION_ML = (0.0, 0.1, 0.5, 1.0)
@@ -71,8 +70,10 @@ class Patient:
 
 
 def _cache_key(segmenter: LesionSegmenter, rel: str) -> str:
-    lung_code = Path(ct_lung.__file__).read_bytes()
-    digest = hashlib.sha256(lung_code + segmenter.spec.weights_sha256.encode() + rel.encode())
+    # the node's code that turns a series into lesion probabilities: lungs, then the network's
+    # pre- and post-processing (softmax, anti-grid filter, crop, resize)
+    code = Path(ct_lung.__file__).read_bytes() + Path(ct_lesion.__file__).read_bytes()
+    digest = hashlib.sha256(code + segmenter.spec.weights_sha256.encode() + rel.encode())
     return digest.hexdigest()[:16]
 
 

@@ -100,11 +100,6 @@ def load_hu_series(data: Path, names: list[str] | None = None,
     return out
 
 
-def source_of(name: str) -> tuple[str, str]:
-    """The citation and licence of a series folder, for model cards."""
-    return next(v for k, v in SOURCES.items() if name.startswith(k))
-
-
 def series_slice_labels(data: Path) -> dict[str, dict[float, int]]:
     """Radiologists' per-slice infection labels of the whole COVID-CT-MD series, by subject and
     slice z (PROVENANCE.md: label index = InstanceNumber order); blank (normals) reads as 0."""
@@ -113,19 +108,4 @@ def series_slice_labels(data: Path) -> dict[str, dict[float, int]]:
         for row in csv.DictReader(fh):
             value = row["infection"]
             labels[row["subject"]][round(float(row["position_z"]), 1)] = int(value) if value else 0
-    return dict(labels)
-
-
-def covid_ct_md_slice_labels(data: Path) -> dict[str, dict[float, int]]:
-    """COVID-CT-MD per-slice infection labels, read in InstanceNumber order (PROVENANCE.md).
-
-    The normal subject's labels are blank (the dataset labels infection in COVID and CAP
-    subjects only); a normal subject has no infected slice, so blank reads as 0.
-    """
-    labels: dict[str, dict[float, int]] = defaultdict(dict)
-    with open(data / "ct_hu" / "covid_ct_md_slice_labels.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            folder = Path(row["path"]).parent.name
-            value = row["infection_if_index_is_instance_order"]
-            labels[folder][float(row["slice_location"])] = int(value) if value else 0
     return dict(labels)
