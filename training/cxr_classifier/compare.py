@@ -102,7 +102,7 @@ def compare(args: argparse.Namespace) -> dict:
     y = cls[test].numpy()
     pa, fa = scores(args.a, items, test, data, args.cache)
     pb, fb = scores(args.b, items, test, data, args.cache)
-    adult = np.array([items[i].paediatric != "yes" for i in test])
+    adult = np.array([is_adult(items[i]) for i in test])
     sources = [items[i].source for i in test]
     normal = y == CLASS_KEYS.index("normal")
 
@@ -149,7 +149,7 @@ def compare(args: argparse.Namespace) -> dict:
         yh = cls[idx].numpy()
         ha = probabilities(args.a_holdout, items, idx, data, args.cache)
         hb = probabilities(args.b_holdout, items, idx, data, args.cache)
-        adult_h = np.array([items[i].paediatric != "yes" for i in idx])
+        adult_h = np.array([is_adult(items[i]) for i in idx])
         result["held_out_source"] = {
             "source": args.source, "a": str(args.a_holdout), "b": str(args.b_holdout),
             "covid_auc": paired_bootstrap(weighted_covid_auc, yh, ha, hb, patients[idx]),
