@@ -18,7 +18,7 @@ from covid_plugin.outputs.codes import RULE_BASED_SHA256
 from covid_plugin.outputs.declined import build_declined_report
 from covid_plugin.outputs.headers import lenient_patient_attributes
 from covid_plugin.outputs.pr import build_presentation_state
-from covid_plugin.outputs.regions import key_image_of
+from covid_plugin.outputs.regions import key_image_of, mask_outlines
 from covid_plugin.outputs.sc import build_secondary_capture
 from covid_plugin.outputs.seg import build_segmentations, segmentations_of
 from covid_plugin.outputs.settings import OutputSettings
@@ -71,9 +71,11 @@ def write_all(
     lenient_patient_attributes(series.datasets)
     try:
         segments = build_segmentations(findings, series, settings, when)
-        presentation = build_presentation_state(findings, series, settings, when)
         frame = key_image_of(findings, series)  # one key image for the SR and the SC
-        report = build_report(findings, series, settings, segments, when, frame)
+        # each mask outlined once, for the SR and the presentation state alike
+        drawn = {mask.key: mask_outlines(mask, series, frame) for mask in findings.masks}
+        presentation = build_presentation_state(findings, series, settings, drawn, when)
+        report = build_report(findings, series, settings, segments, when, frame, drawn)
         capture = build_secondary_capture(findings, series, settings, when, frame)
     except HEADER_ERRORS as error:
         raise _as_output_error(error, series.series_instance_uid) from error

@@ -15,12 +15,11 @@ import highdicom as hd
 from covid_plugin.findings import Findings
 from covid_plugin.outputs.colours import segment_colours
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
-from covid_plugin.outputs.regions import is_anatomy, outlines
+from covid_plugin.outputs.regions import Outline
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.outputs.text import result_line
 from covid_plugin.volume import LoadedSeries
 
-LUNG_OUTLINES = 2
 CAPTION_LAYER = "AI_RESULT"
 LAYER_NAMES = {"suspicious_region": "REGION"}  # layer names are at most 16 characters
 
@@ -29,9 +28,11 @@ def build_presentation_state(
     findings: Findings,
     series: LoadedSeries,
     settings: OutputSettings,
+    drawn: dict[str, list[tuple[int, Outline]]],
     when: datetime.datetime | None = None,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState | None:
-    """The outlines of a radiograph's masks on its first frame; None for a CT (it has a SEG)."""
+    """The outlines of a radiograph's masks on its first frame (`drawn`, as the SR draws
+    them); None for a CT (it has a SEG)."""
     if series.modality == "CT" or len(series.datasets) != 1:
         return None
     when = when or datetime.datetime.now()
@@ -40,7 +41,7 @@ def build_presentation_state(
     for order, (mask, colour) in enumerate(
         zip(findings.masks, segment_colours(findings.masks), strict=True), start=1
     ):
-        found = outlines(mask.array[0], LUNG_OUTLINES if is_anatomy(mask) else 1)
+        found = [outline for _, outline in drawn[mask.key]]
         if not found:
             continue
         layer = hd.pr.GraphicLayer(

@@ -21,6 +21,7 @@ from covid_plugin.volume import LoadedSeries
 
 OUTLINE_TOLERANCE_PX = 0.5  # polygon simplification; keeps SR and GSPS objects small
 MIN_OUTLINE_POINTS = 4  # a closed outline with three corners at least
+LUNG_OUTLINES = 2  # a lung mask of a radiograph: the two largest regions, one per side
 
 
 @dataclass(frozen=True)
@@ -80,3 +81,22 @@ def outlines(mask2d: np.ndarray, largest: int | None = None) -> list[Outline]:
         points[-1] = points[0]
         found.append(Outline(points.astype(np.float32)))
     return found
+
+
+def mask_outlines(mask: Mask, series: LoadedSeries, key: int) -> list[tuple[int, Outline]]:
+    """Where a mask is outlined: (frame, outline) pairs, empty for an empty mask. Found once
+    per mask by write_all and drawn by both the SR and the presentation state.
+
+    A radiograph's lung mask holds both lungs: its two largest regions. On a CT each mask is
+    outlined once, by its largest region on the key slice, or on its own largest slice when
+    it is absent from the key slice (a consolidation elsewhere, say).
+    """
+    if series.modality != "CT":
+        return [(0, o) for o in outlines(mask.array[0], LUNG_OUTLINES if is_anatomy(mask) else 1)]
+    frame = key
+    if not mask.array[key].any():
+        areas = mask.array.reshape(mask.array.shape[0], -1).sum(axis=1)
+        if not areas.any():
+            return []
+        frame = int(np.argmax(areas))
+    return [(frame, o) for o in outlines(mask.array[frame], 1)]

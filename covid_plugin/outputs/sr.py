@@ -51,7 +51,13 @@ from covid_plugin.outputs.codes import (
     procedure_reported,
 )
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
-from covid_plugin.outputs.regions import Outline, is_anatomy, key_image_of, outlines
+from covid_plugin.outputs.regions import (
+    Outline,
+    is_anatomy,
+    key_image_of,
+    mask_outlines,
+    outlines,
+)
 from covid_plugin.outputs.seg import SegmentRef, segmentations_of
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.volume import LoadedSeries, projection_spacing
@@ -61,7 +67,6 @@ MeasurementGroup = (
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 )
-LUNG_OUTLINES = 2  # a lung mask of a radiograph: the two largest regions, one per side
 # The tracking identifier prefix by which Cornerstone's SR adapter (OHIF 3.x) recognises a
 # closed outline it can load as a freehand ROI into the measurement panel; the rest of the
 # identifier is our label. Other readers see an ordinary text identifier.
@@ -87,8 +92,10 @@ def build_report(
     segments: dict[str, SegmentRef] | None = None,
     when: datetime.datetime | None = None,
     frame: int | None = None,
+    drawn: dict[str, list[tuple[int, Outline]]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one pipeline run; `segments` say where each mask's SEG segment is.
+    """The SR for one pipeline run; `segments` say where each mask's SEG segment is, `drawn`
+    its outlines (regions.mask_outlines, found once for the SR and the presentation state).
 
     Viewers that list SR measurements (OHIF) merge the groups that share a tracking UID and
     need an image region in each merged measurement: a group with none leaves OHIF 3.13 with
@@ -107,7 +114,7 @@ def build_report(
         )
     segments = segments or {}
     for mask in findings.masks:
-        found = _mask_outlines(mask, series, frame)
+        found = drawn[mask.key] if drawn is not None else mask_outlines(mask, series, frame)
         segment = segments.get(mask.key)
         segment_uid = (
             segment.segmentation.SegmentSequence[segment.number - 1].TrackingUID
@@ -305,24 +312,6 @@ def _segment_group(
         finding_sites=_sites(mask),
         measurements=measurements or None,
     )
-
-
-def _mask_outlines(mask: Mask, series: LoadedSeries, key: int) -> list[tuple[int, Outline]]:
-    """Where a mask is outlined: (frame, outline) pairs, empty for an empty mask.
-
-    A radiograph's lung mask holds both lungs: its two largest regions. On a CT each mask is
-    outlined once, by its largest region on the key slice, or on its own largest slice when
-    it is absent from the key slice (a consolidation elsewhere, say).
-    """
-    if series.modality != "CT":
-        return [(0, o) for o in outlines(mask.array[0], LUNG_OUTLINES if is_anatomy(mask) else 1)]
-    frame = key
-    if not mask.array[key].any():
-        areas = mask.array.reshape(mask.array.shape[0], -1).sum(axis=1)
-        if not areas.any():
-            return []
-        frame = int(np.argmax(areas))
-    return [(frame, o) for o in outlines(mask.array[frame], 1)]
 
 
 def _outline_group(
