@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 from covid_plugin.ml.ct_lung import lung_volumes_ml, segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit
 from training.common.ct_plots import LUNG_COLOURS, overlay, save_grid, tile
-from training.common.ct_series import FULL_SERIES, load_hu_series
+from training.common.ct_series import FULL_SERIES, HU_SERIES, load_hu_series
 from training.common.paths import REPO
 from training.ct_lung.card import write_lung_card
 
@@ -68,11 +68,16 @@ def storage_check(hu: np.ndarray, spacing, reference: dict[str, float]) -> dict[
         }
     return out
 
+def _first(folders: dict[str, str], limit: int | None) -> dict[str, str]:
+    return dict(list(folders.items())[:limit])
+
+
 def evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-lung")
-    series_list = (load_hu_series(data)[: args.limit]
-                   + load_hu_series(data, which=FULL_SERIES)[: args.limit])
+    # the limit picks folders before any is read (each is a full HU volume)
+    series_list = [*load_hu_series(data, which=_first(HU_SERIES, args.limit)),
+                   *load_hu_series(data, which=_first(FULL_SERIES, args.limit))]
     results, rows = {}, []
     for series in series_list:
         start = time.perf_counter()
