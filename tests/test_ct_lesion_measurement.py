@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from covid_plugin.ml.ct_cls import CtClassifier
-from covid_plugin.ml.ct_lesion import LesionSegmenter, filter_lesions
+from covid_plugin.ml.ct_lesion import (
+    CONSOLIDATION,
+    NONE,
+    LesionSegmenter,
+    attenuation_kind,
+    filter_lesions,
+)
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.volume import load_series_files
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
@@ -62,7 +68,7 @@ def test_decision_mask_has_its_own_setting_and_measurement_keeps_the_spec_one():
 
     strict = (0.97, 0.0)  # a decision setting far from any measurement setting
     measured, decided = segmenter.predict_with_decision(hu, lung, spacing, strict)
-    probability, kind = segmenter.predict_probabilities(hu, lung)
+    probability, kind = segmenter.predict_probabilities(hu, lung, spacing)
     expected = filter_lesions(probability, kind, spacing, segmenter.threshold,
                               segmenter.min_lesion_ml, segmenter.min_mean_probability)
     np.testing.assert_array_equal(measured, expected)
@@ -82,7 +88,7 @@ def test_node_keeps_one_float16_volume_over_the_thorax_box_and_loses_nothing():
     hu = series.array
     lung = segment_lungs(hu, series.spacing, series.orientation)
     segmenter = LesionSegmenter.load(MODELS / "ct-lesion")
-    found = segmenter.infer(hu, lung)
+    found = segmenter.infer(hu, lung, series.spacing)
     box = found.box
     assert found.signed.dtype == np.float16
     assert found.signed.shape == (hu.shape[0], box[0].stop - box[0].start,
@@ -91,10 +97,11 @@ def test_node_keeps_one_float16_volume_over_the_thorax_box_and_loses_nothing():
     probability = np.zeros(hu.shape, np.float16)
     kind = np.zeros(hu.shape, np.uint8)
     with torch.inference_mode():
-        for index, probs, inside in segmenter._batches(hu, lung, box):
+        for index, lesion, inside in segmenter._batches(hu, lung, box):
             full_index = (index, *box)
-            probability[full_index] = (probs[:, 1] + probs[:, 2]).half().numpy() * inside
-            kind[full_index] = np.where(probs[:, 2] > probs[:, 1], 2, 1) * inside
+            by_hu = attenuation_kind(hu[full_index], min(series.spacing[1:]))
+            probability[full_index] = lesion.half().numpy() * (inside & (by_hu != NONE))
+            kind[full_index] = np.where(by_hu == CONSOLIDATION, 2, 1) * inside
     assert (kind == 2).any() and (kind == 1).any()
     got_probability, got_kind = found.split()
     np.testing.assert_array_equal(found.full(got_probability), probability)

@@ -18,6 +18,8 @@ from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.__main__ import main
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+SMALL = ["--medseg-per-batch", "1", "--negatives-per-batch", "1", "--positives-per-batch", "1",
+         "--crop", "64", "--checkpoint-every", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,7 @@ def lesion_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ct")
     out = root / "ct-lesion"
     args = ["train", "ct-lesion", "--data", str(DATA), "--out", str(out), "--device", "cpu",
-            "--max-steps", "2", "--limit", "2", "--cache", str(root / "cache"),
-            "--batch-size", "2", "--checkpoint-every", "1"]
+            "--max-steps", "2", "--limit", "2", "--cache", str(root / "cache"), *SMALL]
     assert main(args) == 0
     return out
 
@@ -34,6 +35,8 @@ def lesion_model(tmp_path_factory) -> Path:
 def test_lesion_training_writes_a_loadable_model(lesion_model):
     spec = load_spec(lesion_model)
     assert spec.weights_sha256 and (lesion_model / spec.weights).stat().st_size < 25e6
+    trained_on = spec.model_extra["data"]["trained_on"]
+    assert trained_on["negative_slices"] > 0 and trained_on["positive_slices"] > 0
     assert spec.intensity["lower_hu"] < -700 < 0 < spec.intensity["upper_hu"]
     assert {lbl.key: lbl.value for lbl in spec.labels}["consolidation"] == "95436008"
     assert (lesion_model / "window_calibration.json").is_file()
@@ -53,12 +56,22 @@ def test_lesion_inference_on_a_real_series_stays_inside_the_lungs(lesion_model):
 
 def test_resume_continues_from_the_checkpoint(lesion_model):
     cache = lesion_model.parent / "cache"
-    assert torch.load(cache / "last.ckpt", weights_only=False)["step"] == 2
+    assert torch.load(cache / "run-all" / "last.ckpt", weights_only=False)["step"] == 2
     args = ["train", "ct-lesion", "--data", str(DATA), "--out", str(lesion_model), "--resume",
-            "--max-steps", "3", "--limit", "2", "--cache", str(cache), "--batch-size", "2",
-            "--checkpoint-every", "1"]
+            "--max-steps", "3", "--limit", "2", "--cache", str(cache), *SMALL]
     assert main(args) == 0
-    assert torch.load(cache / "last.ckpt", weights_only=False)["step"] == 3
+    assert torch.load(cache / "run-all" / "last.ckpt", weights_only=False)["step"] == 3
+
+
+def test_a_fold_model_never_trains_on_its_held_out_patients_or_slices():
+    from training.common.ct_folds import FOLDS, medseg_held_out
+    from training.ct_lesion.hu_slices import training_patients
+
+    for fold, held_out in FOLDS.items():
+        assert not set(training_patients(fold)) & set(held_out)
+        assert set(training_patients(fold)) | set(held_out) == set(training_patients("all"))
+    assert [medseg_held_out(i, "A") for i in range(4)] == [True, False, True, False]
+    assert not any(medseg_held_out(i, "B") == medseg_held_out(i, "A") for i in range(4))
 
 
 def test_tampered_weights_are_refused(lesion_model, tmp_path):
@@ -74,8 +87,10 @@ def test_tampered_weights_are_refused(lesion_model, tmp_path):
 
 def test_lesion_evaluate_writes_dice_and_iou(lesion_model):
     assert main(["evaluate", "ct-lesion", "--data", str(DATA), "--out", str(lesion_model),
-                 "--limit", "1"]) == 0
+                 "--limit", "1", "--folds", str(lesion_model.parent / "no-folds")]) == 0
     metrics = json.loads((lesion_model / "metrics.json").read_text())
+    assert metrics["headline"]["out_of_fold"] is False  # said, not hidden
+    assert set(metrics["headline"]["goals"]) >= {"medseg_test_dice_lesion >= 0.60"}
     test = metrics["test_slices_8bit"]
     assert test["n_slices"] == 1 and "patient" in test["note"]
     assert set(test["dice_pooled"]) >= {"ggo", "consolidation", "lesion"}
@@ -88,7 +103,8 @@ def test_ct_cls_train_and_evaluate_per_patient(lesion_model, tmp_path):
     assert main(["train", "ct-cls", "--data", str(DATA), "--out", str(out)]) == 0
     assert CtClassifier.load(out).spec.label("covid").value == "840539006"
     assert main(["evaluate", "ct-cls", "--data", str(DATA), "--out", str(out), "--limit", "2",
-                 "--lesion-model", str(lesion_model)]) == 0
+                 "--lesion-model", str(lesion_model),
+                 "--lesion-folds", str(lesion_model.parent / "no-folds")]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_patients"] == 2 and metrics["n_covid"] == 1
     assert all(0.0 <= r["score"] <= 1.0 for r in metrics["per_patient"].values())

@@ -1,25 +1,26 @@
 """CT lesion segmentation (0 none, 1 ground-glass opacity, 2 consolidation) on axial slices.
 
-The network was trained on 8-bit slices cropped to the thorax, longer side 256 px. Real CT
-reaches that domain through the same steps, in this order, for training and for the node:
-crop to the thorax (lung bounding box plus a margin), apply the HU window (ct_window), resize
-the longer side to `input.size` and pad the shorter one (`to_network_input`).
+The network answers one question per pixel: lesion or not. It was trained on HU thorax crops
+of real chests (normal lungs included, training/ct_lesion/) and on the MedSeg 8-bit slices,
+which the calibrated HU window maps into the same domain. Real CT reaches it through the same
+steps, in this order, for training and for the node: crop to the thorax (lung bounding box plus
+a margin), apply the HU window (ct_window), resize the longer side to `input.size` and pad the
+shorter one (`to_network_input`). Its decoder upsamples by interpolation, not stride-2
+transposed convolutions, so there is no checkerboard to filter out of its output.
 
-From the network's output to labels, also one path for evaluation and the node
-(`network_probabilities`, `filter_lesions`): softmax, a low-pass filter at the network's
-resolution, resize to the crop, then "lesion" where the lesion probability (GGO +
-consolidation) reaches a `lesion_probability` and GGO vs consolidation by the larger of the
-two. Two settings are applied to the same probabilities: the spec's **measurement** setting
-(the mask written to the SEG and measured in the SR, chosen for segmentation quality under a
-false-positive goal on normal lungs) and the COVID call's **decision** setting from
+Ground glass or consolidation is not the network's opinion but the attenuation bands of
+quantitative COVID-19 CT (`attenuation_kind`): inside a lesion, lightly smoothed HU from -700
+to -300 is poorly aerated lung (ground glass), from -300 up non-aerated (consolidation), and
+below -700 normally aerated lung, which is no lesion at all. A partial-volume rim at -450 HU
+can therefore never be "consolidation".
+
+From the network's output to labels, one path for evaluation and the node
+(`filter_lesions`): "lesion" where the lesion probability reaches `lesion_probability`, then
+3D lesions smaller than `min_lesion_ml` (single vessels cut across, noise) dropped, and with a
+`min_mean_probability` also those the network is on average unsure of. Two settings are
+applied to the same probabilities: the spec's **measurement** setting (the mask written to the
+SEG and measured in the SR) and the COVID call's **decision** setting from
 ct-classifier/spec.json (chosen leave-one-patient-out for the call).
-The filter is there because the UNet's decoder upsamples with stride-2 transposed
-convolutions (kernel 3), whose uneven overlap adds a fixed checkerboard of period 2 and 4 px
-to the logits; where GGO and consolidation are nearly tied, an argmax turned it into a
-regular grid of alternating labels, which the bilinear resize to the crop widened to ~3 px.
-The [1, 2, 2, 2, 1] / 8 kernel has zeros at exactly those two periods. Lesions smaller than
-`min_lesion_ml` in 3D (single vessels cut across, noise) are dropped, and with a
-`min_mean_probability` also those the network is on average unsure of.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import UNet
+from monai.networks.nets import BasicUNet
 from scipy import ndimage as ndi
 
 from covid_plugin.ml.ct_lung import segment_lungs
@@ -39,24 +40,24 @@ from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import ModelSpec, load_spec
 
 NONE, GGO, CONSOLIDATION = 0, 1, 2
+LESION_CHANNEL = 1  # the network's classes: 0 background, 1 lesion
 TYPICAL_SPACING = (2.0, 0.7, 0.7)
-# zeros of its frequency response at 1/4 and 1/2 cycles per pixel: the transposed-conv grid
-ANTI_GRID_KERNEL = (1.0, 2.0, 2.0, 2.0, 1.0)
+FEATURES = (16, 16, 32, 64, 128, 16)
+# poorly aerated lung (ground glass) from the first to the second HU, non-aerated above
+GGO_BAND_HU = (-700.0, -300.0)
+KIND_SMOOTHING_PX = 1.0  # Gaussian sigma: one noisy pixel does not flip a lesion's kind
+# dense structures thinner than this in-plane are vessels (or their cross-sections), not
+# consolidation: a peripheral vessel is 1-3 mm across, a consolidation spans centimetres
+VESSEL_MAX_MM = 4.0
 DEFAULT_LESION_PROBABILITY = 0.5
 DEFAULT_MIN_LESION_ML = 0.0
 
 
-def build_network(channels: tuple[int, ...] = (16, 32, 64, 128, 256)) -> UNet:
-    """The 2D MONAI UNet both training and the node instantiate (3 classes, one input channel)."""
-    return UNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=3,
-        channels=channels,
-        strides=(2,) * (len(channels) - 1),
-        num_res_units=1,
-        dropout=0.1,
-    )
+def build_network(features: tuple[int, ...] = FEATURES) -> BasicUNet:
+    """The 2D MONAI BasicUNet both training and the node instantiate: one input channel,
+    background/lesion out, bilinear (non-trainable) upsampling in the decoder."""
+    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=features,
+                     dropout=0.1, upsample="nontrainable")
 
 
 @dataclass(frozen=True)
@@ -115,24 +116,33 @@ def hu_to_network_input(
     return to_network_input(torch.from_numpy(unit)[:, None], int(spec.input["size"]))
 
 
-def network_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) logits -> class probabilities with the decoder's checkerboard filtered out."""
-    probs = logits.softmax(dim=1)
-    channels = probs.shape[1]
-    kernel = torch.tensor(ANTI_GRID_KERNEL, dtype=probs.dtype, device=probs.device)
-    kernel = kernel / kernel.sum()
-    pad = len(ANTI_GRID_KERNEL) // 2
-    probs = F.pad(probs, (pad, pad, pad, pad), mode="replicate")
-    probs = F.conv2d(probs, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
-    return F.conv2d(probs, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+def lesion_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 2, S, S) logits -> (B, S, S) probability of lesion."""
+    return logits.softmax(dim=1)[:, LESION_CHANNEL]
 
 
-def labels_from_probabilities(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B, 3, H, W) probabilities -> uint8 (B, H, W): lesion where P(GGO) + P(consolidation)
-    reaches `threshold`, labelled with the likelier of the two."""
-    lesion = (probs[:, GGO] + probs[:, CONSOLIDATION]) >= threshold
-    kind = torch.where(probs[:, CONSOLIDATION] > probs[:, GGO], CONSOLIDATION, GGO)
-    return (kind * lesion).to(torch.uint8)
+def attenuation_kind(hu: np.ndarray, pixel_mm: float,
+                     band: tuple[float, float] = GGO_BAND_HU) -> np.ndarray:
+    """uint8 of `hu` (B, H, W) with `pixel_mm` pixels: NONE where aerated (below the band) or a
+    vessel, GGO inside the band, CONSOLIDATION from its upper edge.
+
+    Read on HU smoothed in-plane by `KIND_SMOOTHING_PX`. Vessels are the dense pixels that a
+    disk `VESSEL_MAX_MM` across does not fit in (a 2D opening), widened by one pixel for their
+    partial-volume rim: without this, every vessel crossing a lesion would be "consolidation"
+    and its rim "ground glass".
+    """
+    smooth = ndi.gaussian_filter(np.asarray(hu, np.float32),
+                                 sigma=(0.0, KIND_SMOOTHING_PX, KIND_SMOOTHING_PX))
+    kind = np.full(smooth.shape, GGO, np.uint8)
+    kind[smooth < band[0]] = NONE
+    dense = smooth >= band[1]
+    kind[dense] = CONSOLIDATION
+    radius = max(1, int(round(VESSEL_MAX_MM / 2.0 / pixel_mm)))
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disk = (yy**2 + xx**2 <= radius**2)[None]
+    thin = dense & ~ndi.binary_opening(dense, structure=disk)
+    kind[ndi.binary_dilation(thin, structure=ndi.generate_binary_structure(2, 1)[None])] = NONE
+    return kind
 
 
 def drop_small_lesions(lesion: np.ndarray, spacing: tuple[float, float, float],
@@ -242,13 +252,14 @@ class LesionSegmenter:
     @classmethod
     def load(cls, model_dir: Path, device: str = "cpu", batch_size: int = 4) -> LesionSegmenter:
         spec = load_spec(model_dir)  # refuses weights whose sha256 differs from spec.json
-        network = build_network(tuple(spec.input["channels"]))
+        network = build_network(tuple(spec.input["features"]))
         state = torch.load(model_dir / spec.weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
         return cls(spec, network, batch_size, device)
 
     @torch.inference_mode()
-    def infer(self, hu: np.ndarray, lung: np.ndarray) -> LesionProbabilities:
+    def infer(self, hu: np.ndarray, lung: np.ndarray,
+              spacing: tuple[float, float, float] = TYPICAL_SPACING) -> LesionProbabilities:
         """One network pass over every slice that holds lung, kept over the thorax box only.
 
         Outside that box the output is 0 (a full 600-slice float16 volume would be 315 MB);
@@ -257,18 +268,20 @@ class LesionSegmenter:
         box = thorax_box(lung, float(self.spec.input.get("crop_margin", 0.08)))
         shape = (hu.shape[0], box[0].stop - box[0].start, box[1].stop - box[1].start)
         signed = np.zeros(shape, np.float16)
-        for index, probs, inside in self._batches(hu, lung, box):
-            probability = (probs[:, GGO] + probs[:, CONSOLIDATION]).half().numpy() * inside
-            consolidation = labels_from_probabilities(probs, 0.0).numpy() == CONSOLIDATION
-            signed[index] = np.negative(probability, out=probability, where=consolidation)
+        for index, lesion, inside in self._batches(hu, lung, box):
+            kind = attenuation_kind(hu[index, box[0], box[1]], min(spacing[1:]))
+            probability = lesion.half().numpy() * (inside & (kind != NONE))
+            signed[index] = np.negative(probability, out=probability,
+                                        where=kind == CONSOLIDATION)
         return LesionProbabilities(signed, lung[:, box[0], box[1]], box, hu.shape)
 
-    def predict_probabilities(self, hu: np.ndarray,
-                              lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_probabilities(self, hu: np.ndarray, lung: np.ndarray,
+                              spacing: tuple[float, float, float] = TYPICAL_SPACING
+                              ) -> tuple[np.ndarray, np.ndarray]:
         """(lesion probability float16, kind uint8 1 GGO / 2 consolidation) over the whole
         volume, 0 outside the lungs: what evaluation filters with `filter_lesions`, as the
         node's `masks` does over the thorax box."""
-        found = self.infer(hu, lung)
+        found = self.infer(hu, lung, spacing)
         probability, kind = found.split()
         return found.full(probability), found.full(kind)
 
@@ -316,10 +329,10 @@ class LesionSegmenter:
         spacing = spacing or TYPICAL_SPACING
         if lung is None:  # spacing only sets the smallest lung piece kept: assume a typical one
             lung = segment_lungs(hu, spacing)
-        return self.masks(self.infer(hu, lung), spacing, decision)
+        return self.masks(self.infer(hu, lung, spacing), spacing, decision)
 
     def _batches(self, hu: np.ndarray, lung: np.ndarray, box: tuple[slice, slice]):
-        """(slices of the thorax-box volumes, CPU probabilities (B, 3, box rows, box cols),
+        """(slices of the thorax-box volumes, CPU lesion probability (B, box rows, box cols),
         lung mask) for each batch of slices that holds lung."""
         crop_rows, crop_cols = box[0].stop - box[0].start, box[1].stop - box[1].start
         for start in range(0, hu.shape[0], self.batch_size):
@@ -327,8 +340,8 @@ class LesionSegmenter:
             if not lung[start:stop].any():
                 continue
             x, place = hu_to_network_input(hu[start:stop], box, self.spec)
-            probs = network_probabilities(self.network(x.to(self.device)))[
-                :, :, place.top : place.top + place.rows, place.left : place.left + place.cols
+            lesion = lesion_probability(self.network(x.to(self.device)))[
+                :, None, place.top : place.top + place.rows, place.left : place.left + place.cols
             ]
-            probs = F.interpolate(probs, size=(crop_rows, crop_cols), mode="bilinear").cpu()
-            yield slice(start, stop), probs, lung[start:stop, box[0], box[1]] > 0
+            lesion = F.interpolate(lesion, size=(crop_rows, crop_cols), mode="bilinear")
+            yield slice(start, stop), lesion[:, 0].cpu(), lung[start:stop, box[0], box[1]] > 0

@@ -55,7 +55,7 @@ class CtPipeline:
         # two masks from one network pass: the decision's (its own LOPO-chosen setting, for the
         # call) and the measurement one (SEG, volumes, percent involved)
         segmenter: LesionSegmenter = models["lesions"]
-        lesion_probabilities = segmenter.infer(hu, lung)
+        lesion_probabilities = segmenter.infer(hu, lung, spacing)
         del hu
         spill_to_disk(series)  # the HU volume is done with: the masks need that memory
         lesion, decided = segmenter.masks(lesion_probabilities, spacing, classifier.lesion_setting)

@@ -24,12 +24,14 @@ HU_SOURCES = "\n".join([
     row("source", "series", "licence"),
     row("---", "---", "---"),
     row("COVID-CT-MD (Afshar et al., Sci Data 8:121, 2021; doi:10.1038/s41597-021-00900-3)",
-         "P002 COVID, cap002 CAP, normal002 (30 slices each)",
+         "6 whole chests, 4 mm (P001, P002 COVID; cap001, cap002 CAP; normal001, normal002), "
+         "and 30-slice 2 mm blocks of P002, cap002, normal002",
          "CC BY 4.0 (figshare record; licence text not read, re-check before commercial use)"),
     row("TCIA Lung-PET-CT-Dx (doi:10.7937/TCIA.2020.NNC2-0461)", "A0001 (16 slices), A0002 (14)",
          "CC BY 4.0"),
     row("TCIA RIDER Pilot (doi:10.7937/m87f-mz83)", "60 slices, lung bases", "CC BY 4.0"),
-    row("TCIA COVID-19-NY-SBU (doi:10.7937/TCIA.BBAG-2923)", "2 single axial slices",
+    row("TCIA COVID-19-NY-SBU (doi:10.7937/TCIA.BBAG-2923)",
+         "2 single axial slices (lung checks only: the node does not score a single slice)",
          "CC BY 4.0"),
 ]) + "\n"
 

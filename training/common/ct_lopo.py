@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,16 +32,19 @@ from training.common.paths import REPO
 
 log = logging.getLogger(__name__)
 
+Judge = Callable[[str], LesionSegmenter]  # series folder name -> the segmenter that judges it
+
 CACHE = REPO / "cache" / "ct-eval"
 
 # one series per patient (the whole-chest series where there is one), and its label
+# The COVID-19-NY-SBU single axial slices are not here: the node refuses to score a one-slice
+# "series" (too few slices), so a figure that counted them described calls it never makes.
 PATIENTS = {  # the small series first, so that `--limit 2` (tests) is quick and has both classes
     "ct_hu/dicom/tcia-lung-pet-ct-dx_Lung_Dx-A0002": "lung_cancer",
-    "dicom/tcia-covid19-ny-sbu_A098752_chest-ct-1901": "covid",
-    "dicom/tcia-covid19-ny-sbu_A072894_chest-ct-1901": "covid",
+    "ct_hu/covid-ct-md-series/P002": "covid",
     "ct_hu/dicom/tcia-lung-pet-ct-dx_Lung_Dx-A0001": "lung_cancer",
     "dicom/tcia-rider-pilot_0117_chest-ct-nsclc": "lung_cancer",
-    **FULL_SERIES,
+    **{rel: label for rel, label in FULL_SERIES.items() if not rel.endswith("/P002")},
 }
 # 30-slice 2 mm blocks of patients above (and the normal block is the dicom_samples series)
 BLOCKS = {
@@ -49,7 +53,7 @@ BLOCKS = {
     "ct_hu/dicom/covid-ct-md_normal002": "normal",
 }
 
-LESION_PROBABILITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
+LESION_PROBABILITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_LESION_ML = (0.0, 0.1, 0.5, 1.0)
 
 
@@ -71,7 +75,7 @@ class Patient:
 
 def _cache_key(segmenter: LesionSegmenter, rel: str) -> str:
     # the node's code that turns a series into lesion probabilities: lungs, then the network's
-    # pre- and post-processing (softmax, anti-grid filter, crop, resize)
+    # pre- and post-processing (crop, window, resize, softmax, attenuation kinds)
     code = Path(ct_lung.__file__).read_bytes() + Path(ct_lesion.__file__).read_bytes()
     digest = hashlib.sha256(code + segmenter.spec.weights_sha256.encode() + rel.encode())
     return digest.hexdigest()[:16]
@@ -87,7 +91,7 @@ def lesion_maps(data: Path, rel: str, segmenter: LesionSegmenter
         with np.load(path) as cached:
             return series, cached["lung"], cached["probability"], cached["kind"]
     lung = ct_lung.segment_lungs(hu, spacing)
-    probability, kind = segmenter.predict_probabilities(hu, lung)
+    probability, kind = segmenter.predict_probabilities(hu, lung, spacing)
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, lung=lung, probability=probability, kind=kind)
     return series, lung, probability, kind
@@ -171,21 +175,38 @@ def leave_one_patient_out(patients: list[Patient]) -> list[dict]:
     return rows
 
 
-def load_maps(data: Path, segmenter: LesionSegmenter, limit: int | None = None
-              ) -> dict[str, tuple]:
-    """name -> (label, lung, lesion probability float32, kind, spacing) from the cache."""
+@dataclass
+class SeriesMaps:
+    """One series' lungs and lesion probabilities, with the HU they were computed from."""
+
+    name: str
+    label: str
+    lung: np.ndarray
+    probability: np.ndarray  # float32, 0 outside the lungs and where HU is aerated
+    kind: np.ndarray  # uint8 1 GGO / 2 consolidation by attenuation, 0 outside the lungs
+    spacing: tuple[float, float, float]
+    hu: np.ndarray
+    positions_z: list[float]
+
+
+def load_maps(data: Path, judge: Judge, limit: int | None = None,
+              which: dict[str, str] | None = None) -> dict[str, SeriesMaps]:
+    """Every series' maps from the cache, each through `judge(name)`'s segmenter."""
     maps = {}
-    for rel, label in list(PATIENTS.items())[:limit]:
+    for rel, label in list((which or PATIENTS).items())[:limit]:
         if (data / rel).is_dir():
-            series, lung, probability, kind = lesion_maps(data, rel, segmenter)
-            maps[series.name] = (label, lung, probability.astype(np.float32), kind,
-                                 series.spacing)
+            series, lung, probability, kind = lesion_maps(data, rel, judge(Path(rel).name))
+            maps[series.name] = SeriesMaps(series.name, label, lung,
+                                           probability.astype(np.float32), kind, series.spacing,
+                                           series.hu, series.positions_z)
     return maps
 
 
-def load_patients(data: Path, segmenter: LesionSegmenter, rule: dict[str, float],
+def load_patients(data: Path, judge: Judge, rule: dict[str, float],
                   which: dict[str, str] | None = None, limit: int | None = None
                   ) -> list[Patient]:
-    return [analyse(data, rel, label, segmenter, rule)
+    """Every patient through `judge(name)`'s segmenter (training/common/ct_folds.py: the
+    lesion model that never trained on that patient)."""
+    return [analyse(data, rel, label, judge(Path(rel).name), rule)
             for rel, label in list((which or PATIENTS).items())[:limit]
             if (data / rel).is_dir()]

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy.stats import binomtest  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     ConfusionMatrixDisplay,
     RocCurveDisplay,
@@ -71,15 +72,21 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int 
     return float(ece)
 
 
-def sensitivity_specificity(y_true: np.ndarray, predicted: np.ndarray) -> dict[str, float | None]:
-    """Binary sensitivity and specificity; None where the class is absent."""
+def sensitivity_specificity(y_true: np.ndarray, predicted: np.ndarray) -> dict:
+    """Binary sensitivity and specificity with their counts and Wilson 95% CIs (scipy); None
+    where the class is absent. With a handful of patients the CI is the message."""
     y_true = np.asarray(y_true).astype(bool)
     predicted = np.asarray(predicted).astype(bool)
-    pos, neg = y_true.sum(), (~y_true).sum()
-    return {
-        "sensitivity": float((predicted & y_true).sum() / pos) if pos else None,
-        "specificity": float((~predicted & ~y_true).sum() / neg) if neg else None,
-    }
+    out: dict = {}
+    for name, hits, n in (("sensitivity", int((predicted & y_true).sum()), int(y_true.sum())),
+                          ("specificity", int((~predicted & ~y_true).sum()),
+                           int((~y_true).sum()))):
+        out[name] = hits / n if n else None
+        interval = binomtest(hits, n).proportion_ci(method="wilson") if n else None
+        out[f"{name}_ci95"] = None if interval is None else [float(interval.low),
+                                                             float(interval.high)]
+        out[f"{name}_counts"] = [hits, n]
+    return out
 
 
 def youden_threshold(y_true: np.ndarray, score: np.ndarray) -> float:

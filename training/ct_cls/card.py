@@ -22,6 +22,13 @@ def write_cls_card(out: Path, spec: ModelSpec, metrics: dict) -> None:
     def ci(block: dict) -> str:
         return "n/a" if block["ci95"] is None else f"{block['ci95'][0]:.2f}-{block['ci95'][1]:.2f}"
 
+    def rate(block: dict, name: str) -> str:
+        if block[name] is None:
+            return "n/a"
+        hits, n = block[f"{name}_counts"]
+        low, high = block[f"{name}_ci95"]
+        return f"{hits}/{n} = {block[name]:.2f} (Wilson 95% CI {low:.2f}-{high:.2f})"
+
     t = spec.thresholds
     chosen = metrics["chosen_on_all_patients"]
     sample = metrics["normal_sample"]
@@ -36,7 +43,7 @@ def write_cls_card(out: Path, spec: ModelSpec, metrics: dict) -> None:
         row("", "AUC (95% CI, bootstrap)", "sensitivity", "specificity"),
         row("---", "---", "---", "---"),
         row("rule, leave-one-patient-out", f"{fmt(lopo['auc']['auc'], 2)} ({ci(lopo['auc'])})",
-             fmt(lopo["sensitivity"], 2), fmt(lopo["specificity"], 2)),
+             rate(lopo, "sensitivity"), rate(lopo, "specificity")),
         row("burden only (ablation, same lesion maps)",
              f"{fmt(burden['auc'], 2)} ({ci(burden)})", "", ""),
         "",
@@ -77,10 +84,13 @@ chosen **without** it. **The score ranks series; it is not a calibrated probabil
 ## Data (evaluation only)
 {HU_SOURCES}
 COVID-CT-MD: the six whole-chest series (every second slice, 4 mm; P001, P002 COVID-19; cap001,
-cap002 community-acquired pneumonia; normal001, normal002), one series per patient. Also
-TCIA Lung-PET-CT-Dx A0001/A0002 and RIDER (lung cancer, partial series) and two COVID-19-NY-SBU
-single axial slices. MedSeg slices (all COVID, 8-bit, used to train the lesion network) and the
-7 paper figures were not used.
+cap002 community-acquired pneumonia; normal001, normal002), one series per patient; each one's
+lesions from the lesion fold model that never trained on it (out of fold:
+{'yes' if metrics.get('lesion_models_out_of_fold') else '**no**'}). Also TCIA Lung-PET-CT-Dx
+A0001/A0002 and RIDER (lung cancer, partial series). The two COVID-19-NY-SBU single axial
+slices are **not** counted: the node refuses to score a one-slice series, so a figure that
+counted them described calls it never makes. MedSeg slices and the 7 paper figures were not
+used.
 
 ## Results (leave-one-patient-out, n = {metrics['n_patients']}, {metrics['n_covid']} COVID)
 
@@ -92,9 +102,11 @@ single axial slices. MedSeg slices (all COVID, 8-bit, used to train the lesion n
 with the thresholds chosen without normal002 it is called {call(held)}; with the shipped
 thresholds (chosen on all patients, normal002's whole series included) {call(shipped)}.
 
-What the evidence supports: {metrics['n_covid']} COVID patients (two of them one slice each)
-and {metrics['n_patients'] - metrics['n_covid']} non-COVID patients from few hospitals; the CI
-shows how little any figure here says. The AUC pools scores from different folds.
+What the evidence supports: {metrics['n_covid']} COVID patients and
+{metrics['n_patients'] - metrics['n_covid']} non-COVID patients, all series the node scores,
+from few hospitals; the CI shows how little any figure here says (sensitivity over
+{metrics['n_covid']} patients moves in steps of {1 / max(metrics['n_covid'], 1):.0%}). The AUC
+pools scores from different folds.
 
 ## Device
 {device_text()}.
@@ -103,7 +115,8 @@ shows how little any figure here says. The AUC pools scores from different folds
 - Lung cancer, CAP and other pneumonias also cause GGO and consolidation; the rule only
   encodes the pattern typical of COVID-19 (as do radiologists' CO-RADS/RSNA categories) and
   will call other viral or organising pneumonias COVID-19.
-- Inherits the errors of `ct-lung` (missed consolidation) and `ct-lesion` (trained on 50 slices).
+- Inherits the errors of `ct-lung` (missed consolidation) and `ct-lesion` (50 outlined slices,
+  six weakly labelled chests).
 - Partial series (blocks of 1-60 slices) give burden over the block, not over the lungs.
 """
     (out / "card.md").write_text(text)

@@ -1,7 +1,9 @@
 """The series-level CT COVID-19 rule as a model folder: `python -m training evaluate ct-cls`.
 
-The ramps (training/common/ct_rule.py) were set before the rule met any series. The decision
-threshold, and the lesion network's probability threshold and smallest lesion, are chosen
+The ramps (training/common/ct_rule.py) were set before the rule met any series. Each
+COVID-CT-MD patient's lesions come from the lesion fold model that never trained on that
+patient (training/common/ct_folds.py). The decision threshold, and the lesion network's
+probability threshold and smallest lesion, are chosen
 leave-one-patient-out (training/common/ct_lopo.py): `evaluate` runs the node's whole CT path
 (lungs from HU, lesion UNet, rule) on every real HU patient, judges each with the thresholds
 chosen on the others, reports LOPO AUC and sensitivity/specificity next to a burden-only
@@ -22,6 +24,7 @@ from covid_plugin.ml.ct_cls import CtClassifier, lesion_features, rule_score
 from covid_plugin.ml.ct_lesion import LesionSegmenter
 from covid_plugin.ml.ct_lung import segment_lungs
 from training.common import ct_lopo
+from training.common.ct_folds import FOLD_ROOT, OutOfFold
 from training.common.ct_series import read_series
 from training.common.metrics import bootstrap_auc, plot_roc, sensitivity_specificity
 from training.common.paths import REPO
@@ -34,6 +37,8 @@ NORMAL_SAMPLE = REPO / "dicom_samples" / "ct-normal_covid-ct-md-normal002"
 def options(extra: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training train|evaluate ct-cls")
     parser.add_argument("--lesion-model", type=Path, default=REPO / "models" / "ct-lesion")
+    parser.add_argument("--lesion-folds", type=Path, default=FOLD_ROOT,
+                        help="folder of the lesion fold models (fold-A, fold-B)")
     return parser.parse_args(list(extra))
 
 
@@ -56,8 +61,9 @@ def evaluate(args: argparse.Namespace) -> int:
     data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-classifier")
     classifier = CtClassifier.load(out)
     rule = dict(classifier.spec.thresholds)
-    segmenter = LesionSegmenter.load(opts.lesion_model)
-    patients = ct_lopo.load_patients(data, segmenter, rule, limit=args.limit)
+    judge = OutOfFold(opts.lesion_model, opts.lesion_folds)
+    segmenter = judge.for_fold("all")
+    patients = ct_lopo.load_patients(data, judge.for_series, rule, limit=args.limit)
     lopo = ct_lopo.leave_one_patient_out(patients)
     chosen = ct_lopo.choose(patients)
     burden_rule = dict(rule, w_base=1.0, w_bilateral=0.0, w_peripheral=0.0, w_ggo=0.0)
@@ -90,12 +96,15 @@ def evaluate(args: argparse.Namespace) -> int:
         "per_patient": rows,
         "normal_sample": {
             "series": "dicom_samples/ct-normal_covid-ct-md-normal002 (30 slices of normal002)",
-            "thresholds_chosen_without_normal002": call_sample(segmenter, rule, normal002),
+            "thresholds_chosen_without_normal002": call_sample(
+                judge.for_series(NORMAL_SAMPLE.name), rule, normal002),
             "shipped_thresholds": call_sample(segmenter, rule, chosen),
         },
         "note": "each patient judged with the lesion threshold, smallest lesion and decision "
-                "chosen on the other patients; the AUC pools scores from different folds. "
-                "Few patients: the CI shows how little this says.",
+                "chosen on the other patients, on lesions from the lesion fold model that did not "
+                "train on it; the AUC pools scores from different folds. Only series the node "
+                "scores (no single slices). Few patients: the CI shows how little this says.",
+        "lesion_models_out_of_fold": judge.complete,
     }
     plot_roc([("rule (LOPO)", y, score), ("burden only", y, burden)],
              f"CT COVID-19 rule, leave-one-patient-out (n={len(y)})", out / "roc_per_patient.png")

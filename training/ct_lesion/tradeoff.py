@@ -8,14 +8,15 @@ probability chosen for the call cost the mask most of its overlap (MedSeg Dice 0
 Every candidate (lesion probability, smallest 3D lesion, smallest mean probability of a kept
 lesion) is measured on
 - MedSeg slices: pooled Dice (any lesion, GGO, consolidation) on the 50 Inf-Net *training*
-  slices (MedSeg has no validation split; these are the only slices not in the test set, so
-  the choice never sees a test slice; in-sample, hence optimistic for every candidate alike)
-  and on the 48 test slices (reported only);
-- the real HU patients from cache/ct-eval (ct_lopo.lesion_maps): lesion mL and involvement.
+  slices, each predicted by the fold model that left it out (training/common/ct_folds.py), so
+  the choice never sees a test slice and no selection slice judges its own model; and on the
+  48 test slices with the shipped model (reported only);
+- the real HU patients from cache/ct-eval (ct_lopo.lesion_maps), each through the fold model
+  that did not train on it: lesion mL and involvement.
 
 The choice (`choose_measurement`): among the settings whose false-positive volume on the
-*other* normal patient meets the goal (< 5 mL and < 0.5% of lung), the best MedSeg
-training-slice Dice; each normal patient is then judged with the setting chosen without it.
+normal patients meets the goal (< 5 mL and < 0.5% of lung), the best selection Dice; each
+normal patient is also judged with the setting chosen on the other normal only.
 The setting shipped is the one meeting the goal on both normals. A filter must also keep at
 least half of each whole-series pneumonia patient's lesion volume (`keeps_disease`).
 A component's "mean probability" filter keeps a lesion only where the network is confident on
@@ -33,13 +34,18 @@ import torch
 from covid_plugin.ml.ct_lesion import (
     CONSOLIDATION,
     GGO,
+    NONE,
     LesionSegmenter,
+    attenuation_kind,
     filter_lesions,
-    network_probabilities,
+    lesion_probability,
 )
+from covid_plugin.ml.ct_window import unit_to_hu, window_bounds
+from training.common.ct_folds import FOLDS, OutOfFold, medseg_held_out
+from training.common.ct_lopo import SeriesMaps
 from training.ct_lesion.data import load_slices
 
-LESION_PROBABILITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
+LESION_PROBABILITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_LESION_ML = (0.0, 0.5, 1.0, 2.0, 5.0)
 MIN_MEAN_PROBABILITY = (0.0, 0.8, 0.9)
 SETTING_FIELDS = ("lesion_probability", "min_lesion_ml", "min_mean_probability")
@@ -64,16 +70,31 @@ def _dice(pred: np.ndarray, true: np.ndarray) -> float | None:
 
 def medseg_probabilities(segmenter: LesionSegmenter, slices: list[dict]
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lesion probability, kind, reference) of MedSeg slices, padding zeroed."""
+    """(lesion probability, kind, reference) of MedSeg slices, padding zeroed; the kind from
+    the slice's approximate HU (the calibrated window read backwards), as the node types real
+    HU, and aerated pixels no lesion."""
     x = torch.stack([s["image"] for s in slices])
-    valid = torch.stack([s["valid"] for s in slices])[:, 0]
+    valid = torch.stack([s["valid"] for s in slices])[:, 0].numpy()
     with torch.inference_mode():
-        probs = torch.cat([network_probabilities(segmenter.network(x[i:i + 8]))
-                           for i in range(0, len(x), 8)])
-    lesion = ((probs[:, GGO] + probs[:, CONSOLIDATION]) * valid).numpy()
-    kind = torch.where(probs[:, CONSOLIDATION] > probs[:, GGO], CONSOLIDATION, GGO).numpy()
+        lesion = torch.cat([lesion_probability(segmenter.network(x[i:i + 8]))
+                            for i in range(0, len(x), 8)]).numpy()
+    hu = unit_to_hu(x[:, 0].numpy(), *window_bounds(segmenter.spec.intensity))
+    kind = attenuation_kind(hu, MEDSEG_SPACING[1])
+    lesion = lesion * valid * (kind != NONE)
     true = torch.stack([s["label"] for s in slices])[:, 0].long().numpy()
-    return lesion, kind.astype(np.uint8), true
+    return lesion, kind, true
+
+
+def medseg_out_of_fold(judge: OutOfFold, slices: list[dict]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`medseg_probabilities` of the MedSeg training slices, each slice by the fold model that
+    left it out (all by the shipped model when there are no fold models)."""
+    parts = [medseg_probabilities(judge.for_fold(fold), held)
+             for fold in FOLDS
+             if (held := [s for i, s in enumerate(slices) if medseg_held_out(i, fold)])]
+    order = [i for fold in FOLDS for i in range(len(slices)) if medseg_held_out(i, fold)]
+    inverse = np.argsort(order)
+    return tuple(np.concatenate([p[k] for p in parts])[inverse] for k in range(3))
 
 
 def medseg_dice(probability: np.ndarray, kind: np.ndarray, true: np.ndarray,
@@ -138,24 +159,25 @@ def choose_measurement(table: list[dict], normals: list[str]) -> dict:
             "leave_one_normal_out": held_out}
 
 
-def tradeoff(segmenter: LesionSegmenter, data: Path, patients: dict[str, tuple],
+def tradeoff(judge: OutOfFold, data: Path, patients: dict[str, SeriesMaps],
              limit: int | None = None) -> dict:
-    """The whole table. `patients`: name -> (label, lung, probability, kind, spacing)."""
-    selection = medseg_probabilities(segmenter, load_slices(data, "train", limit))
-    test = medseg_probabilities(segmenter, load_slices(data, "test", limit))
+    """The whole table; `patients` judged out of fold (ct_lopo.load_maps with `judge`)."""
+    selection = medseg_out_of_fold(judge, load_slices(data, "train", limit))
+    test = medseg_probabilities(judge.for_fold("all"), load_slices(data, "test", limit))
     table = []
     for setting in settings():
         table.append({
             "setting": list(setting),
             "dice_selection": medseg_dice(*selection, setting),
             "dice_test": medseg_dice(*test, setting),
-            "patients": {name: {"label": label, "slices": int(lung.shape[0]),
-                                **hu_volumes(prob, kind, lung, spacing, setting)}
-                         for name, (label, lung, prob, kind, spacing) in patients.items()},
+            "patients": {name: {"label": m.label, "slices": int(m.lung.shape[0]),
+                                **hu_volumes(m.probability, m.kind, m.lung, m.spacing, setting)}
+                         for name, m in patients.items()},
         })
-    normals = [n for n, v in patients.items() if v[0] == "normal"]
+    normals = [n for n, m in patients.items() if m.label == "normal"]
     return {"table": table, "choice": choose_measurement(table, normals),
             "medseg_spacing_assumed": list(MEDSEG_SPACING),
+            "out_of_fold": judge.complete,
             "setting_fields": list(SETTING_FIELDS),
             "disease_kept_fraction_at_least": MIN_KEPT_FRACTION,
             "goal_normal": {"lesion_ml_below": GOAL_NORMAL_ML,

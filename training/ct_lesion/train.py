@@ -1,12 +1,20 @@
-"""Train the CT lesion UNet: `python -m training train ct-lesion --out models/ct-lesion`.
+"""Train the CT lesion network: `python -m training train ct-lesion [--fold A|B|all]`.
 
-Data: the 98 MedSeg slices (8-bit, unknown window) with GGO/consolidation masks, split as
-Inf-Net split them (50 train, 48 test). MedSeg gives no patient ids, so slices of one patient
-may sit on both sides of that split: every metric here carries that caveat.
-Strong MONAI augmentation (affine, flip, intensity scale/shift/gamma standing in for the
-unknown window, noise, blur standing in for JPEG and resampling) because 50 slices is little.
-Every `--checkpoint-every` steps a checkpoint lands in cache/ct-lesion/, which `--resume`
-continues from; a finished run resumed just rewrites the model folder.
+What it learns from, in every batch:
+- MedSeg slices (8-bit, the calibrated window maps real HU onto them): any-lesion outlines,
+  Dice + cross-entropy on 160 px crops centred on lesion or lung;
+- normal lung (training/ct_lesion/hu_slices.py): slices of the normal chests and slices the
+  radiologists labelled "no infection", as the node feeds them: an all-background target, and
+  the slice's most confident lung pixels pushed towards "no lesion";
+- disease without outlines: slices labelled "infection", whole (a crop might miss the lesion),
+  whose most confident lung pixels are pushed towards "lesion" (a multiple-instance loss:
+  the mean of the top `--top-k` lesion probabilities inside the lung against the label).
+Augmentation: small rotations, scale, flips, intensity scale/shift/gamma, blur, noise.
+
+`--fold A` (or B) trains without that fold's patients and without half of the MedSeg training
+slices, so evaluation can judge each patient and each selection slice with a model that never
+saw it; `all` is the model the node ships. Every `--checkpoint-every` steps a checkpoint lands
+in the cache, which `--resume` continues from.
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.transforms import (
     Compose,
     RandAdjustContrastd,
     RandAffined,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -35,29 +45,37 @@ from monai.transforms import (
 from monai.utils import set_determinism
 from tqdm import tqdm
 
-from covid_plugin.ml.ct_lesion import build_network
+from covid_plugin.ml.ct_lesion import FEATURES, GGO_BAND_HU, build_network, lesion_probability
 from covid_plugin.ml.device import resolve_device
-from covid_plugin.ml.spec import sha256_of
+from covid_plugin.ml.spec import ModelSpec, sha256_of
+from training.common.ct_folds import fold_dir, medseg_held_out
 from training.common.paths import REPO
+from training.ct_lesion import hu_slices
 from training.ct_lesion.data import INPUT_SIZE, load_slices
 from training.ct_lesion.window import estimate_window
 
 log = logging.getLogger(__name__)
 
-CHANNELS = (16, 32, 64, 128, 256)
 WEIGHTS = "model.pt"
+CROP_MARGIN = 0.08
+KEYS = ("image", "label", "lung")
 
 
 def options(extra: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training train|evaluate ct-lesion")
-    parser.add_argument("--epochs", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fold", choices=("A", "B", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--medseg-per-batch", type=int, default=4)
+    parser.add_argument("--negatives-per-batch", type=int, default=2)
+    parser.add_argument("--positives-per-batch", type=int, default=2)
+    parser.add_argument("--crop", type=int, default=160, help="px of the outlined/negative crops")
+    parser.add_argument("--top-k", type=int, default=32, help="lung pixels in the slice loss")
+    parser.add_argument("--slice-weight", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (shared box)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps")
     parser.add_argument("--cache", type=Path, default=REPO / "cache" / "ct-lesion")
     return parser.parse_args(list(extra))
-
 
 
 def warmup_cosine(step: int, total: int) -> float:
@@ -72,24 +90,74 @@ def warmup_cosine(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
-def augmentations(seed: int) -> Compose:
-    keys = ("image", "label")
-    transform = Compose(
-        [
-            RandAffined(
-                keys, prob=0.8, rotate_range=0.26, scale_range=(0.2, 0.2), shear_range=0.05,
-                translate_range=(16, 16), mode=("bilinear", "nearest"), padding_mode="zeros",
-            ),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandScaleIntensityd("image", factors=0.15, prob=0.5),
-            RandShiftIntensityd("image", offsets=0.08, prob=0.5),
-            RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
-            RandGaussianSmoothd("image", sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), prob=0.2),
-            RandGaussianNoised("image", std=0.03, prob=0.3),
-        ]
-    )
+def augmentations(seed: int, crop: int | None, centre_on: str) -> Compose:
+    """Geometry on image, label and lung alike; `crop` px around a `centre_on` pixel."""
+    steps = [
+        RandAffined(
+            KEYS, prob=0.8, rotate_range=0.2, scale_range=(0.15, 0.15), shear_range=0.03,
+            translate_range=(12, 12), mode=("bilinear", "nearest", "nearest"),
+            padding_mode="zeros",
+        ),
+        RandFlipd(KEYS, prob=0.5, spatial_axis=1),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.05, prob=0.5),
+        RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=0.3),
+        RandGaussianSmoothd("image", sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), prob=0.2),
+        RandGaussianNoised("image", std=0.02, prob=0.3),
+    ]
+    if crop:
+        steps.append(RandCropByPosNegLabeld(KEYS, label_key=centre_on, spatial_size=(crop, crop),
+                                            pos=2.0, neg=1.0, num_samples=1))
+    transform = Compose(steps)
     transform.set_random_state(seed=seed)
     return transform
+
+
+class Pools:
+    """What one fold trains on: outlined MedSeg slices, negative and positive HU slices."""
+
+    def __init__(self, data: Path, spec: ModelSpec, fold: str, limit: int | None):
+        medseg = load_slices(data, "train", limit)
+        self.medseg = [
+            {"image": s["image"], "label": (s["label"] > 0).float(), "lung": s["valid"].float()}
+            for i, s in enumerate(medseg) if not medseg_held_out(i, fold)]
+        names = hu_slices.training_patients(fold)[:limit]
+        self.negatives: list[dict] = []
+        self.positives: list[dict] = []
+        for patient in hu_slices.load_patients(data, names, spec):
+            for i in range(len(patient.infected)):
+                item = {"image": patient.image[i].float(),
+                        "label": torch.zeros_like(patient.image[i], dtype=torch.float32),
+                        "lung": patient.lung[i].float()}
+                (self.positives if patient.infected[i] else self.negatives).append(item)
+        self.patients = list(names)
+
+    def describe(self) -> dict:
+        return {"medseg_slices": len(self.medseg), "negative_slices": len(self.negatives),
+                "positive_slices": len(self.positives), "hu_patients": self.patients}
+
+
+def _stack(items: list[dict], key: str, device: torch.device) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(item[key]) for item in items]).to(device)
+
+
+def slice_loss(logits: torch.Tensor, lung: torch.Tensor, infected: bool, top_k: int
+               ) -> torch.Tensor:
+    """BCE of the mean of each slice's `top_k` lesion probabilities inside the lung."""
+    probability = lesion_probability(logits) * (lung[:, 0] > 0.5)
+    top = probability.flatten(1).topk(top_k, dim=1).values.mean(dim=1).clamp(1e-4, 1 - 1e-4)
+    return F.binary_cross_entropy(top, torch.full_like(top, float(infected)))
+
+
+def sample(pool: list[dict], n: int, transform: Compose, rng: np.random.Generator
+           ) -> list[dict]:
+    if n <= 0 or not pool:
+        return []
+    out = []
+    for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False):
+        item = transform(dict(pool[i]))
+        out.append(item[0] if isinstance(item, list) else item)
+    return out
 
 
 def train(args: argparse.Namespace) -> int:
@@ -97,19 +165,26 @@ def train(args: argparse.Namespace) -> int:
     torch.set_num_threads(opts.threads)
     set_determinism(seed=args.seed)
     device = resolve_device(args.device)
-    data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-lesion")
+    data = Path(args.data)
+    default_out = (REPO / "models" / "ct-lesion" if opts.fold == "all"
+                   else fold_dir(opts.fold, opts.cache))
+    out = Path(args.out or default_out)
     out.mkdir(parents=True, exist_ok=True)
-    opts.cache.mkdir(parents=True, exist_ok=True)
+    cache = opts.cache / f"run-{opts.fold}"
+    cache.mkdir(parents=True, exist_ok=True)
 
-    slices = load_slices(data, "train", args.limit)
-    steps_per_epoch = max(1, int(np.ceil(len(slices) / opts.batch_size)))
-    total = args.max_steps or opts.epochs * steps_per_epoch
-    network = build_network(CHANNELS).to(device)
+    window = estimate_window(data, out, args.limit)
+    spec = ModelSpec(name="ct-lesion", version="2.0.0", task="segmentation", labels=[],
+                     intensity=window, input={"size": INPUT_SIZE, "crop_margin": CROP_MARGIN})
+    pools = Pools(data, spec, opts.fold, args.limit)
+    log.info("fold %s: %s", opts.fold, pools.describe())
+    total = args.max_steps or opts.steps
+    network = build_network(FEATURES).to(device)
     optimiser = torch.optim.AdamW(network.parameters(), lr=opts.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, partial(warmup_cosine, total=total))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    outline_loss = DiceCELoss(to_onehot_y=True, softmax=True)
     step = 0
-    ckpt = opts.cache / "last.ckpt"
+    ckpt = cache / "last.ckpt"
     if args.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         network.load_state_dict(state["network"])
@@ -118,25 +193,38 @@ def train(args: argparse.Namespace) -> int:
         step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed at step %d of %d", step, total)
-    transform = augmentations(args.seed + step)
-    rng = np.random.default_rng(args.seed + step)
+    seed = args.seed + step
+    outlined = augmentations(seed, opts.crop, "label")
+    normal = augmentations(seed + 1, opts.crop, "lung")
+    whole = augmentations(seed + 2, None, "lung")
+    rng = np.random.default_rng(seed)
 
     network.train()
-    progress = tqdm(total=total, initial=step, desc="ct-lesion", unit="step")
+    progress = tqdm(total=total, initial=step, desc=f"ct-lesion {opts.fold}", unit="step",
+                    mininterval=30)
     while step < total:
-        batch_idx = rng.choice(len(slices), size=min(opts.batch_size, len(slices)), replace=False)
-        batch = [transform({"image": slices[i]["image"], "label": slices[i]["label"]})
-                 for i in batch_idx]
-        x = torch.stack([torch.as_tensor(b["image"]) for b in batch]).clamp(0, 1).to(device)
-        y = torch.stack([torch.as_tensor(b["label"]) for b in batch]).round().to(device)
-        loss = loss_fn(network(x), y)
+        cropped = (sample(pools.medseg, opts.medseg_per_batch, outlined, rng)
+                   + sample(pools.negatives, opts.negatives_per_batch, normal, rng))
+        n_outlined = min(opts.medseg_per_batch, len(pools.medseg))
+        x = _stack(cropped, "image", device).clamp(0, 1)
+        logits = network(x)
+        loss = outline_loss(logits, _stack(cropped, "label", device).round())
+        if len(cropped) > n_outlined:  # the negatives' most lesion-like lung pixels
+            loss = loss + opts.slice_weight * slice_loss(
+                logits[n_outlined:], _stack(cropped[n_outlined:], "lung", device), False,
+                opts.top_k)
+        positives = sample(pools.positives, opts.positives_per_batch, whole, rng)
+        if positives:
+            loss = loss + opts.slice_weight * slice_loss(
+                network(_stack(positives, "image", device).clamp(0, 1)),
+                _stack(positives, "lung", device), True, opts.top_k)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         schedule.step()
         step += 1
         progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if step % opts.checkpoint_every == 0 or step == total:
             torch.save(
                 {
@@ -151,16 +239,15 @@ def train(args: argparse.Namespace) -> int:
     progress.close()
     network.cpu()
     torch.save(network.state_dict(), out / WEIGHTS)
-    write_spec(out, data, n_train=len(slices), steps=total, limit=args.limit)
+    write_spec(out, window, pools.describe(), steps=total, fold=opts.fold)
     return 0
 
 
-def write_spec(out: Path, data: Path, n_train: int, steps: int, limit: int | None) -> None:
-    """spec.json from the weights and the HU window calibration (training/ct_lesion/window.py)."""
-    window = estimate_window(data, out, limit)
+def write_spec(out: Path, window: dict, trained_on: dict, steps: int, fold: str) -> None:
+    """spec.json from the weights, the HU window calibration and what the run trained on."""
     spec = {
         "name": "ct-lesion",
-        "version": "1.0.0",
+        "version": "2.0.0",
         "task": "segmentation",
         "weights": WEIGHTS,
         "weights_sha256": sha256_of(out / WEIGHTS),
@@ -172,31 +259,38 @@ def write_spec(out: Path, data: Path, n_train: int, steps: int, limit: int | Non
         ],
         "input": {
             "size": INPUT_SIZE,
-            "channels": list(CHANNELS),
-            "network": "monai.networks.nets.UNet 2D, 3 classes, num_res_units=1",
+            "features": list(FEATURES),
+            "network": "monai.networks.nets.BasicUNet 2D, background/lesion, "
+                       "upsample=nontrainable (bilinear)",
             "crop": "thorax: bounding box of the lung mask (ct-lung) + crop_margin on each side",
-            "crop_margin": 0.08,
+            "crop_margin": CROP_MARGIN,
             "resize": "longer side to size (bilinear, antialias), shorter side zero-padded",
             "slices": "2D, every axial slice, batched",
         },
         "intensity": window,
         "spacing": None,
-        # the network's own operating point until `evaluate ct-lesion` chooses both on the
-        # real HU patients (training/common/ct_lopo.py)
-        "thresholds": {"lesion_probability": 0.5, "min_lesion_ml": 0.0},
+        # the network's own operating point until `evaluate ct-lesion` chooses the measurement
+        # setting out of fold (training/ct_lesion/tradeoff.py)
+        "thresholds": {"lesion_probability": 0.5, "min_lesion_ml": 0.0,
+                       "min_mean_probability": 0.0},
         "output": {"0": "none", "1": "ggo", "2": "consolidation", "restricted_to": "ct-lung",
-                   "postprocess": "softmax, [1,2,2,2,1]/8 low-pass (decoder checkerboard), "
-                                  "bilinear resize, lesion where P(GGO)+P(consolidation) >= "
-                                  "lesion_probability, 3D lesions < min_lesion_ml dropped"},
+                   "ggo_band_hu": list(GGO_BAND_HU),
+                   "postprocess": "softmax, bilinear resize, lesion where P(lesion) >= "
+                                  "lesion_probability and Gaussian-smoothed (1 px) HU >= "
+                                  f"{GGO_BAND_HU[0]:.0f}; GGO below {GGO_BAND_HU[1]:.0f} HU, "
+                                  "consolidation from there; 3D lesions < min_lesion_ml or "
+                                  "with mean probability < min_mean_probability dropped"},
         "data": {
-            "sources": [{
-                "name": "MedSeg COVID-19 CT segmentation (SIRM images), Inf-Net export",
-                "doi": "10.6084/m9.figshare.13521488",
-                "licence": "CC0-1.0 (MedSeg) + Inf-Net non-commercial (export)",
-            }],
-            "split": "Inf-Net's own: 50 train, 48 test slices; no patient ids, so slices of one "
-                     "patient may be on both sides",
-            "n_train": n_train,
+            "sources": [
+                {"name": "MedSeg COVID-19 CT segmentation (SIRM images), Inf-Net export",
+                 "doi": "10.6084/m9.figshare.13521488",
+                 "licence": "CC0-1.0 (MedSeg) + Inf-Net non-commercial (export)"},
+                {"name": "COVID-CT-MD (Afshar et al., Sci Data 8:121, 2021): 6 whole chests, "
+                         "slice-level infection labels",
+                 "licence": "CC-BY-4.0 (unverified)"},
+            ],
+            "fold": fold,
+            "trained_on": trained_on,
             "steps": steps,
         },
     }
