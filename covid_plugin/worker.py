@@ -370,9 +370,12 @@ class Worker:
             return "failed", lambda: self._end(job, self.jobs.fail, note or "no result")
         folder = self._folder(job)
         # earlier attempts' files were never recorded as results (or this attempt would not
-        # exist): a killed run's leftovers, or a stalled worker's dropped ones
+        # exist): a killed run's leftovers, or a stalled worker's dropped ones. A later
+        # attempt's folder is not this run's to touch: if this worker stalled past its lease,
+        # that is the winner's, and its outbox rows point into it
         for earlier_attempt in folder.parent.glob("*"):
-            shutil.rmtree(earlier_attempt, ignore_errors=True)
+            if earlier_attempt.name.isdigit() and int(earlier_attempt.name) < job.attempts:
+                shutil.rmtree(earlier_attempt, ignore_errors=True)
         datasets = [ds for _, objects in results for ds in objects]
         saved = save_durably(datasets, folder)
         reports = [ReportRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
