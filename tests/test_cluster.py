@@ -23,6 +23,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from tests.conftest import NodeProcess, free_port, rider_files, wait_for
 from tests.test_node_ingest import storescu
 
+pytestmark = pytest.mark.data  # every test here reads the data set
+
 TIMING = {"heartbeat_s": 0.5, "listener_stale_after_s": 2.0, "job_lease_s": 2.0,
           "outbox_lease_s": 5.0}
 

@@ -17,7 +17,7 @@ from covid_plugin.ml.spec import ModelIntegrityError, load_spec
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.__main__ import main
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+pytestmark = pytest.mark.data
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,7 @@ def test_only_one_of_several_workers_closes_a_series(db):
     assert [(j.state, j.reason) for j in first.all()] == [("queued", None)]
 
 
+@pytest.mark.data
 def test_a_worker_that_lost_its_lease_drops_its_results(tmp_path: Path, db):
     """A worker stalls past its lease; another takes the job: the first one's results are
     neither recorded nor sent, and its files go."""
@@ -180,6 +181,7 @@ def test_config_output_hides_the_database_password(capsys):
     assert "s3cret" not in out and "postgresql://covid:***@db/covid" in out
 
 
+@pytest.mark.data
 def test_a_stalled_worker_leaves_the_winning_attempts_results_alone(tmp_path: Path, db):
     """The worker that took the job over finishes first; the stalled one then writes its own
     results and finds its lease lost: it removes its own attempt's folder, never the folder
