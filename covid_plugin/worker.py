@@ -23,9 +23,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydicom import Dataset
@@ -33,13 +32,14 @@ from pydicom import Dataset
 from covid_plugin.config import DicomwebDestination, Peer, Settings
 from covid_plugin.findings import Findings, Predecessor
 from covid_plugin.observability import Metrics
-from covid_plugin.outputs import OutputError, write_declined
+from covid_plugin.outputs import write_declined
+from covid_plugin.pipelines.interface import Pipeline, Writer, analyse
 from covid_plugin.series import completion, incomplete_reason, rejection_reason
 from covid_plugin.store.db import STORE_ERRORS
 from covid_plugin.store.jobs import Delivery, Job, JobQueue, LeaseLost, ReportRef
 from covid_plugin.store.retention import purge
 from covid_plugin.store.spool import Spool
-from covid_plugin.volume import LoadedSeries, SeriesError, load_series_files
+from covid_plugin.volume import LoadedSeries
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +47,18 @@ log = logging.getLogger(__name__)
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-class SeriesSkipped(Exception):
-    """A pipeline declines a series it cannot honestly process (a lateral film, say)."""
-
-
-class Pipeline(Protocol):
-    """What the worker needs of a pipeline; pipelines/ holds the real ones.
-
-    A pipeline may set `per_instance = True` to see each instance of a series on its own
-    (radiographs: one series can hold a PA and a lateral film).
-    """
-
-    name: str
-    modalities: tuple[str, ...]
-
-    def load_models(self, models_dir: Path, device: str) -> Any: ...
-
-    def run(self, series: LoadedSeries, models: Any) -> Findings: ...
-
-
-Writer = Callable[[Findings, LoadedSeries], list[Dataset]]
-Decliner = Callable[[LoadedSeries, str], list[Dataset]]  # the "not analysed" report
+def system_error(exc: BaseException) -> OSError | None:
+    """The OSError that carries the system's errno, following __cause__ and __context__:
+    pydicom re-raises a failed write as `type(exc)(message)` (pydicom.tag.tag_in_exception),
+    an OSError without errno whose message is a whole traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def destinations_for(settings: Settings, calling_ae: str) -> list[Peer | DicomwebDestination]:
@@ -111,56 +102,6 @@ def _superseding(writer: Writer, previous: list[ReportRef], n_before: int,
                               f"({n_before} instances); this one used {n_now}.")
         return writer(findings, series)
     return write
-
-
-@dataclass
-class Analysis:
-    """What came of running one pipeline over one series' files."""
-
-    results: list[tuple[Findings, list[Dataset]]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    skipped: int = 0
-
-    @property
-    def note(self) -> str | None:
-        return "; ".join(dict.fromkeys(self.problems)) or None
-
-
-def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer,
-            decline: Decliner | None = None) -> Analysis:
-    """Load, run and write; a radiograph pipeline sees each film on its own.
-
-    Problems with the input are collected as reasons, not raised: the caller records them.
-    With `decline`, a series the pipeline declines still yields a result: the short report
-    that says why, sent like any other.
-    """
-    units = [[p] for p in paths] if getattr(pipeline, "per_instance", False) else [paths]
-    out = Analysis()
-    for unit in units:
-        try:
-            series = load_series_files(unit)
-            findings = pipeline.run(series, models)
-            out.results.append((findings, writer(findings, series)))
-        except SeriesError as exc:
-            out.problems.append(f"series cannot be loaded: {exc.reason}")
-        except SeriesSkipped as exc:
-            out.skipped += 1
-            out.problems.append(f"skipped by the {pipeline.name} pipeline: {exc}")
-            if decline is not None:
-                declined = Findings(pipeline.name, series.series_instance_uid,
-                                    notes=[f"not analysed: {exc}"])
-                try:
-                    out.results.append((declined, decline(series, str(exc))))
-                except OutputError as error:
-                    out.problems.append(f"report cannot be encoded: {error.reason}")
-        except OutputError as exc:
-            # the library's message can quote a header value (a birth date, a name): the
-            # reason, which `covid-plugin jobs` prints, names only the kind of error
-            cause = type(exc.__cause__ or exc).__name__
-            log.warning("results for series %s cannot be encoded (%s)", exc.series_uid, cause)
-            log.debug("encoding error details", exc_info=exc)
-            out.problems.append(f"results cannot be encoded ({cause}); details at DEBUG")
-    return out
 
 
 class Worker:
@@ -325,8 +266,9 @@ class Worker:
         """A file operation failed: for lack of space the job is tried later (the disk, not
         the series, is at fault), anything else fails it."""
         shutil.rmtree(self._folder(job), ignore_errors=True)  # give back what it had taken
-        detail = exc.strerror or str(exc)
-        if exc.errno not in _NO_SPACE:
+        cause = system_error(exc)
+        detail = (cause.strerror or str(cause)) if cause is not None else type(exc).__name__
+        if cause is None or cause.errno not in _NO_SPACE:
             log.error("job %d (series %s) failed: %s", job.id, job.series_uid, detail)
             reason = f"a file could not be read or written: {detail}"
             return "failed", lambda: self._end(job, self.jobs.fail, reason)

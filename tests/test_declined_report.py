@@ -9,8 +9,8 @@ import pytest
 from covid_plugin.config import Settings
 from covid_plugin.findings import Findings
 from covid_plugin.outputs import write_all, write_declined
+from covid_plugin.pipelines.interface import SeriesSkipped, analyse
 from covid_plugin.volume import LoadedSeries
-from covid_plugin.worker import SeriesSkipped, analyse
 from tests.conftest import CHEST_CR
 
 REASON = "lateral view (ViewPosition LL); only frontal films"

@@ -249,7 +249,7 @@ def test_header_values_never_reach_job_reasons(node_factory, birth_date):
 @pytest.mark.data
 def test_encoding_errors_are_recorded_without_the_library_message():
     from covid_plugin.outputs import OutputError
-    from covid_plugin.worker import analyse
+    from covid_plugin.pipelines.interface import analyse
     from tests.pipelines_for_tests import MeanIntensityPipeline
 
     def writer(findings, series):

@@ -96,7 +96,7 @@ def test_lateral_film_is_skipped_with_the_reason(tmp_path):
     to spawn a whole `covid-plugin run`, 39 s, to check this)."""
     from covid_plugin.outputs import write_all
     from covid_plugin.pipelines.cxr import CxrPipeline
-    from covid_plugin.worker import analyse
+    from covid_plugin.pipelines.interface import analyse
 
     ds = pydicom.dcmread(next(CXR_COVID.glob("*.dcm")))
     ds.ViewPosition = "LL"
@@ -149,8 +149,8 @@ def test_ct_without_lungs_is_skipped_with_the_reason(tmp_path):
     import numpy as np
 
     from covid_plugin.pipelines.ct import CtPipeline
+    from covid_plugin.pipelines.interface import SeriesSkipped
     from covid_plugin.volume import load_series_files
-    from covid_plugin.worker import SeriesSkipped
 
     series = load_series_files(sorted(CT_COVID.glob("*.dcm")))
     series.array = np.full_like(series.array, 40.0)  # soft tissue everywhere: no air, no lung
