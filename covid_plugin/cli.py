@@ -126,9 +126,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
 def _outbox(settings: Settings, db=None):
     from covid_plugin.store.outbox import Outbox
 
-    o = settings.outbox
-    return Outbox(db or _database(settings), o.max_attempts, o.backoff_base_s,
-                  o.backoff_max_s)
+    return Outbox.from_settings(db or _database(settings), settings.outbox)
 
 
 def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:

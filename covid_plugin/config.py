@@ -161,9 +161,15 @@ class SelectionSettings(_Strict):
 
 
 class OutboxSettings(_Strict):
-    """How hard we try to deliver a result before it goes to the dead letter state."""
+    """How hard we try to deliver a result before it goes to the dead letter state.
 
-    max_attempts: int = Field(default=5, ge=1)
+    A PACS down for a maintenance window or a night must not cost results: failed deliveries
+    are retried with a capped backoff until the result is `dead_after_s` old, and only then
+    go dead (until `covid-plugin retry`). `max_attempts` optionally caps the tries as well.
+    """
+
+    max_attempts: int | None = Field(default=None, ge=1)  # None: no cap on the number of tries
+    dead_after_s: float = Field(default=86400.0, gt=0)  # a result this old that fails is dead
     backoff_base_s: float = Field(default=2.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
     poll_interval_s: float = Field(default=0.5, gt=0)

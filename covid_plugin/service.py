@@ -114,8 +114,7 @@ class Node:
         self.spool = Spool(settings.spool_dir, self.db)
         self.jobs = JobQueue(self.db, settings.jobs.max_attempts, settings.jobs.retry_after_s,
                              lease_s=cluster.job_lease_s)
-        self.outbox = Outbox(self.db, settings.outbox.max_attempts,
-                             settings.outbox.backoff_base_s, settings.outbox.backoff_max_s)
+        self.outbox = Outbox.from_settings(self.db, settings.outbox)
         self.associations = Associations(self.db, self.name, cluster.listener_stale_after_s)
         self.metrics = Metrics()
         self.metrics.add_state_gauges(self._state_counts)

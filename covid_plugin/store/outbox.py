@@ -1,8 +1,9 @@
 """The persisted outbox: result files waiting for a destination, with retries and a dead letter.
 
-Backoff doubles after each failed attempt (capped); after `max_attempts` the item is 'dead'
-until someone runs `covid-plugin retry`, so a destination that is down for a weekend loses
-nothing and does not make the node hammer it.
+Backoff doubles after each failed attempt (capped at `backoff_max_s`); an item that fails
+once it is `dead_after_s` old (or after `max_attempts` tries, when set) is 'dead' until
+someone runs `covid-plugin retry`, so a destination that is down for hours loses nothing and
+does not make the node hammer it.
 
 Senders `claim` due items under a lease, so that several sender processes never send one item
 at the same time (SKIP LOCKED on PostgreSQL). Delivery is at least once: a sender killed after
@@ -17,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from covid_plugin.config import OutboxSettings
 from covid_plugin.store.db import Database, now
 
 log = logging.getLogger(__name__)
@@ -54,12 +56,19 @@ def _item(row) -> OutboxItem:
 
 
 class Outbox:
-    def __init__(self, db: Database, max_attempts: int, backoff_base_s: float,
-                 backoff_max_s: float) -> None:
+    def __init__(self, db: Database, max_attempts: int | None, backoff_base_s: float,
+                 backoff_max_s: float, dead_after_s: float = 86400.0) -> None:
         self.db = db
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.dead_after_s = dead_after_s
+
+    @classmethod
+    def from_settings(cls, db: Database, settings: OutboxSettings) -> Outbox:
+        """The outbox as the node and the command line configure it."""
+        return cls(db, settings.max_attempts, settings.backoff_base_s, settings.backoff_max_s,
+                   settings.dead_after_s)
 
     def claim(self, owner: str, limit: int = 100, lease_s: float = 120.0) -> list[OutboxItem]:
         """Up to `limit` due pending items no other sender holds, leased to `owner` for
@@ -106,12 +115,14 @@ class Outbox:
         t = now()
         held = "" if owner is None else " AND lease_owner = ?"
         with self.db.transaction() as conn:
-            row = conn.execute(f"SELECT attempts FROM outbox WHERE id = ?{held}",
+            row = conn.execute(f"SELECT attempts, created_at FROM outbox WHERE id = ?{held}",
                                (item_id, *(() if owner is None else (owner,)))).fetchone()
             if row is None:
                 return None
             attempts = row["attempts"] + 1
-            state = "dead" if attempts >= self.max_attempts else "pending"
+            capped = self.max_attempts is not None and attempts >= self.max_attempts
+            too_old = t - row["created_at"] >= self.dead_after_s
+            state = "dead" if capped or too_old else "pending"
             delay = min(self.backoff_base_s * 2 ** (attempts - 1), self.backoff_max_s)
             conn.execute(
                 "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, next_attempt_at = ?, "
@@ -128,20 +139,21 @@ class Outbox:
         return [_item(r) for r in rows]
 
     def retry(self, item_ids: list[int] | None = None) -> int:
-        """Send dead items again (all of them, or those named), with a fresh attempt count."""
+        """Send dead items again (all of them, or those named), with a fresh attempt count
+        and a fresh age (`dead_after_s` counts from now)."""
         t = now()
         with self.db.transaction() as conn:
             if item_ids:
                 marks = ",".join("?" * len(item_ids))
                 return conn.execute(
                     "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-                    f"updated_at = ? WHERE state = 'dead' AND id IN ({marks})",
-                    (t, t, *item_ids),
+                    f"created_at = ?, updated_at = ? WHERE state = 'dead' AND id IN ({marks})",
+                    (t, t, t, *item_ids),
                 ).rowcount
             return conn.execute(
                 "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-                "updated_at = ? WHERE state = 'dead'",
-                (t, t),
+                "created_at = ?, updated_at = ? WHERE state = 'dead'",
+                (t, t, t),
             ).rowcount
 
     def backlog(self) -> dict[str, float | int]:
