@@ -36,7 +36,7 @@ from covid_plugin.outputs import write_declined
 from covid_plugin.pipelines.interface import Pipeline, Writer, analyse
 from covid_plugin.series import completion, incomplete_reason, rejection_reason
 from covid_plugin.store.db import STORE_ERRORS
-from covid_plugin.store.jobs import Delivery, Job, JobQueue, LeaseLost, ReportRef
+from covid_plugin.store.jobs import Delivery, Job, JobQueue, JobState, LeaseLost, ReportRef
 from covid_plugin.store.retention import purge
 from covid_plugin.store.spool import Spool
 from covid_plugin.volume import LoadedSeries
@@ -278,7 +278,7 @@ class Worker:
         def record() -> None:
             state = self._end(job, self.jobs.retry_later,
                               f"no space to write results ({detail})")
-            if state == "quarantined":
+            if state == JobState.QUARANTINED:
                 log.error("job %d (series %s) quarantined after %d attempts", job.id,
                           job.series_uid, job.attempts)
         return "retry", record
