@@ -170,7 +170,9 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from covid_plugin.health import attention, problems_and_warnings
     from covid_plugin.observability import operations_health
+    from covid_plugin.store.associations import Associations
     from covid_plugin.store.jobs import JobQueue
 
     report: dict = {"ae_title": settings.ae_title}
@@ -183,6 +185,10 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         report.update(operations_health(
             settings.data_dir, settings.storage,
             [j.id for j in jobs.stuck(settings.jobs.stuck_after_s)], [], outbox.backlog()))
+        associations = Associations(db, "health", settings.cluster.listener_stale_after_s)
+        problems, report["warnings"] = problems_and_warnings(
+            settings, attention(settings, jobs, outbox, associations))
+        report["problems"] += problems
     except Exception as exc:  # report the failure, as a health check must
         report["store"] = False
         report["store_error"] = str(exc)

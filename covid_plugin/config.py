@@ -190,6 +190,19 @@ class JobSettings(_Strict):
     stuck_after_s: float = Field(default=1800.0, gt=0)
 
 
+HealthCheck = Literal["dead_results", "no_worker", "overdue_series", "held_series",
+                      "incomplete_series", "quarantined_jobs"]
+
+
+class HealthSettings(_Strict):
+    """What `covid-plugin health` and /health fail on besides the store, disk and listener
+    (covid_plugin/health.py): each check names the series or jobs it found."""
+
+    warn_only: list[HealthCheck] = []  # these are reported as warnings; health stays ok
+    # a series complete (quiet, released) but not queued this long after its quiet period
+    overdue_after_s: float = Field(default=300.0, gt=0)
+
+
 class RetentionSettings(_Strict):
     """How long the node keeps what it holds; null keeps it for ever. Applied every
     `interval_s` by the running node, and on demand by `covid-plugin purge`."""
@@ -275,6 +288,7 @@ class Settings(_Strict):
     outbox: OutboxSettings = OutboxSettings()
     jobs: JobSettings = JobSettings()
     retention: RetentionSettings = RetentionSettings()
+    health: HealthSettings = HealthSettings()
     # send a short "not analysed" SR for a series a pipeline declines (lateral film, no lungs,
     # outside the validated population), so the reader knows the AI looked (IHE AI Results)
     declined_reports: bool = True

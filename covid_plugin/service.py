@@ -15,6 +15,7 @@ from typing import Any
 
 from covid_plugin.config import DicomwebDestination, Peer, Settings
 from covid_plugin.findings import Findings
+from covid_plugin.health import attention, problems_and_warnings
 from covid_plugin.node.scp import StorageSCP
 from covid_plugin.node.scu import DicomSender, OutboxSender
 from covid_plugin.node.stow import StowSender
@@ -130,7 +131,7 @@ class Node:
             self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,
                                  write_all, self.associations.active_series, on_result,
                                  owner=self.name, reap=self.associations.reap)
-            beats.append(self.worker.renew_lease)
+            beats += [self.worker.renew_lease, self._worker_beat]
             web = [d for d in settings.destinations if isinstance(d, DicomwebDestination)]
             peers = [*(d for d in settings.destinations if isinstance(d, Peer)),
                      *settings.return_addresses.values()]
@@ -140,6 +141,12 @@ class Node:
                                        lease_s=cluster.outbox_lease_s)
         self.heartbeat = Heartbeat(cluster.heartbeat_s, beats)
         self.health_server: HealthServer | None = None
+
+    def _worker_beat(self) -> None:
+        """The worker's heartbeat, only while its thread runs: health then knows when jobs
+        wait and nothing will run them."""
+        if self.worker is not None and self.worker.is_alive():
+            self.associations.worker_heartbeat()
 
     def _state_counts(self) -> dict[str, dict[str, int]]:
         return {"jobs": self.jobs.counts(), "outbox": self.outbox.counts()}
@@ -155,6 +162,9 @@ class Node:
                 self.settings.data_dir, self.settings.storage,
                 [j.id for j in self.jobs.stuck(self.settings.jobs.stuck_after_s)],
                 self.worker.unrecorded() if self.worker else [], self.outbox.backlog())
+            found = attention(self.settings, self.jobs, self.outbox, self.associations)
+            problems, operations["warnings"] = problems_and_warnings(self.settings, found)
+            operations["problems"] += problems
             store_ok = True
         except Exception as exc:  # report, do not raise, from a health check
             counts, store_ok = {"error": str(exc)}, False

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from covid_plugin.config import OutboxSettings, Settings
+from covid_plugin.config import HealthSettings, OutboxSettings, Settings
+from covid_plugin.health import attention, problems_and_warnings
 from covid_plugin.instance import read_header
 from covid_plugin.observability import Metrics
 from covid_plugin.outputs import write_all
+from covid_plugin.store.associations import Associations
 from covid_plugin.store.db import SQLiteDatabase
 from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.outbox import Outbox
@@ -100,3 +102,73 @@ def test_results_are_retried_for_hours_and_go_dead_only_past_their_age(db):
     assert outbox.mark_failed(item.id, "association failed") == "dead"
     assert outbox.retry() == 1  # a retried result counts its age from the retry
     assert outbox.mark_failed(item.id, "association failed") == "pending"
+
+
+def test_health_names_what_will_not_be_processed_or_delivered(tmp_path: Path, db):
+    """Each check stays quiet on a healthy store, and names the series or job it found."""
+    settings = Settings(data_dir=tmp_path, quiet_period_s=1,
+                        health={"overdue_after_s": 60})
+    jobs = JobQueue(db)
+    outbox = Outbox.from_settings(db, settings.outbox)
+    listener = Associations(db, "listener", stale_after_s=30)
+
+    def found() -> dict[str, str]:
+        return attention(settings, jobs, outbox, listener)
+
+    old = time.time() - 3600
+    add_series(db, "1.done", last_at=old)  # a healthy history: done, its result sent
+    add_jobs(db, "1.done", "queued")
+    jobs.finish(jobs.claim("w").id, [delivery(0)], owner="w")
+    outbox.mark_sent(outbox.list()[0].id)
+    listener.worker_heartbeat()
+    assert found() == {}
+
+    add_series(db, "1.dead", last_at=old)  # its result failed once it was a day old
+    add_jobs(db, "1.dead", "queued")
+    jobs.finish(jobs.claim("w").id, [delivery(1)], owner="w")
+    with db.transaction() as conn:
+        conn.execute("UPDATE outbox SET state = 'dead' WHERE sop_instance_uid = '9.1'")
+    assert "1.dead" in found()["dead_results"]
+
+    add_series(db, "1.waits", last_at=old)  # queued, and the only worker stopped
+    add_jobs(db, "1.waits", "queued")
+    assert "no_worker" not in found()
+    with db.transaction() as conn:
+        conn.execute("UPDATE listeners SET heartbeat_at = 0")
+    assert found()["no_worker"].startswith("1 job(s) waiting")
+
+    add_series(db, "1.overdue", last_at=old)  # released cleanly long ago, never queued
+    add_jobs(db, "1.overdue", "received")
+    add_series(db, "1.held", last_at=old)  # its association was aborted: waits for a resend
+    add_jobs(db, "1.held", "received")
+    add_series(db, "1.quiet", last_at=time.time())  # still inside its quiet period
+    add_jobs(db, "1.quiet", "received")
+    with db.transaction() as conn:
+        conn.execute("UPDATE series SET released_at = last_at + 1 "
+                     "WHERE series_uid = '1.overdue'")
+        conn.execute("UPDATE series SET interrupted_at = last_at + 1 "
+                     "WHERE series_uid = '1.held'")
+    assert found()["overdue_series"].endswith(": 1.overdue")
+    assert found()["held_series"].endswith(": 1.held")
+
+    add_series(db, "1.broken", last_at=old)  # recorded incomplete, never resent
+    add_jobs(db, "1.broken", "rejected")
+    add_series(db, "1.off", last_at=old)  # rejected by the selection rules: not a problem
+    add_jobs(db, "1.off", "rejected")
+    add_series(db, "1.poison", last_at=old)
+    add_jobs(db, "1.poison", "quarantined")
+    with db.transaction() as conn:
+        conn.execute("UPDATE jobs SET reason = 'incomplete: the transfer broke off' "
+                     "WHERE series_uid = '1.broken'")
+        conn.execute("UPDATE jobs SET reason = 'not a chest study' WHERE series_uid = '1.off'")
+    report = found()
+    assert report["incomplete_series"].endswith(": 1.broken")
+    assert "(series 1.poison)" in report["quarantined_jobs"]
+    assert sorted(report) == ["dead_results", "held_series", "incomplete_series",
+                              "no_worker", "overdue_series", "quarantined_jobs"]
+
+    lenient = settings.model_copy(update={"health": HealthSettings(
+        warn_only=["held_series", "quarantined_jobs"])})
+    problems, warnings = problems_and_warnings(lenient, report)
+    assert len(problems) == 4 and len(warnings) == 2
+    assert any("1.held" in w for w in warnings)

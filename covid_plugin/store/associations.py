@@ -19,6 +19,11 @@ from covid_plugin.store.db import Database, now
 
 log = logging.getLogger(__name__)
 
+# workers keep their heartbeat in the same table as listeners (a table of its own would push
+# the SQLite schema past the 64 KiB a new database writes at once), under this prefix; they
+# never have open associations, so reaping a dead worker's row only forgets it
+WORKER = "worker "
+
 
 class Associations:
     """The open associations of one listener (`listener`: a name unique among the listeners
@@ -66,6 +71,22 @@ class Associations:
             )
             conn.execute("DELETE FROM open_associations WHERE assoc = ? AND listener = ?",
                          (assoc, self.listener))
+
+    def worker_heartbeat(self) -> None:
+        """This process's worker thread is alive: health says when none is while jobs wait."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO listeners (listener, heartbeat_at) VALUES (?, ?) "
+                "ON CONFLICT (listener) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (WORKER + self.listener, now()),
+            )
+
+    def live_workers(self) -> int:
+        """Workers whose heartbeat is younger than stale_after_s."""
+        return self.db.connection().execute(
+            "SELECT COUNT(*) FROM listeners WHERE listener LIKE ? AND heartbeat_at >= ?",
+            (WORKER + "%", now() - self.stale_after_s),
+        ).fetchone()[0]
 
     def active_series(self) -> set[str]:
         """Series an open association on a live listener is delivering to."""

@@ -412,6 +412,29 @@ class JobQueue:
         ).fetchall()
         return [_job(r) for r in rows]
 
+    def in_state(self, state: JobState) -> list[Job]:
+        rows = self.db.connection().execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_uid) "
+            "WHERE j.state = ? ORDER BY j.id", (state,)
+        ).fetchall()
+        return [_job(r) for r in rows]
+
+    def due(self) -> int:
+        """Queued jobs a worker could claim now."""
+        return self.db.connection().execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND not_before <= ?", (now(),)
+        ).fetchone()[0]
+
+    def incomplete_series(self) -> list[str]:
+        """Series recorded incomplete (the sender broke off and did not resend) whose latest
+        run is that rejection: nothing of them was processed."""
+        rows = self.db.connection().execute(
+            "SELECT j.series_uid FROM jobs j WHERE j.state = 'rejected' AND j.reason LIKE ? "
+            "AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_uid = j.series_uid "
+            "AND o.id > j.id) ORDER BY j.id", (INCOMPLETE + "%",)
+        ).fetchall()
+        return [r["series_uid"] for r in rows]
+
     def get(self, job_id: int) -> Job | None:
         row = self.db.connection().execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_uid) "

@@ -166,6 +166,14 @@ class Outbox:
         waited = round(now() - row["oldest"], 1) if row["oldest"] is not None else 0.0
         return {"pending": row["n"], "oldest_pending_s": waited, "dead": dead}
 
+    def dead_series(self) -> list[str]:
+        """The source series whose results are dead (not delivered, no longer tried)."""
+        rows = self.db.connection().execute(
+            "SELECT DISTINCT j.series_uid FROM outbox o JOIN jobs j ON j.id = o.job_id "
+            "WHERE o.state = 'dead' ORDER BY j.series_uid"
+        ).fetchall()
+        return [r["series_uid"] for r in rows]
+
     def counts(self) -> dict[str, int]:
         rows = self.db.connection().execute(
             "SELECT state, COUNT(*) AS n FROM outbox GROUP BY state"
