@@ -89,14 +89,13 @@ def write_declined(
     settings: OutputSettings | None = None,
     models: list[ModelInfo] | None = None,
 ) -> list[Dataset]:
-    """The 'not analysed' SR for a series a pipeline declined, or nothing when turned off.
+    """The 'not analysed' SR for a series a pipeline declined (whether to send one is the
+    node's `declined_reports` setting: the worker then passes no decliner).
 
     Without `models` (a pipeline declines before any model ran), the node's own selection
     rules are named as the processing algorithm.
     """
     settings = settings or OutputSettings()
-    if not settings.declined_reports:
-        return []
     models = models or [
         ModelInfo(f"{settings.model_name} rules", settings.software_version, RULE_BASED_SHA256)
     ]
