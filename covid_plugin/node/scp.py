@@ -100,6 +100,8 @@ class StorageSCP:
         self._release_requested: set[int] = set()  # associations whose sender asked to release
         self._unrecorded_ends: list[tuple[str, bool]] = []  # ends the database did not take
         self._lock = threading.Lock()
+        # (calling AE, refused SOP classes) already logged at INFO
+        self._refusals_logged: set[tuple[str, tuple[str, ...]]] = set()
         self._server: GuardedAssociationServer | None = None
         self.ae = self._build_ae()
 
@@ -167,10 +169,17 @@ class StorageSCP:
         assoc = event.assoc
         log.info("association from %s (%s:%s) accepted", assoc.requestor.ae_title,
                  assoc.requestor.address, assoc.requestor.port)
-        refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        refused = tuple(sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts}))
         if refused:
-            log.info("refused %d presentation context(s) from %s, SOP class not processed: %s",
-                     len(refused), assoc.requestor.ae_title, ", ".join(refused))
+            # A PACS proposes the same long list on every association: said once per caller
+            # (and list), so that a bounced result stands out; the repeats at DEBUG.
+            caller = str(assoc.requestor.ae_title)
+            with self._lock:
+                first = (caller, refused) not in self._refusals_logged
+                self._refusals_logged.add((caller, refused))
+            log.log(logging.INFO if first else logging.DEBUG,
+                    "refused %d presentation context(s) from %s, SOP class not processed%s: %s",
+                    len(refused), caller, "" if first else " (again)", ", ".join(refused))
 
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
