@@ -125,7 +125,7 @@ class Node:
         beats: list[Callable[[], object]] = []
         if self.listens:
             self.scp = StorageSCP(settings, self.spool, self.metrics, self.associations)
-            beats += [self.associations.heartbeat, self.scp.record_ended]
+            beats += [self.scp.heartbeat, self.scp.record_ended]
         if self.works:
             pipelines = load_object(settings.pipelines)(settings)
             self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,

@@ -172,3 +172,54 @@ def test_health_names_what_will_not_be_processed_or_delivered(tmp_path: Path, db
     problems, warnings = problems_and_warnings(lenient, report)
     assert len(problems) == 4 and len(warnings) == 2
     assert any("1.held" in w for w in warnings)
+
+
+def test_a_listener_reaped_while_paused_registers_its_association_again(tmp_path: Path, db):
+    """A listener paused past listener_stale_after_s with an association open is taken for
+    dead: its association is ended as interrupted. Once it runs again, its heartbeat finds
+    that out and registers the association again, and the sender's release completes the
+    series; it is not held as incomplete."""
+    from types import SimpleNamespace
+
+    from covid_plugin.node.scp import StorageSCP
+    from covid_plugin.series import completion
+
+    add_series(db, "1.2.3")
+    add_jobs(db, "1.2.3", "received")
+    listener = Associations(db, "listener", stale_after_s=0.05)
+    scp = StorageSCP(Settings(data_dir=tmp_path), Spool(tmp_path / "spool", db), Metrics(),
+                     listener)
+    scp.heartbeat()
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
+    scp._delivering(assoc, "1.2.3")
+    time.sleep(0.1)  # the listener is paused
+    assert Associations(db, "worker", stale_after_s=0.05).reap() == 1
+    assert listener.active_series() == set()
+    scp.heartbeat()  # it runs again
+    assert listener.active_series() == {"1.2.3"}
+    scp._on_released(SimpleNamespace(assoc=assoc))  # the sender sent the rest and released
+    [series] = JobQueue(db).open_series()
+    assert completion(series, time.time() + 10, 1.0, listener.active_series()) == "complete"
+
+
+def test_a_release_after_the_listener_was_reaped_still_completes_the_series(tmp_path: Path,
+                                                                           db):
+    """The release can come before the listener's next heartbeat: it is recorded for the
+    series the association delivered to, though its rows are gone."""
+    from types import SimpleNamespace
+
+    from covid_plugin.node.scp import StorageSCP
+    from covid_plugin.series import completion
+
+    add_series(db, "1.2.3")
+    add_jobs(db, "1.2.3", "received")
+    listener = Associations(db, "listener", stale_after_s=0.05)
+    scp = StorageSCP(Settings(data_dir=tmp_path), Spool(tmp_path / "spool", db), Metrics(),
+                     listener)
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="PACS"))
+    scp._delivering(assoc, "1.2.3")
+    time.sleep(0.1)
+    Associations(db, "worker", stale_after_s=0.05).reap()
+    scp._on_released(SimpleNamespace(assoc=assoc))
+    [series] = JobQueue(db).open_series()
+    assert completion(series, time.time() + 10, 1.0, set()) == "complete"

@@ -163,7 +163,7 @@ def test_an_association_end_the_database_refused_is_written_by_the_heartbeat(
     scp._delivering(assoc, "1.2.3")
     real_ended = Associations.ended
 
-    def unwritable(self, name, released):
+    def unwritable(self, name, released, series=()):
         raise sqlite3.OperationalError("database is locked")
     monkeypatch.setattr(Associations, "ended", unwritable)
     scp._on_released(SimpleNamespace(assoc=assoc))

@@ -98,7 +98,8 @@ class StorageSCP:
         # association id -> (its name in the database, the series it has delivered to)
         self._active: dict[int, tuple[str, set[str]]] = {}
         self._release_requested: set[int] = set()  # associations whose sender asked to release
-        self._unrecorded_ends: list[tuple[str, bool]] = []  # ends the database did not take
+        # ends the database did not take: (association, released, its series)
+        self._unrecorded_ends: list[tuple[str, bool, set[str]]] = []
         self._lock = threading.Lock()
         # (calling AE, refused SOP classes) already logged at INFO
         self._refusals_logged: set[tuple[str, tuple[str, ...]]] = set()
@@ -217,22 +218,20 @@ class StorageSCP:
         sends it again (series.py decides). If this write fails, the heartbeat writes it later
         (`record_ended`): until then the series still counts as being delivered.
         """
-        with self._lock:
-            name, series = self._active.get(id(assoc), ("", set()))
+        with self._lock:  # EVT_ABORTED and EVT_CONN_CLOSE both come: the first one ends it
+            name, series = self._active.pop(id(assoc), ("", set()))
+            self._release_requested.discard(id(assoc))
         if series:
             if not released:
                 log.warning("association from %s ended without release; %d series held as "
                             "possibly incomplete", assoc.requestor.ae_title, len(series))
             try:
-                self.associations.ended(name, released)
+                self.associations.ended(name, released, series)
             except Exception:  # the store is unwritable for a moment
                 log.exception("could not record the end of an association from %s; will "
                               "retry", assoc.requestor.ae_title)
                 with self._lock:
-                    self._unrecorded_ends.append((name, released))
-        with self._lock:
-            self._active.pop(id(assoc), None)
-            self._release_requested.discard(id(assoc))
+                    self._unrecorded_ends.append((name, released, series))
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling = event.assoc.requestor.ae_title
@@ -274,13 +273,30 @@ class StorageSCP:
             log.info("instance %s from %s already held; kept once", sop_uid, calling)
         return 0x0000
 
+    def heartbeat(self) -> None:
+        """The listener's heartbeat. When it finds the listener was taken for dead (paused
+        past listener_stale_after_s: its open associations were ended as interrupted), the
+        associations still open here are registered again, so that their series count as
+        being delivered once more and complete when the sender releases."""
+        if self.associations.heartbeat():
+            return
+        with self._lock:
+            open_now = [(name, set(series)) for name, series in self._active.values()]
+        for name, series in open_now:
+            for series_uid in series:
+                self.associations.delivering(name, series_uid)
+        if open_now:
+            log.warning("this listener was taken for dead (no heartbeat for %g s); %d open "
+                        "association(s) registered again", self.associations.stale_after_s,
+                        len(open_now))
+
     def record_ended(self) -> None:
         """Write the association ends the database refused before (the heartbeat calls it)."""
         with self._lock:
             pending, self._unrecorded_ends = self._unrecorded_ends, []
-        for i, (name, released) in enumerate(pending):
+        for i, (name, released, series) in enumerate(pending):
             try:
-                self.associations.ended(name, released)
+                self.associations.ended(name, released, series)
             except Exception:
                 with self._lock:
                     self._unrecorded_ends.extend(pending[i:])

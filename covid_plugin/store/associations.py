@@ -14,6 +14,7 @@ open for ever nor taken as complete.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from covid_plugin.store.db import Database, now
 
@@ -34,14 +35,21 @@ class Associations:
         self.listener = listener
         self.stale_after_s = stale_after_s
 
-    def heartbeat(self) -> None:
-        """This listener is alive (call it every few seconds, well within stale_after_s)."""
+    def heartbeat(self) -> bool:
+        """This listener is alive (call it every few seconds, well within stale_after_s).
+
+        False when its row was missing: the first beat, or the listener was taken for dead
+        (paused or cut off past stale_after_s) and reaped, its open associations with it.
+        The caller then registers its open associations again (`delivering`).
+        """
+        t = now()
         with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO listeners (listener, heartbeat_at) VALUES (?, ?) "
-                "ON CONFLICT (listener) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                (self.listener, now()),
-            )
+            if conn.execute("UPDATE listeners SET heartbeat_at = ? WHERE listener = ?",
+                            (t, self.listener)).rowcount:
+                return True
+            conn.execute("INSERT INTO listeners (listener, heartbeat_at) VALUES (?, ?) "
+                         "ON CONFLICT (listener) DO NOTHING", (self.listener, t))
+        return False
 
     def delivering(self, assoc: str, series_uid: str) -> None:
         """Association `assoc` (unique among this listener's associations, e.g. a UUID)
@@ -58,16 +66,19 @@ class Associations:
                 (assoc, series_uid, self.listener, t),
             )
 
-    def ended(self, assoc: str, released: bool) -> None:
+    def ended(self, assoc: str, released: bool, series: Collection[str] = ()) -> None:
         """Association `assoc` ended: released normally, or aborted or lost. Its series
-        record when (a series whose last instance came after its last clean release may be
-        partial) and it is forgotten, in one transaction; a second call does nothing."""
+        (its rows, and `series`, what the listener knows it delivered to: the rows are gone
+        when the listener was reaped while the association was still alive) record when (a
+        series whose last instance came after its last clean release may be partial) and it
+        is forgotten, in one transaction."""
         column = "released_at" if released else "interrupted_at"
+        named = f" OR series_uid IN ({','.join('?' * len(series))})" if series else ""
         with self.db.transaction() as conn:
             conn.execute(
                 f"UPDATE series SET {column} = ? WHERE series_uid IN (SELECT series_uid FROM "
-                "open_associations WHERE assoc = ? AND listener = ?)",
-                (now(), assoc, self.listener),
+                f"open_associations WHERE assoc = ? AND listener = ?){named}",
+                (now(), assoc, self.listener, *series),
             )
             conn.execute("DELETE FROM open_associations WHERE assoc = ? AND listener = ?",
                          (assoc, self.listener))
@@ -111,8 +122,9 @@ class Associations:
             for row in stale:
                 ended += self._end_all(conn, row["listener"], row["heartbeat_at"])
         for row in stale:
-            log.warning("listener %s silent since %.0f s: its open associations ended as "
-                        "interrupted", row["listener"], now() - row["heartbeat_at"])
+            log.warning("%s silent since %.0f s: taken for dead, its open associations (if "
+                        "any) ended as interrupted", row["listener"],
+                        now() - row["heartbeat_at"])
         return ended
 
     def leave(self) -> None:
