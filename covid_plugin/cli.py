@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pydicom
 
 from covid_plugin.config import ConfigError, Settings, load_settings
+from covid_plugin.store.jobs import JobState
+from covid_plugin.store.outbox import OutboxState
 
 log = logging.getLogger("covid_plugin")
 
@@ -100,7 +102,7 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     for job in JobQueue(_database(settings)).all():
         if args.state and job.state != args.state:
             continue
-        worker = f"worker={job.lease_owner} " if job.state == "running" else ""
+        worker = f"worker={job.lease_owner} " if job.state == JobState.RUNNING else ""
         print(f"{job.id:6d}  {job.state:11s} tries={job.attempts} {job.modality:3s} "
               f"{job.calling_ae:16s} {job.series_uid}  {worker}{job.reason or ''}")
     return 0
@@ -287,8 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     jobs = sub.add_parser("jobs", parents=[common], help="list jobs and their states")
-    jobs.add_argument("--state", choices=["received", "queued", "running", "done", "failed",
-                                          "rejected", "quarantined", "superseded"])
+    jobs.add_argument("--state", choices=[state.value for state in JobState])
     jobs.add_argument("--data-dir", type=Path)
     jobs.set_defaults(func=cmd_jobs)
 
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge.set_defaults(func=cmd_purge)
 
     outbox = sub.add_parser("outbox", parents=[common], help="list outbox items")
-    outbox.add_argument("--state", choices=["pending", "sent", "dead"])
+    outbox.add_argument("--state", choices=[state.value for state in OutboxState])
     outbox.add_argument("--data-dir", type=Path)
     outbox.set_defaults(func=cmd_outbox)
 

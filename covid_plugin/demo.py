@@ -20,6 +20,7 @@ from covid_plugin.config import Settings
 from covid_plugin.findings import Findings
 from covid_plugin.service import Node
 from covid_plugin.store.jobs import ENDED_STATES, Job, JobState
+from covid_plugin.store.outbox import OutboxState
 from covid_plugin.summary import ResultRow, format_table
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def run_demo(samples: Path, workdir: Path, timeout_s: float = 900) -> int:
               f"{node.scp.port}; waiting for results ...")
         deadline = started + timeout_s
         while time.monotonic() < deadline:
-            if settled(node.jobs.all(), node.outbox.counts().get("pending", 0)):
+            if settled(node.jobs.all(), node.outbox.counts().get(OutboxState.PENDING, 0)):
                 break
             time.sleep(0.5)
         else:

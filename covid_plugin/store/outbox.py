@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from covid_plugin.config import OutboxSettings
 from covid_plugin.store.db import Database, now
 
 log = logging.getLogger(__name__)
+
+
+class OutboxState(StrEnum):
+    """An outbox item's state; the values are what the `state` column holds (the schema's
+    CHECK and the SQL here name the same words)."""
+
+    PENDING = "pending"  # due now or after its backoff
+    SENT = "sent"
+    DEAD = "dead"  # out of tries or too old: waits for `covid-plugin retry`
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,7 @@ class OutboxItem:
     dest_ae: str
     dest_host: str
     dest_port: int
-    state: str
+    state: OutboxState
     attempts: int
     next_attempt_at: float
     last_error: str | None
@@ -49,7 +59,8 @@ def _item(row) -> OutboxItem:
     return OutboxItem(
         id=row["id"], job_id=row["job_id"], path=Path(row["path"]),
         sop_instance_uid=row["sop_instance_uid"], dest_ae=row["dest_ae"],
-        dest_host=row["dest_host"], dest_port=row["dest_port"], state=row["state"],
+        dest_host=row["dest_host"], dest_port=row["dest_port"],
+        state=OutboxState(row["state"]),
         attempts=row["attempts"], next_attempt_at=row["next_attempt_at"],
         last_error=row["last_error"], dest_url=row["dest_url"],
     )
@@ -109,7 +120,8 @@ class Outbox:
             log.warning("outbox item %d was sent by %s after its lease passed to %s: it may "
                         "be sent twice", item_id, owner, row["lease_owner"])
 
-    def mark_failed(self, item_id: int, error: str, owner: str | None = None) -> str | None:
+    def mark_failed(self, item_id: int, error: str,
+                    owner: str | None = None) -> OutboxState | None:
         """Record a failed attempt; returns the new state ('pending' or 'dead'), or None when
         `owner` no longer holds the item's lease (another sender's attempt counts instead)."""
         t = now()
@@ -122,7 +134,7 @@ class Outbox:
             attempts = row["attempts"] + 1
             capped = self.max_attempts is not None and attempts >= self.max_attempts
             too_old = t - row["created_at"] >= self.dead_after_s
-            state = "dead" if capped or too_old else "pending"
+            state = OutboxState.DEAD if capped or too_old else OutboxState.PENDING
             delay = min(self.backoff_base_s * 2 ** (attempts - 1), self.backoff_max_s)
             conn.execute(
                 "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, next_attempt_at = ?, "
