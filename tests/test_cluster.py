@@ -8,6 +8,8 @@ result sent twice would show.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +25,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from tests.conftest import NodeProcess, free_port, rider_files, wait_for
 from tests.test_node_ingest import storescu
 
-pytestmark = pytest.mark.data  # every test here reads the data set
+# every test here reads the data set, and starts real node processes around PostgreSQL
+pytestmark = [pytest.mark.data, pytest.mark.slow]
 
 TIMING = {"heartbeat_s": 0.5, "listener_stale_after_s": 2.0, "job_lease_s": 2.0,
           "outbox_lease_s": 5.0}
@@ -253,3 +256,41 @@ def test_two_listeners_share_one_port(cluster, pacs, tmp_path: Path):
              timeout=120, what="16 jobs done once")
     accepted = [p.log().count("association from STORESCU") for p in listeners]
     assert sum(accepted) == 16 and all(accepted), accepted  # both took associations
+
+
+def delivered_once(c: Cluster, pacs: CountingPacs) -> None:
+    """Every result of every job is sent, and the PACS received each exactly once."""
+    wait_for(lambda: all(s == "sent" for (s,) in c.query("SELECT state FROM outbox")),
+             timeout=60, what="every result sent")
+    expected = sorted(uid for (uid,) in c.query("SELECT sop_instance_uid FROM outbox"))
+    assert expected and sorted(pacs.received) == expected
+
+
+def test_a_listener_paused_past_stale_with_an_association_open_completes_its_series(
+        cluster, pacs, tmp_path: Path):
+    """The listener stops (SIGSTOP: swapping, a hung mount) for longer than
+    listener_stale_after_s while a sender's association is open; a worker takes it for dead.
+    It wakes, receives the rest, the sender releases: the series is processed once, whole."""
+    c = cluster()
+    listener = c.listener("listen")
+    c.worker("work")
+    folder = tmp_path / "study"
+    folder.mkdir()
+    [paths] = small_series(folder, 1, slices=6)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="COVID_PLUGIN")
+    assert all(assoc.send_c_store(ds).Status == 0 for ds in datasets[:3])
+    os.kill(listener.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: c.query("SELECT interrupted_at FROM series")[0][0] is not None,
+                 timeout=20, what="the paused listener taken for dead")
+    finally:
+        os.kill(listener.proc.pid, signal.SIGCONT)
+    assert all(assoc.send_c_store(ds).Status == 0 for ds in datasets[3:])
+    assoc.release()
+    wait_for(lambda: c.query("SELECT state, n_instances_at_queue FROM jobs") == [("done", 6)],
+             timeout=60, what="the series done, with all 6 instances")
+    assert c.query("SELECT attempts FROM jobs") == [(1,)]
+    delivered_once(c, pacs)
