@@ -40,6 +40,7 @@ def _pooled_dice(segmenter: LesionSegmenter, setting: tuple[float, float, float]
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_measurement_mask_dice_on_medseg_test_slices_stays_above_its_floor():
     torch.set_num_threads(1)
     segmenter = LesionSegmenter.load(MODELS / "ct-lesion")

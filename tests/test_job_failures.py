@@ -114,6 +114,7 @@ def start_expecting_crash(node) -> None:
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_series_that_crashes_the_node_is_quarantined_at_the_attempt_cap(node_factory):
     node = node_factory({"jobs": {"max_attempts": 2}},
                         env={"TEST_PIPELINE_CRASH_MODALITY": "CT"}).start()

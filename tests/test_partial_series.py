@@ -63,6 +63,7 @@ def test_series_from_a_killed_sender_waits_for_the_resend(node_factory, storescp
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_node_killed_during_receive_holds_the_partial_series(node_factory):
     node = node_factory({"quiet_period_s": 1, "jobs": {"incomplete_timeout_s": 600},
                          "selection": {"min_ct_slices": 5}}).start()
