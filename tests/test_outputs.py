@@ -176,7 +176,8 @@ def test_write_all_makes_seg_sr_sc_in_new_series_of_the_source_study(
 ) -> None:
     objects = [pydicom.dcmread(p) for p in ct_objects]
     assert [o.Modality for o in objects] == ["SEG", "SEG", "SR", "OT"]
-    assert [o.SeriesDescription for o in objects[:2]] == ["AI lungs (RUO)", "AI lesions (RUO)"]
+    assert [o.SeriesDescription[:-17] for o in objects[:2]] == ["AI lungs (RUO)",
+                                                                "AI lesions (RUO)"]
     source = ct_series.datasets[0]
     series_uids = {o.SeriesInstanceUID for o in objects}
     assert len(series_uids) == 4 and source.SeriesInstanceUID not in series_uids
@@ -211,7 +212,9 @@ def test_sr_parses_and_carries_the_coded_report(ct_objects: list[Path]) -> None:
         '(121007,DCM,"Device")',
         "Device Observer UID",
         '(840539006,SCT,"COVID-19")',
-        'NUM:(,,"Probability")="0.81" (1,UCUM,"no units")',
+        'NUM:(,,"COVID-19 probability")="81',
+        'NUM:(,,"COVID-19 decision threshold")="50',
+        '(%,UCUM,"percent")',
         'SCOORD:(,,"Image Region")=(POLYLINE,',
         'CONTAINER:(,,"Qualitative Evaluations")',
         'NUM:(,,"Volume")="41.7" (mL,UCUM,"milliliter")',
@@ -292,7 +295,8 @@ def test_overlapping_masks_of_one_group_are_encoded_as_overlapping(
     findings = ct_findings(ct_series)
     findings.masks[3].array = findings.masks[2].array.copy()  # consolidation == GGO
     lesions = write_all(findings, ct_series)[1]
-    assert lesions.SeriesDescription == "AI lesions (RUO)" and lesions.SegmentsOverlap == "YES"
+    assert lesions.SeriesDescription.startswith("AI lesions (RUO)")
+    assert lesions.SegmentsOverlap == "YES"
     seg = hd.seg.Segmentation.from_dataset(lesions)
     uid = ct_series.datasets[30].SOPInstanceUID
     pixels = seg.get_pixels_by_source_instance([uid], segment_numbers=[1, 2])
@@ -477,10 +481,10 @@ def test_outlines_load_into_cornerstone_tools(
     objects: str, request: pytest.FixtureRequest
 ) -> None:
     """OHIF lists a measurement when Cornerstone's SR adapter can load its first group: the
-    freehand-ROI tracking identifier and an area NUM inferred from the outline. Outlines on
-    an image without a pixel size have no area: TID 1410 groups, drawn but not listed."""
+    freehand-ROI tracking identifier and an area NUM inferred from the outline (on an image
+    without a pixel size, an area in pixels). The verdict's region is a TID 1410 group with
+    no area, drawn but not listed."""
     sr = pydicom.dcmread(one(request.getfixturevalue(objects), "SR"))
-    spacing = objects == "ct_objects"  # the CR test image has a zero PixelSpacing
     listed = 0
     for groups in _ohif_measurements(sr).values():
         first = groups[0]
@@ -488,15 +492,18 @@ def test_outlines_load_into_cornerstone_tools(
             continue
         identifier = first.ContentSequence[0].TextValue
         kinds = [item.ValueType for item in first.ContentSequence]
-        if spacing:
-            assert identifier.startswith("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:")
-            num = next(i for i in first.ContentSequence if i.ValueType == "NUM")
-            assert num.ContentSequence[0].ValueType == "SCOORD"
-            assert num.ContentSequence[0].RelationshipType == "INFERRED FROM"
-            listed += 1
-        else:
-            assert "SCOORD" in kinds and "NUM" not in kinds
-    assert listed == (5 if spacing else 0)
+        if identifier == "AI result":
+            assert "SCOORD" in kinds
+            names = [i.ConceptNameCodeSequence[0].CodeMeaning for i in first.ContentSequence
+                     if i.ValueType == "NUM"]
+            assert names == ["COVID-19 probability", "COVID-19 decision threshold"]
+            continue
+        assert identifier.startswith("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:")
+        num = next(i for i in first.ContentSequence if i.ValueType == "NUM")
+        assert num.ContentSequence[0].ValueType == "SCOORD"
+        assert num.ContentSequence[0].RelationshipType == "INFERRED FROM"
+        listed += 1
+    assert listed == (4 if objects == "ct_objects" else 3)  # lungs and lesions; or region
 
 
 @pytest.mark.data
@@ -507,7 +514,7 @@ def test_an_empty_segment_is_reported_with_the_ai_result_region(ct_series: Loade
     sr = next(o for o in write_all(findings, ct_series) if o.Modality == "SR")
     merged = _ohif_measurements(sr)
     summary = next(groups for groups in merged.values()
-                   if groups[0].ContentSequence[0].TextValue.endswith(":AI result"))
+                   if groups[0].ContentSequence[0].TextValue == "AI result")
     assert "Consolidation" in [g.ContentSequence[0].TextValue for g in summary]
     for groups in merged.values():
         assert any(_regions(g) for g in groups)
@@ -547,7 +554,10 @@ def test_radiograph_overlay_is_a_presentation_state_with_outlines(
     assert "COVID-19 81 %" in text
     sr = hd.sr.srread(one(cr_objects, "SR"))
     planar = sr.content.get_planar_roi_measurement_groups()
-    assert [str(g.finding_type.meaning) for g in planar] == ["COVID-19", "Lung", "Lung", "Lesion"]
+    assert [str(g.finding_type.meaning) for g in planar] == ["COVID-19"]  # the verdict
+    outlined = [str(g.finding_type.meaning) for g in sr.content.get_image_measurement_groups()
+                if g.finding_type is not None]
+    assert {"Right lung", "Left lung", "Lesion"} <= set(outlined)
 
 
 @pytest.mark.data
@@ -571,7 +581,7 @@ def test_sc_text_names_values_threshold_and_key_image_as_viewers_do(
 
     lines = summary_lines(ct_findings(ct_series))
     assert "Result: COVID-19 (COVID-19 81 %, Pneumonia 12 %, Normal 7 %)" in lines
-    threshold = "Threshold: COVID-19 when its probability >= 50 %"
+    threshold = "Called COVID-19 when its probability p >= 50 %"
     assert any(line.startswith(threshold) for line in lines)
     # the key slice is named by its InstanceNumber and z, not its index from the first slice
     key = ct_series.datasets[30]
@@ -601,7 +611,8 @@ def test_every_object_is_dated_and_names_its_processing_algorithms(
     for path in ct_objects + cr_objects:
         obj = pydicom.dcmread(path)
         assert obj.SeriesDate and obj.SeriesTime, path.name
-        assert len(obj.SeriesDescription) <= 24, obj.SeriesDescription
+        # the name first (viewers cut long descriptions off), then the run time
+        assert len(obj.SeriesDescription[:-17]) <= 24, obj.SeriesDescription
         algorithms = [
             item
             for item in obj.ContributingEquipmentSequence
@@ -684,7 +695,7 @@ def test_declined_series_gets_a_short_valid_sr_that_says_why(
     assert dciodvfy_errors(path) == []
     text = dsrdump(path)
     assert f"Not analysed by the AI: {reason}" in text and "Research use only" in text
-    assert report.SeriesDate and len(report.SeriesDescription) <= 24
+    assert report.SeriesDate and len(report.SeriesDescription[:-17]) <= 24
     assert report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
         .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr_series.datasets[0].SOPInstanceUID
 
