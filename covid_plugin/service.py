@@ -20,6 +20,7 @@ from covid_plugin.node.scp import StorageSCP
 from covid_plugin.node.scu import DicomSender, OutboxSender
 from covid_plugin.node.stow import StowSender
 from covid_plugin.observability import HealthServer, Metrics, operations_health
+from covid_plugin.outage import Outage
 from covid_plugin.outputs import write_all
 from covid_plugin.store.associations import Associations
 from covid_plugin.store.db import open_database
@@ -62,15 +63,19 @@ class Heartbeat:
     def __init__(self, interval_s: float, beats: list[Callable[[], object]]) -> None:
         self.interval_s = interval_s
         self.beats = beats
+        # each beat's failures are logged when they start and end, not every beat
+        self._outages = [Outage(f"heartbeat ({getattr(beat, '__name__', 'beat')})", log,
+                                interval_s, interval_s) for beat in beats]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def beat(self) -> None:
-        for beat in self.beats:
+        for beat, outage in zip(self.beats, self._outages, strict=True):
             try:
                 beat()
-            except Exception:  # the database is away for a moment: the next beat tries again
-                log.exception("heartbeat failed")
+                outage.succeeded()
+            except Exception as exc:  # the database is away: the next beat tries again
+                outage.failed(exc)
 
     def start(self) -> None:
         self.beat()

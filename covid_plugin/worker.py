@@ -32,6 +32,7 @@ from pydicom import Dataset
 from covid_plugin.config import DicomwebDestination, Peer, Settings
 from covid_plugin.findings import Findings, Predecessor
 from covid_plugin.observability import Metrics
+from covid_plugin.outage import Outage
 from covid_plugin.outputs import write_declined
 from covid_plugin.pipelines.interface import Pipeline, Writer, analyse
 from covid_plugin.series import completion, incomplete_reason, rejection_reason
@@ -124,7 +125,8 @@ class Worker:
         self._pipelines = {m: p for p in pipelines for m in p.modalities}
         self._models: dict[str, Any] = {}
         self._held_until = 0.0  # no series is closed before one quiet period after start
-        self._unrecorded: list[tuple[Job, Callable[[], None]]] = []  # outcomes not yet written
+        # outcomes not yet written: the job, how to record it, what it will count as
+        self._unrecorded: list[tuple[Job, Callable[[], None], str]] = []
         self._next_purge = 0.0
         self._next_housekeeping = 0.0
         self._current: Job | None = None  # the job running now, whose lease the heartbeat renews
@@ -152,7 +154,7 @@ class Worker:
 
     def unrecorded(self) -> list[int]:
         """Jobs whose outcome could not be written yet (health reports them)."""
-        return [job.id for job, _ in self._unrecorded]
+        return [job.id for job, _, _ in self._unrecorded]
 
     def renew_lease(self) -> None:
         """Called by the heartbeat thread while the worker thread is busy with a job."""
@@ -228,20 +230,21 @@ class Worker:
             outcome, record = "failed", lambda: self._end(job, self.jobs.fail, reason)
         finally:
             self._current = None
-        self._record(job, record)
-        self.metrics.jobs.labels(outcome=outcome).inc()
-        log.info("job %d (series %s) %s in %.2f s", job.id, job.series_uid, outcome,
-                 time.monotonic() - started)
+        ended = self._record(job, record, outcome)
+        log.info("job %d (series %s) %s in %.2f s", job.id, job.series_uid,
+                 ended or f"{outcome}, not recorded yet,", time.monotonic() - started)
         return True
 
     def record_pending(self) -> bool:
         """Write outcomes that could not be written before; True when none is left."""
         pending, self._unrecorded = self._unrecorded, []
-        for job, record in pending:
-            self._record(job, record)
+        for job, record, outcome in pending:
+            self._record(job, record, outcome)
         return not self._unrecorded
 
-    def _record(self, job: Job, record: Callable[[], None]) -> None:
+    def _record(self, job: Job, record: Callable[[], None], outcome: str) -> str | None:
+        """Write the outcome and count it; returns the outcome that stands ('dropped' when
+        the lease was lost), or None while it could not be written (it is kept to retry)."""
         try:
             record()
         except LeaseLost:
@@ -249,10 +252,14 @@ class Worker:
             log.error("job %d (series %s): lease lost before the outcome was recorded; this "
                       "run's results are dropped", job.id, job.series_uid)
             shutil.rmtree(self._folder(job), ignore_errors=True)
+            outcome = "dropped"
         except (*STORE_ERRORS, OSError) as exc:
             log.error("job %d (series %s): outcome not recorded (%s); will retry", job.id,
                       job.series_uid, exc)
-            self._unrecorded.append((job, record))
+            self._unrecorded.append((job, record, outcome))
+            return None
+        self.metrics.jobs.labels(outcome=outcome).inc()
+        return outcome
 
     def _end(self, job: Job, end: Callable[..., Any], reason: str) -> Any:
         """Record an ending other than 'done' while this worker holds the lease: the queue
@@ -351,13 +358,17 @@ class Worker:
             log.info("retention: %s", report.summary())
 
     def _run(self) -> None:
+        outage = Outage("worker round", log, base_s=0.2)
         while not self._stop.is_set():
             try:
                 self.housekeeping()
                 self.close_complete_series()
-                if self.run_one():
+                ran = self.run_one()
+                if not ran:
+                    self.purge_if_due()
+                delay = outage.succeeded()
+                if ran:
                     continue
-                self.purge_if_due()
-            except Exception:  # the store was busy or broken for a moment: try again
-                log.exception("worker round failed")
-            self._stop.wait(0.2)
+            except Exception as exc:  # the store is away (a restart, an outage): try again
+                delay = outage.failed(exc)
+            self._stop.wait(delay)

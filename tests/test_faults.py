@@ -5,6 +5,7 @@ report that must say so while any of it lasts."""
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import subprocess
 import sys
@@ -17,9 +18,10 @@ from covid_plugin.config import HealthSettings, OutboxSettings, Settings
 from covid_plugin.health import attention, problems_and_warnings
 from covid_plugin.instance import read_header
 from covid_plugin.observability import Metrics
+from covid_plugin.outage import Outage
 from covid_plugin.outputs import write_all
 from covid_plugin.store.associations import Associations
-from covid_plugin.store.db import SQLiteDatabase
+from covid_plugin.store.db import SQLiteDatabase, open_database
 from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.outbox import Outbox
 from covid_plugin.store.spool import Spool
@@ -223,3 +225,80 @@ def test_a_release_after_the_listener_was_reaped_still_completes_the_series(tmp_
     scp._on_released(SimpleNamespace(assoc=assoc))
     [series] = JobQueue(db).open_series()
     assert completion(series, time.time() + 10, 1.0, set()) == "complete"
+
+
+def test_an_outage_is_logged_when_it_starts_and_ends_with_a_growing_wait(caplog):
+    log = logging.getLogger("tests.outage")
+    outage = Outage("worker round", log, base_s=0.2, max_s=5.0)
+    with caplog.at_level(logging.INFO, logger="tests.outage"):
+        delays = [outage.failed(ConnectionError("server closed the connection"))
+                  for _ in range(50)]
+        outage.failed(TimeoutError("connect timed out"))  # another kind: said once
+        assert outage.succeeded() == 0.2
+        assert outage.succeeded() == 0.2
+    assert delays[:5] == [0.4, 0.8, 1.6, 3.2, 5.0] and delays[-1] == 5.0
+    assert [r.getMessage().split(" (")[0].split(",")[0] for r in caplog.records] == [
+        "worker round failed", "worker round still failing", "worker round works again"]
+
+
+@pytest.mark.data
+def test_a_run_that_lost_its_lease_is_counted_and_logged_as_dropped(tmp_path: Path, db,
+                                                                    caplog):
+    settings = Settings(data_dir=tmp_path, quiet_period_s=0, selection={"min_ct_slices": 2})
+    spool = Spool(settings.spool_dir, db)
+    for path in rider_files(3):
+        data = path.read_bytes()
+        spool.store(read_header(data), data, "PACS")
+    with db.transaction() as conn:
+        conn.execute("UPDATE series SET released_at = last_at + 1")
+
+    class Stalls(MeanIntensityPipeline):
+        def run(self, series, models):
+            time.sleep(0.1)  # past the 0.05 s lease: another worker takes the job
+            JobQueue(db).expire_leases()
+            return super().run(series, models)
+
+    metrics = Metrics()
+    worker = Worker(settings, spool, JobQueue(db, lease_s=0.05), metrics, [Stalls()],
+                    write_all, set, owner="stalled-worker")
+    worker.close_complete_series()
+    with caplog.at_level(logging.INFO, logger="covid_plugin.worker"):
+        assert worker.run_one()
+    assert "job 1 (series" in caplog.text and " dropped in " in caplog.text
+    assert " done in " not in caplog.text
+    counted = {s.labels["outcome"]: s.value for m in metrics.registry.collect()
+               if m.name == "covid_plugin_jobs" for s in m.samples
+               if s.name.endswith("_total")}
+    assert counted == {"dropped": 1.0}
+
+
+def test_the_worker_rides_out_a_database_restart_logging_it_once(tmp_path: Path,
+                                                                 postgres_server, caplog):
+    """PostgreSQL stopped for a while under a running worker: one error when it goes, one line
+    when it is back, not a traceback every 0.2 s; then a job queued meanwhile runs."""
+    url = postgres_server.create_database()
+    db = open_database(url, tmp_path / "unused.sqlite")
+    settings = Settings(data_dir=tmp_path, quiet_period_s=0, database_url=url)
+    worker = Worker(settings, Spool(settings.spool_dir, db), JobQueue(db), Metrics(),
+                    [MeanIntensityPipeline()], write_all, set, owner="worker")
+    with caplog.at_level(logging.INFO, logger="covid_plugin.worker"):
+        worker.start()
+        try:
+            time.sleep(0.5)
+            postgres_server.halt()
+            try:
+                time.sleep(3)
+            finally:
+                postgres_server.resume()
+            wait_for(lambda: "works again" in caplog.text, timeout=20, what="recovery")
+        finally:
+            worker.stop()
+            db.close()
+    rounds = [r.getMessage() for r in caplog.records if r.name == "covid_plugin.worker"
+              and r.levelno >= logging.WARNING]
+    # the outage starts, its error changes once (the server goes from shutting down to
+    # gone), it ends: three lines over 3 s and more, where each 0.2 s round logged before
+    assert 2 <= len(rounds) <= 3, [m[:80] for m in rounds]
+    assert rounds[0].startswith("worker round failed") and "works again" in rounds[-1]
+    assert sum(r.exc_info is not None for r in caplog.records) == 1  # one traceback
+    postgres_server.drop_database(url)
