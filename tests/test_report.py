@@ -228,6 +228,14 @@ def test_film_lungs_are_named_by_side_and_lie_on_the_lungs_of_the_pixel_grid(fil
     assert abs(pixels - film_lungs(film)[0, :, :160].sum()) < 0.05 * pixels  # mm2, both sides
 
 
+def test_presentation_state_names_each_lung_by_side(film) -> None:
+    pr = objects(film_findings(film), film)["PR"]
+    lungs = next(a for a in pr.GraphicAnnotationSequence if a.GraphicLayer == "LUNGS")
+    labels = {str(t.UnformattedTextValue): t.AnchorPoint[0] for t in lungs.TextObjectSequence}
+    assert set(labels) == {"Right lung", "Left lung"}
+    assert labels["Right lung"] < 160 < labels["Left lung"]  # the film's left is the right lung
+
+
 def test_film_without_pixel_size_lists_its_outlines_with_an_area_in_pixels() -> None:
     series = load_series_files(sorted((SAMPLES / "cxr-covid_hannover-PA").glob("*.dcm")))
     lungs = np.zeros(series.array.shape, bool)
