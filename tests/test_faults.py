@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from covid_plugin.config import HealthSettings, OutboxSettings, Settings
@@ -302,3 +303,74 @@ def test_the_worker_rides_out_a_database_restart_logging_it_once(tmp_path: Path,
     assert rounds[0].startswith("worker round failed") and "works again" in rounds[-1]
     assert sum(r.exc_info is not None for r in caplog.records) == 1  # one traceback
     postgres_server.drop_database(url)
+
+
+def test_the_first_write_and_read_after_a_database_restart_succeed(postgres_server):
+    """A restart ends every session: the next BEGIN, or the next statement outside a
+    transaction, finds its connection broken and is run once more on a new one, instead of
+    failing (a listener answered the first C-STORE after a restart with 0xA700)."""
+    url = postgres_server.create_database()
+    db = open_database(url, Path("unused.sqlite"))
+    try:
+        add_series(db, "1.1")
+        postgres_server.halt()
+        postgres_server.resume()
+        add_series(db, "1.2")  # a write: BEGIN on the old session
+        postgres_server.halt()
+        postgres_server.resume()
+        assert db.connection().execute("SELECT COUNT(*) FROM series").fetchone()[0] == 2
+    finally:
+        db.close()
+        postgres_server.drop_database(url)
+
+
+@pytest.mark.data
+def test_a_series_with_an_instance_refused_during_an_outage_waits_for_the_resend(
+        tmp_path: Path, postgres_server):
+    """The database stops in the middle of a transfer: the instance that came then is
+    refused (0xA700), the rest are stored, and the sender releases. The series lacks the
+    refused instance, so it is held until the sender sends it again, then runs whole."""
+    from pynetdicom import AE
+
+    from covid_plugin.node.scp import StorageSCP
+    from covid_plugin.series import completion, delivered_cleanly
+
+    url = postgres_server.create_database()
+    settings = Settings(data_dir=tmp_path, port=0, database_url=url)
+    db = open_database(url, Path("unused.sqlite"))
+    listener = Associations(db, "listener")
+    scp = StorageSCP(settings, Spool(settings.spool_dir, db), Metrics(), listener)
+    scp.start()
+    datasets = [pydicom.dcmread(p) for p in rider_files(3)]
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+
+    def series():
+        [record] = JobQueue(db).open_series()
+        return record
+
+    try:
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="COVID_PLUGIN")
+        statuses = [assoc.send_c_store(datasets[0]).Status]
+        postgres_server.halt()
+        try:
+            statuses.append(assoc.send_c_store(datasets[1]).Status)
+        finally:
+            postgres_server.resume()
+        statuses.append(assoc.send_c_store(datasets[2]).Status)
+        assoc.release()
+        assert statuses == [0, 0xA700, 0]  # the first write after the restart is taken
+        wait_for(lambda: series().interrupted_at is not None, timeout=10,
+                 what="the series held")
+        assert series().n_instances == 2 and not delivered_cleanly(series())
+        assert completion(series(), time.time() + 60, 1.0, set()) == "wait"
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="COVID_PLUGIN")  # the resend
+        assert [assoc.send_c_store(ds).Status for ds in datasets] == [0, 0, 0]
+        assoc.release()
+        wait_for(lambda: delivered_cleanly(series()), timeout=10, what="the resend released")
+        assert series().n_instances == 3
+        assert completion(series(), time.time() + 60, 1.0, set()) == "complete"
+    finally:
+        scp.stop()
+        db.close()
+        postgres_server.drop_database(url)

@@ -98,8 +98,10 @@ class StorageSCP:
         # association id -> (its name in the database, the series it has delivered to)
         self._active: dict[int, tuple[str, set[str]]] = {}
         self._release_requested: set[int] = set()  # associations whose sender asked to release
-        # ends the database did not take: (association, released, its series)
-        self._unrecorded_ends: list[tuple[str, bool, set[str]]] = []
+        # association id -> series of which this listener refused an instance (0xA700)
+        self._refused: dict[int, set[str]] = {}
+        # ends the database did not take: (association, released, its series, refused ones)
+        self._unrecorded_ends: list[tuple[str, bool, set[str], set[str]]] = []
         self._lock = threading.Lock()
         # (calling AE, refused SOP classes) already logged at INFO
         self._refusals_logged: set[tuple[str, tuple[str, ...]]] = set()
@@ -220,18 +222,22 @@ class StorageSCP:
         """
         with self._lock:  # EVT_ABORTED and EVT_CONN_CLOSE both come: the first one ends it
             name, series = self._active.pop(id(assoc), ("", set()))
+            refused = self._refused.pop(id(assoc), set())
             self._release_requested.discard(id(assoc))
-        if series:
+        if series or refused:
             if not released:
                 log.warning("association from %s ended without release; %d series held as "
                             "possibly incomplete", assoc.requestor.ae_title, len(series))
+            if refused:
+                log.warning("association from %s ended; %d series held for the resend of the "
+                            "instances refused", assoc.requestor.ae_title, len(refused))
             try:
-                self.associations.ended(name, released, series)
+                self.associations.ended(name, released, series, refused)
             except Exception:  # the store is unwritable for a moment
                 log.exception("could not record the end of an association from %s; will "
                               "retry", assoc.requestor.ae_title)
                 with self._lock:
-                    self._unrecorded_ends.append((name, released, series))
+                    self._unrecorded_ends.append((name, released, series, refused))
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling = event.assoc.requestor.ae_title
@@ -248,6 +254,7 @@ class StorageSCP:
             return 0x0000
         refusal = self._refuse_for_resources(event, sop_uid, calling)
         if refusal is not None:
+            self._held_for_resend(event, calling, sop_uid)
             return refusal
         data = _with_source_ae(event, calling)
         try:
@@ -263,6 +270,8 @@ class StorageSCP:
         except (OSError, *STORE_ERRORS) as exc:  # disk full, write error, index unwritable
             self.metrics.rejected.labels(reason="out_of_resources").inc()
             log.error("could not store %s from %s: %s", sop_uid, calling, exc)
+            with self._lock:
+                self._refused.setdefault(id(event.assoc), set()).add(header.series_uid)
             detail = getattr(exc, "strerror", None) or str(exc)
             return _status(STATUS_OUT_OF_RESOURCES, f"out of resources: {detail}")
         if stored.is_new:
@@ -272,6 +281,17 @@ class StorageSCP:
             self.metrics.duplicates.inc()
             log.info("instance %s from %s already held; kept once", sop_uid, calling)
         return 0x0000
+
+    def _held_for_resend(self, event: evt.Event, calling: str, sop_uid: str) -> None:
+        """An instance refused for want of resources leaves its series short of it: the series
+        is held at the association's end, as a broken-off transfer, until the sender sends it
+        again (the header is read for its series only here, off the usual path)."""
+        try:
+            series_uid = read_header(_with_source_ae(event, calling), sop_uid).series_uid
+        except InvalidInstance:
+            return  # not an instance the node could have kept: nothing of it to wait for
+        with self._lock:
+            self._refused.setdefault(id(event.assoc), set()).add(series_uid)
 
     def heartbeat(self) -> None:
         """The listener's heartbeat. When it finds the listener was taken for dead (paused
@@ -294,9 +314,9 @@ class StorageSCP:
         """Write the association ends the database refused before (the heartbeat calls it)."""
         with self._lock:
             pending, self._unrecorded_ends = self._unrecorded_ends, []
-        for i, (name, released, series) in enumerate(pending):
+        for i, (name, released, series, refused) in enumerate(pending):
             try:
-                self.associations.ended(name, released, series)
+                self.associations.ended(name, released, series, refused)
             except Exception:
                 with self._lock:
                     self._unrecorded_ends.extend(pending[i:])

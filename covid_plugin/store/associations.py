@@ -66,20 +66,29 @@ class Associations:
                 (assoc, series_uid, self.listener, t),
             )
 
-    def ended(self, assoc: str, released: bool, series: Collection[str] = ()) -> None:
+    def ended(self, assoc: str, released: bool, series: Collection[str] = (),
+              refused: Collection[str] = ()) -> None:
         """Association `assoc` ended: released normally, or aborted or lost. Its series
         (its rows, and `series`, what the listener knows it delivered to: the rows are gone
         when the listener was reaped while the association was still alive) record when (a
         series whose last instance came after its last clean release may be partial) and it
-        is forgotten, in one transaction."""
+        is forgotten, in one transaction. The `refused` series, of which the listener refused
+        an instance (0xA700: the store was away, the disk full), end as interrupted even on
+        a release: they lack what the sender must send again."""
         column = "released_at" if released else "interrupted_at"
         named = f" OR series_uid IN ({','.join('?' * len(series))})" if series else ""
+        held = f"({','.join('?' * len(refused))})"
+        kept = f" AND series_uid NOT IN {held}" if refused else ""
+        t = now()
         with self.db.transaction() as conn:
             conn.execute(
-                f"UPDATE series SET {column} = ? WHERE series_uid IN (SELECT series_uid FROM "
-                f"open_associations WHERE assoc = ? AND listener = ?){named}",
-                (now(), assoc, self.listener, *series),
+                f"UPDATE series SET {column} = ? WHERE (series_uid IN (SELECT series_uid FROM "
+                f"open_associations WHERE assoc = ? AND listener = ?){named}){kept}",
+                (t, assoc, self.listener, *series, *refused),
             )
+            if refused:
+                conn.execute(f"UPDATE series SET interrupted_at = ? WHERE series_uid IN {held}",
+                             (t, *refused))
             conn.execute("DELETE FROM open_associations WHERE assoc = ? AND listener = ?",
                          (assoc, self.listener))
 
