@@ -2,8 +2,8 @@
 the SR names each probability by its class, the verdict carries its probability and
 threshold and no area, lungs are named by side (also on a radiograph), a segment's volume
 sits beside its outline, no group shows a raw finding-site code; the SC says RESEARCH USE
-ONLY on the image, draws the heatmap only where it is high and keeps its top band free of
-text; every series description carries the run time; and the SR's outlines of the NIH film
+ONLY on the image, draws the heatmap only where it is high, keeps its top band free of text
+and shows a film with non-square pixels in its physical aspect; every series description carries the run time; and the SR's outlines of the NIH film
 (non-square pixels) lie on its lungs on the pixel grid.
 
 The findings are built by hand (real headers and pixels, synthetic masks): these tests are
@@ -252,15 +252,17 @@ def test_film_without_pixel_size_lists_its_outlines_with_an_area_in_pixels() -> 
 def test_secondary_capture_caveat_on_the_image_heat_only_where_high_top_band_free(film) -> None:
     sc = objects(film_findings(film), film)["OT"]
     pixels = sc.pixel_array.astype(int)
-    size = 512  # the 320-pixel film scaled up to sc_min_size
+    size = 512  # the film's longer side (its height, 320 x 1.3359 mm) scaled to sc_min_size
+    # square pixels of the film's physical aspect: 320 x 1.0944 mm wide, 320 x 1.3359 mm high
+    assert sc.Columns == round(size * 1.0944 / 1.3359)
     image = pixels[:size]
     text = (image[..., 0] > 200) & (image[..., 1] > 200) & (image[..., 2] < 80)  # yellow
     assert text[-40:].sum() > 100, "RESEARCH USE ONLY is not on the image's bottom edge"
     assert text[: size // 10].sum() == 0, "text in the top band (OHIF's cine bar)"
     tint = image[..., 0] - image[..., 2]  # the heat colour is red-orange on a grey film
-    peak_row, peak_col = round(150 * size / 320), round(95 * size / 320)
-    assert tint[peak_row, peak_col] > 40  # high heat is drawn
-    assert tint[peak_row, round(225 * size / 320)] < 5  # the other lung is not washed over
+    row, column = size / 320, sc.Columns / 320
+    assert tint[round(150 * row), round(95 * column)] > 40  # high heat is drawn
+    assert tint[round(150 * row), round(225 * column)] < 5  # the other lung is not washed over
     assert np.abs(tint[size // 10: -40, :]).astype(bool).mean() < 0.25
     banner = pixels[size:]
     assert banner.max() > 200  # the findings below the image

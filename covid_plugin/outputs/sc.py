@@ -60,9 +60,14 @@ def build_secondary_capture(
     when = when or datetime.datetime.now()
     frame = key_image_of(findings, series) if frame is None else frame
     grey = _display(series, frame)
-    longer = max(grey.shape)
+    # drawn with the source's physical aspect (a film's pixels need not be square): the
+    # picture's own pixels are square, which is how every viewer shows a secondary capture
+    row_mm, column_mm = float(series.spacing[1]), float(series.spacing[2])
+    finer = min(row_mm, column_mm)
+    height, width = grey.shape[0] * row_mm / finer, grey.shape[1] * column_mm / finer
+    longer = max(height, width)
     scale = min(max(1.0, settings.sc_min_size / longer), settings.sc_max_size / longer)
-    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     base = Image.fromarray((grey * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
     rgb = np.repeat(np.asarray(base)[..., None], 3, axis=-1).astype(np.float32)
     lines = summary_lines(findings, _key_slice(findings, series, frame))
