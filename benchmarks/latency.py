@@ -34,6 +34,7 @@ from pynetdicom import AE
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from covid_plugin.store.jobs import ENDED_STATES, JobState  # noqa: E402
 from tests.conftest import NodeProcess, StoreSCP, rider_files, wait_for  # noqa: E402
 
 CXR = REPO / "dicom_samples" / "cxr-covid_hannover-PA"
@@ -90,8 +91,8 @@ def all_sent(db: Path, n_jobs: int) -> bool:
         outbox = conn.execute("SELECT state FROM outbox").fetchall()
     finally:
         conn.close()
-    done = [s for (s,) in jobs if s in ("done", "failed", "rejected")]
-    if any(s == "failed" for (s,) in jobs):
+    done = [s for (s,) in jobs if s in ENDED_STATES]
+    if any(s in (JobState.FAILED, JobState.QUARANTINED) for (s,) in jobs):
         raise RuntimeError("a job failed")
     return len(done) == n_jobs and outbox and all(s == "sent" for (s,) in outbox)
 

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pydicom
 
 from covid_plugin.config import ConfigError, Settings, load_settings
+from covid_plugin.store.jobs import JobState
+from covid_plugin.store.outbox import OutboxState
 
 log = logging.getLogger("covid_plugin")
 
@@ -100,7 +102,7 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     for job in JobQueue(_database(settings)).all():
         if args.state and job.state != args.state:
             continue
-        worker = f"worker={job.lease_owner} " if job.state == "running" else ""
+        worker = f"worker={job.lease_owner} " if job.state == JobState.RUNNING else ""
         print(f"{job.id:6d}  {job.state:11s} tries={job.attempts} {job.modality:3s} "
               f"{job.calling_ae:16s} {job.series_uid}  {worker}{job.reason or ''}")
     return 0
@@ -126,9 +128,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
 def _outbox(settings: Settings, db=None):
     from covid_plugin.store.outbox import Outbox
 
-    o = settings.outbox
-    return Outbox(db or _database(settings), o.max_attempts, o.backoff_base_s,
-                  o.backoff_max_s)
+    return Outbox.from_settings(db or _database(settings), settings.outbox)
 
 
 def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
@@ -172,7 +172,9 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from covid_plugin.health import attention, problems_and_warnings
     from covid_plugin.observability import operations_health
+    from covid_plugin.store.associations import Associations
     from covid_plugin.store.jobs import JobQueue
 
     report: dict = {"ae_title": settings.ae_title}
@@ -185,6 +187,10 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         report.update(operations_health(
             settings.data_dir, settings.storage,
             [j.id for j in jobs.stuck(settings.jobs.stuck_after_s)], [], outbox.backlog()))
+        associations = Associations(db, "health", settings.cluster.listener_stale_after_s)
+        problems, report["warnings"] = problems_and_warnings(
+            settings, attention(settings, jobs, outbox, associations))
+        report["problems"] += problems
     except Exception as exc:  # report the failure, as a health check must
         report["store"] = False
         report["store_error"] = str(exc)
@@ -283,8 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     jobs = sub.add_parser("jobs", parents=[common], help="list jobs and their states")
-    jobs.add_argument("--state", choices=["received", "queued", "running", "done", "failed",
-                                          "rejected", "quarantined", "superseded"])
+    jobs.add_argument("--state", choices=[state.value for state in JobState])
     jobs.add_argument("--data-dir", type=Path)
     jobs.set_defaults(func=cmd_jobs)
 
@@ -301,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge.set_defaults(func=cmd_purge)
 
     outbox = sub.add_parser("outbox", parents=[common], help="list outbox items")
-    outbox.add_argument("--state", choices=["pending", "sent", "dead"])
+    outbox.add_argument("--state", choices=[state.value for state in OutboxState])
     outbox.add_argument("--data-dir", type=Path)
     outbox.set_defaults(func=cmd_outbox)
 

@@ -161,9 +161,15 @@ class SelectionSettings(_Strict):
 
 
 class OutboxSettings(_Strict):
-    """How hard we try to deliver a result before it goes to the dead letter state."""
+    """How hard we try to deliver a result before it goes to the dead letter state.
 
-    max_attempts: int = Field(default=5, ge=1)
+    A PACS down for a maintenance window or a night must not cost results: failed deliveries
+    are retried with a capped backoff until the result is `dead_after_s` old, and only then
+    go dead (until `covid-plugin retry`). `max_attempts` optionally caps the tries as well.
+    """
+
+    max_attempts: int | None = Field(default=None, ge=1)  # None: no cap on the number of tries
+    dead_after_s: float = Field(default=86400.0, gt=0)  # a result this old that fails is dead
     backoff_base_s: float = Field(default=2.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
     poll_interval_s: float = Field(default=0.5, gt=0)
@@ -182,6 +188,19 @@ class JobSettings(_Strict):
     incomplete_timeout_s: float = Field(default=3600.0, gt=0)
     # health reports a job 'running' for longer than this as stuck
     stuck_after_s: float = Field(default=1800.0, gt=0)
+
+
+HealthCheck = Literal["dead_results", "no_worker", "overdue_series", "held_series",
+                      "incomplete_series", "quarantined_jobs"]
+
+
+class HealthSettings(_Strict):
+    """What `covid-plugin health` and /health fail on besides the store, disk and listener
+    (covid_plugin/health.py): each check names the series or jobs it found."""
+
+    warn_only: list[HealthCheck] = []  # these are reported as warnings; health stays ok
+    # a series complete (quiet, released) but not queued this long after its quiet period
+    overdue_after_s: float = Field(default=300.0, gt=0)
 
 
 class RetentionSettings(_Strict):
@@ -269,6 +288,7 @@ class Settings(_Strict):
     outbox: OutboxSettings = OutboxSettings()
     jobs: JobSettings = JobSettings()
     retention: RetentionSettings = RetentionSettings()
+    health: HealthSettings = HealthSettings()
     # send a short "not analysed" SR for a series a pipeline declines (lateral film, no lungs,
     # outside the validated population), so the reader knows the AI looked (IHE AI Results)
     declined_reports: bool = True

@@ -19,20 +19,26 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from covid_plugin.config import Settings
 from covid_plugin.findings import Findings
 from covid_plugin.service import Node
-from covid_plugin.store.jobs import Job
+from covid_plugin.store.jobs import ENDED_STATES, Job, JobState
+from covid_plugin.store.outbox import OutboxState
 from covid_plugin.summary import ResultRow, format_table
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 PACS_AE = "DEMO_PACS"
-TERMINAL = {"done", "failed", "rejected"}
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def settled(jobs: list[Job], pending_results: int) -> bool:
+    """The demo stops waiting: every job has ended, whichever way (quarantined and superseded
+    too), and no result is waiting to be sent."""
+    return bool(jobs) and all(j.state in ENDED_STATES for j in jobs) and not pending_results
 
 
 class ResultReceiver:
@@ -104,9 +110,7 @@ def run_demo(samples: Path, workdir: Path, timeout_s: float = 900) -> int:
               f"{node.scp.port}; waiting for results ...")
         deadline = started + timeout_s
         while time.monotonic() < deadline:
-            jobs = node.jobs.all()
-            pending = node.outbox.counts().get("pending", 0)
-            if jobs and all(j.state in TERMINAL for j in jobs) and not pending:
+            if settled(node.jobs.all(), node.outbox.counts().get(OutboxState.PENDING, 0)):
                 break
             time.sleep(0.5)
         else:
@@ -124,5 +128,5 @@ def run_demo(samples: Path, workdir: Path, timeout_s: float = 900) -> int:
           f"PACS peer in {receiver.folder}")
     print(f"node state (spool, SQLite index, results): {settings.data_dir}")
     print(f"from the first C-STORE to the last result acknowledged: {elapsed:.1f} s")
-    ok = rows and all(r.outcome in ("done", "rejected") for r in rows)
+    ok = rows and all(r.outcome in (JobState.DONE, JobState.REJECTED) for r in rows)
     return 0 if ok else 1

@@ -14,11 +14,12 @@ from pathlib import Path
 from covid_plugin.config import Settings
 from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
 from covid_plugin.outputs import write_all
+from covid_plugin.pipelines.interface import analyse
 from covid_plugin.series import rejection_reason
 from covid_plugin.service import load_object
 from covid_plugin.store.jobs import SeriesRecord
 from covid_plugin.summary import ResultRow
-from covid_plugin.worker import analyse, save_durably
+from covid_plugin.worker import save_durably
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,12 @@ from typing import Any
 
 from covid_plugin.config import DicomwebDestination, Peer, Settings
 from covid_plugin.findings import Findings
+from covid_plugin.health import attention, problems_and_warnings
 from covid_plugin.node.scp import StorageSCP
 from covid_plugin.node.scu import DicomSender, OutboxSender
 from covid_plugin.node.stow import StowSender
 from covid_plugin.observability import HealthServer, Metrics, operations_health
+from covid_plugin.outage import Outage
 from covid_plugin.outputs import write_all
 from covid_plugin.store.associations import Associations
 from covid_plugin.store.db import open_database
@@ -61,15 +63,19 @@ class Heartbeat:
     def __init__(self, interval_s: float, beats: list[Callable[[], object]]) -> None:
         self.interval_s = interval_s
         self.beats = beats
+        # each beat's failures are logged when they start and end, not every beat
+        self._outages = [Outage(f"heartbeat ({getattr(beat, '__name__', 'beat')})", log,
+                                interval_s, interval_s) for beat in beats]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def beat(self) -> None:
-        for beat in self.beats:
+        for beat, outage in zip(self.beats, self._outages, strict=True):
             try:
                 beat()
-            except Exception:  # the database is away for a moment: the next beat tries again
-                log.exception("heartbeat failed")
+                outage.succeeded()
+            except Exception as exc:  # the database is away: the next beat tries again
+                outage.failed(exc)
 
     def start(self) -> None:
         self.beat()
@@ -114,8 +120,7 @@ class Node:
         self.spool = Spool(settings.spool_dir, self.db)
         self.jobs = JobQueue(self.db, settings.jobs.max_attempts, settings.jobs.retry_after_s,
                              lease_s=cluster.job_lease_s)
-        self.outbox = Outbox(self.db, settings.outbox.max_attempts,
-                             settings.outbox.backoff_base_s, settings.outbox.backoff_max_s)
+        self.outbox = Outbox.from_settings(self.db, settings.outbox)
         self.associations = Associations(self.db, self.name, cluster.listener_stale_after_s)
         self.metrics = Metrics()
         self.metrics.add_state_gauges(self._state_counts)
@@ -125,13 +130,13 @@ class Node:
         beats: list[Callable[[], object]] = []
         if self.listens:
             self.scp = StorageSCP(settings, self.spool, self.metrics, self.associations)
-            beats += [self.associations.heartbeat, self.scp.record_ended]
+            beats += [self.scp.heartbeat, self.scp.record_ended]
         if self.works:
             pipelines = load_object(settings.pipelines)(settings)
             self.worker = Worker(settings, self.spool, self.jobs, self.metrics, pipelines,
                                  write_all, self.associations.active_series, on_result,
                                  owner=self.name, reap=self.associations.reap)
-            beats.append(self.worker.renew_lease)
+            beats += [self.worker.renew_lease, self._worker_beat]
             web = [d for d in settings.destinations if isinstance(d, DicomwebDestination)]
             peers = [*(d for d in settings.destinations if isinstance(d, Peer)),
                      *settings.return_addresses.values()]
@@ -141,6 +146,12 @@ class Node:
                                        lease_s=cluster.outbox_lease_s)
         self.heartbeat = Heartbeat(cluster.heartbeat_s, beats)
         self.health_server: HealthServer | None = None
+
+    def _worker_beat(self) -> None:
+        """The worker's heartbeat, only while its thread runs: health then knows when jobs
+        wait and nothing will run them."""
+        if self.worker is not None and self.worker.is_alive():
+            self.associations.worker_heartbeat()
 
     def _state_counts(self) -> dict[str, dict[str, int]]:
         return {"jobs": self.jobs.counts(), "outbox": self.outbox.counts()}
@@ -156,6 +167,9 @@ class Node:
                 self.settings.data_dir, self.settings.storage,
                 [j.id for j in self.jobs.stuck(self.settings.jobs.stuck_after_s)],
                 self.worker.unrecorded() if self.worker else [], self.outbox.backlog())
+            found = attention(self.settings, self.jobs, self.outbox, self.associations)
+            problems, operations["warnings"] = problems_and_warnings(self.settings, found)
+            operations["problems"] += problems
             store_ok = True
         except Exception as exc:  # report, do not raise, from a health check
             counts, store_ok = {"error": str(exc)}, False

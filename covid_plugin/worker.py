@@ -23,9 +23,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydicom import Dataset
@@ -33,13 +32,15 @@ from pydicom import Dataset
 from covid_plugin.config import DicomwebDestination, Peer, Settings
 from covid_plugin.findings import Findings, Predecessor
 from covid_plugin.observability import Metrics
-from covid_plugin.outputs import OutputError, write_declined
+from covid_plugin.outage import Outage
+from covid_plugin.outputs import write_declined
+from covid_plugin.pipelines.interface import Pipeline, Writer, analyse
 from covid_plugin.series import completion, incomplete_reason, rejection_reason
 from covid_plugin.store.db import STORE_ERRORS
-from covid_plugin.store.jobs import Delivery, Job, JobQueue, LeaseLost, ReportRef
+from covid_plugin.store.jobs import Delivery, Job, JobQueue, JobState, LeaseLost, ReportRef
 from covid_plugin.store.retention import purge
 from covid_plugin.store.spool import Spool
-from covid_plugin.volume import LoadedSeries, SeriesError, load_series_files
+from covid_plugin.volume import LoadedSeries
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +48,18 @@ log = logging.getLogger(__name__)
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-class SeriesSkipped(Exception):
-    """A pipeline declines a series it cannot honestly process (a lateral film, say)."""
-
-
-class Pipeline(Protocol):
-    """What the worker needs of a pipeline; pipelines/ holds the real ones.
-
-    A pipeline may set `per_instance = True` to see each instance of a series on its own
-    (radiographs: one series can hold a PA and a lateral film).
-    """
-
-    name: str
-    modalities: tuple[str, ...]
-
-    def load_models(self, models_dir: Path, device: str) -> Any: ...
-
-    def run(self, series: LoadedSeries, models: Any) -> Findings: ...
-
-
-Writer = Callable[[Findings, LoadedSeries], list[Dataset]]
-Decliner = Callable[[LoadedSeries, str], list[Dataset]]  # the "not analysed" report
+def system_error(exc: BaseException) -> OSError | None:
+    """The OSError that carries the system's errno, following __cause__ and __context__:
+    pydicom re-raises a failed write as `type(exc)(message)` (pydicom.tag.tag_in_exception),
+    an OSError without errno whose message is a whole traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def destinations_for(settings: Settings, calling_ae: str) -> list[Peer | DicomwebDestination]:
@@ -113,56 +105,6 @@ def _superseding(writer: Writer, previous: list[ReportRef], n_before: int,
     return write
 
 
-@dataclass
-class Analysis:
-    """What came of running one pipeline over one series' files."""
-
-    results: list[tuple[Findings, list[Dataset]]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    skipped: int = 0
-
-    @property
-    def note(self) -> str | None:
-        return "; ".join(dict.fromkeys(self.problems)) or None
-
-
-def analyse(pipeline: Pipeline, models: Any, paths: list[Path], writer: Writer,
-            decline: Decliner | None = None) -> Analysis:
-    """Load, run and write; a radiograph pipeline sees each film on its own.
-
-    Problems with the input are collected as reasons, not raised: the caller records them.
-    With `decline`, a series the pipeline declines still yields a result: the short report
-    that says why, sent like any other.
-    """
-    units = [[p] for p in paths] if getattr(pipeline, "per_instance", False) else [paths]
-    out = Analysis()
-    for unit in units:
-        try:
-            series = load_series_files(unit)
-            findings = pipeline.run(series, models)
-            out.results.append((findings, writer(findings, series)))
-        except SeriesError as exc:
-            out.problems.append(f"series cannot be loaded: {exc.reason}")
-        except SeriesSkipped as exc:
-            out.skipped += 1
-            out.problems.append(f"skipped by the {pipeline.name} pipeline: {exc}")
-            if decline is not None:
-                declined = Findings(pipeline.name, series.series_instance_uid,
-                                    notes=[f"not analysed: {exc}"])
-                try:
-                    out.results.append((declined, decline(series, str(exc))))
-                except OutputError as error:
-                    out.problems.append(f"report cannot be encoded: {error.reason}")
-        except OutputError as exc:
-            # the library's message can quote a header value (a birth date, a name): the
-            # reason, which `covid-plugin jobs` prints, names only the kind of error
-            cause = type(exc.__cause__ or exc).__name__
-            log.warning("results for series %s cannot be encoded (%s)", exc.series_uid, cause)
-            log.debug("encoding error details", exc_info=exc)
-            out.problems.append(f"results cannot be encoded ({cause}); details at DEBUG")
-    return out
-
-
 class Worker:
     """Series tracker + job runner, one thread."""
 
@@ -183,7 +125,8 @@ class Worker:
         self._pipelines = {m: p for p in pipelines for m in p.modalities}
         self._models: dict[str, Any] = {}
         self._held_until = 0.0  # no series is closed before one quiet period after start
-        self._unrecorded: list[tuple[Job, Callable[[], None]]] = []  # outcomes not yet written
+        # outcomes not yet written: the job, how to record it, what it will count as
+        self._unrecorded: list[tuple[Job, Callable[[], None], str]] = []
         self._next_purge = 0.0
         self._next_housekeeping = 0.0
         self._current: Job | None = None  # the job running now, whose lease the heartbeat renews
@@ -211,7 +154,7 @@ class Worker:
 
     def unrecorded(self) -> list[int]:
         """Jobs whose outcome could not be written yet (health reports them)."""
-        return [job.id for job, _ in self._unrecorded]
+        return [job.id for job, _, _ in self._unrecorded]
 
     def renew_lease(self) -> None:
         """Called by the heartbeat thread while the worker thread is busy with a job."""
@@ -287,20 +230,21 @@ class Worker:
             outcome, record = "failed", lambda: self._end(job, self.jobs.fail, reason)
         finally:
             self._current = None
-        self._record(job, record)
-        self.metrics.jobs.labels(outcome=outcome).inc()
-        log.info("job %d (series %s) %s in %.2f s", job.id, job.series_uid, outcome,
-                 time.monotonic() - started)
+        ended = self._record(job, record, outcome)
+        log.info("job %d (series %s) %s in %.2f s", job.id, job.series_uid,
+                 ended or f"{outcome}, not recorded yet,", time.monotonic() - started)
         return True
 
     def record_pending(self) -> bool:
         """Write outcomes that could not be written before; True when none is left."""
         pending, self._unrecorded = self._unrecorded, []
-        for job, record in pending:
-            self._record(job, record)
+        for job, record, outcome in pending:
+            self._record(job, record, outcome)
         return not self._unrecorded
 
-    def _record(self, job: Job, record: Callable[[], None]) -> None:
+    def _record(self, job: Job, record: Callable[[], None], outcome: str) -> str | None:
+        """Write the outcome and count it; returns the outcome that stands ('dropped' when
+        the lease was lost), or None while it could not be written (it is kept to retry)."""
         try:
             record()
         except LeaseLost:
@@ -308,10 +252,14 @@ class Worker:
             log.error("job %d (series %s): lease lost before the outcome was recorded; this "
                       "run's results are dropped", job.id, job.series_uid)
             shutil.rmtree(self._folder(job), ignore_errors=True)
+            outcome = "dropped"
         except (*STORE_ERRORS, OSError) as exc:
             log.error("job %d (series %s): outcome not recorded (%s); will retry", job.id,
                       job.series_uid, exc)
-            self._unrecorded.append((job, record))
+            self._unrecorded.append((job, record, outcome))
+            return None
+        self.metrics.jobs.labels(outcome=outcome).inc()
+        return outcome
 
     def _end(self, job: Job, end: Callable[..., Any], reason: str) -> Any:
         """Record an ending other than 'done' while this worker holds the lease: the queue
@@ -325,8 +273,9 @@ class Worker:
         """A file operation failed: for lack of space the job is tried later (the disk, not
         the series, is at fault), anything else fails it."""
         shutil.rmtree(self._folder(job), ignore_errors=True)  # give back what it had taken
-        detail = exc.strerror or str(exc)
-        if exc.errno not in _NO_SPACE:
+        cause = system_error(exc)
+        detail = (cause.strerror or str(cause)) if cause is not None else type(exc).__name__
+        if cause is None or cause.errno not in _NO_SPACE:
             log.error("job %d (series %s) failed: %s", job.id, job.series_uid, detail)
             reason = f"a file could not be read or written: {detail}"
             return "failed", lambda: self._end(job, self.jobs.fail, reason)
@@ -336,7 +285,7 @@ class Worker:
         def record() -> None:
             state = self._end(job, self.jobs.retry_later,
                               f"no space to write results ({detail})")
-            if state == "quarantined":
+            if state == JobState.QUARANTINED:
                 log.error("job %d (series %s) quarantined after %d attempts", job.id,
                           job.series_uid, job.attempts)
         return "retry", record
@@ -370,9 +319,12 @@ class Worker:
             return "failed", lambda: self._end(job, self.jobs.fail, note or "no result")
         folder = self._folder(job)
         # earlier attempts' files were never recorded as results (or this attempt would not
-        # exist): a killed run's leftovers, or a stalled worker's dropped ones
+        # exist): a killed run's leftovers, or a stalled worker's dropped ones. A later
+        # attempt's folder is not this run's to touch: if this worker stalled past its lease,
+        # that is the winner's, and its outbox rows point into it
         for earlier_attempt in folder.parent.glob("*"):
-            shutil.rmtree(earlier_attempt, ignore_errors=True)
+            if earlier_attempt.name.isdigit() and int(earlier_attempt.name) < job.attempts:
+                shutil.rmtree(earlier_attempt, ignore_errors=True)
         datasets = [ds for _, objects in results for ds in objects]
         saved = save_durably(datasets, folder)
         reports = [ReportRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
@@ -406,13 +358,17 @@ class Worker:
             log.info("retention: %s", report.summary())
 
     def _run(self) -> None:
+        outage = Outage("worker round", log, base_s=0.2)
         while not self._stop.is_set():
             try:
                 self.housekeeping()
                 self.close_complete_series()
-                if self.run_one():
+                ran = self.run_one()
+                if not ran:
+                    self.purge_if_due()
+                delay = outage.succeeded()
+                if ran:
                     continue
-                self.purge_if_due()
-            except Exception:  # the store was busy or broken for a moment: try again
-                log.exception("worker round failed")
-            self._stop.wait(0.2)
+            except Exception as exc:  # the store is away (a restart, an outage): try again
+                delay = outage.failed(exc)
+            self._stop.wait(delay)

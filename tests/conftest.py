@@ -23,6 +23,27 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("COVID_PLUGIN_DATA", REPO.parent / "shared" / "data"))
 RIDER_CT = DATA / "dicom" / "tcia-rider-pilot_0117_chest-ct-nsclc"
 CHEST_CR = DATA / "dicom" / "nema-wg04_RG1_chest-cr" / "RG1_J2KI.dcm"
+# A clone on its own has no data set: the tests marked `data` are skipped with this one reason
+# (and the rest still run), instead of each failing on a missing file of its own.
+DATA_MISSING = None if DATA.is_dir() else (
+    f"no data set at {DATA}: set COVID_PLUGIN_DATA to the folder that holds it "
+    f"(default ../shared/data beside the repository)")
+
+
+def pytest_report_collectionfinish(items: list[pytest.Item]) -> str | None:
+    """Say once, before any test runs, that the data set is missing and what that skips."""
+    if DATA_MISSING is None:
+        return None
+    needing = sum(item.get_closest_marker("data") is not None for item in items)
+    return f"{DATA_MISSING}; the {needing} tests marked `data` are skipped"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a `data` test before its fixtures read the data set. The skip is raised here, in
+    one place, so pytest's summary folds every such skip into one line."""
+    if DATA_MISSING is not None and item.get_closest_marker("data") is not None:
+        pytest.skip(DATA_MISSING)
 
 
 def _openssl(*args: str) -> None:

@@ -85,11 +85,21 @@ class PostgresServer:
         # the spool's fsyncs and start-up recovery keep what was acknowledged
         safety = "-c synchronous_commit=off" if self.durable else (
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses='' {safety} "
-                   "-c max_connections=200")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
-                  str(self.root / "server.log"), "-o", options, "-w", "-t", "60", "start")
+        self.options = (f"-p {self.port} -k {self.root} -c listen_addresses='' {safety} "
+                        "-c max_connections=200")
+        self.resume()
         return self
+
+    def resume(self) -> None:
+        """Start the server on its existing data directory (after `halt`)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+                  str(self.root / "server.log"), "-o", self.options, "-w", "-t", "60", "start")
+
+    def halt(self) -> None:
+        """Stop the server as an administrator restarting it does (fast shutdown: every
+        client's session is terminated), keeping its data for `resume`."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                  "stop")
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@/{dbname}?host={self.root}&port={self.port}"

@@ -8,6 +8,8 @@ result sent twice would show.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +25,9 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from tests.conftest import NodeProcess, free_port, rider_files, wait_for
 from tests.test_node_ingest import storescu
 
+# every test here reads the data set, and starts real node processes around PostgreSQL
+pytestmark = [pytest.mark.data, pytest.mark.slow]
+
 TIMING = {"heartbeat_s": 0.5, "listener_stale_after_s": 2.0, "job_lease_s": 2.0,
           "outbox_lease_s": 5.0}
 
@@ -34,6 +39,11 @@ class CountingPacs:
         self.port = free_port()
         self.received: list[str] = []
         self._lock = threading.Lock()
+        self._server = None
+        self.start()
+
+    def start(self) -> None:
+        """Listen (again, after `stop`: the PACS is back)."""
         ae = AE(ae_title="PACS")
         ae.supported_contexts = AllStoragePresentationContexts
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
@@ -45,7 +55,9 @@ class CountingPacs:
         return 0x0000
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
 
 
 @pytest.fixture
@@ -251,3 +263,139 @@ def test_two_listeners_share_one_port(cluster, pacs, tmp_path: Path):
              timeout=120, what="16 jobs done once")
     accepted = [p.log().count("association from STORESCU") for p in listeners]
     assert sum(accepted) == 16 and all(accepted), accepted  # both took associations
+
+
+def delivered_once(c: Cluster, pacs: CountingPacs) -> None:
+    """Every result of every job is sent, and the PACS received each exactly once."""
+    wait_for(lambda: all(s == "sent" for (s,) in c.query("SELECT state FROM outbox")),
+             timeout=60, what="every result sent")
+    expected = sorted(uid for (uid,) in c.query("SELECT sop_instance_uid FROM outbox"))
+    assert expected and sorted(pacs.received) == expected
+
+
+def test_a_listener_paused_past_stale_with_an_association_open_completes_its_series(
+        cluster, pacs, tmp_path: Path):
+    """The listener stops (SIGSTOP: swapping, a hung mount) for longer than
+    listener_stale_after_s while a sender's association is open; a worker takes it for dead.
+    It wakes, receives the rest, the sender releases: the series is processed once, whole."""
+    c = cluster()
+    listener = c.listener("listen")
+    c.worker("work")
+    folder = tmp_path / "study"
+    folder.mkdir()
+    [paths] = small_series(folder, 1, slices=6)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="COVID_PLUGIN")
+    assert all(assoc.send_c_store(ds).Status == 0 for ds in datasets[:3])
+    os.kill(listener.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: c.query("SELECT interrupted_at FROM series")[0][0] is not None,
+                 timeout=20, what="the paused listener taken for dead")
+    finally:
+        os.kill(listener.proc.pid, signal.SIGCONT)
+    assert all(assoc.send_c_store(ds).Status == 0 for ds in datasets[3:])
+    assoc.release()
+    wait_for(lambda: c.query("SELECT state, n_instances_at_queue FROM jobs") == [("done", 6)],
+             timeout=60, what="the series done, with all 6 instances")
+    assert c.query("SELECT attempts FROM jobs") == [(1,)]
+    delivered_once(c, pacs)
+
+
+FAST_OUTBOX = {"backoff_base_s": 0.2, "backoff_max_s": 1.0, "poll_interval_s": 0.2}
+
+
+def test_a_worker_paused_past_its_lease_while_the_pacs_is_down_drops_only_its_own_run(
+        cluster, pacs, tmp_path: Path):
+    """A worker stops (SIGSTOP) mid-job for longer than its lease while the PACS is down;
+    the other worker runs the job again and its results wait for the PACS. The first one
+    wakes, finds its lease lost and drops its own run, leaving the winner's files alone: once
+    the PACS is back, each result arrives once."""
+    pacs.stop()
+    c = cluster(outbox=FAST_OUTBOX)
+    listener = c.listener("listen")
+    slow = {"TEST_PIPELINE_DELAY_S": "3"}
+    workers = [c.worker("work-0", slow), c.worker("work-1", slow)]
+    folder = tmp_path / "study"
+    folder.mkdir()
+    assert storescu(listener.port, small_series(folder, 1)[0]).returncode == 0
+    wait_for(lambda: c.query("SELECT lease_owner FROM jobs WHERE state = 'running'"),
+             timeout=30, what="a job running")
+    [(owner,)] = c.query("SELECT lease_owner FROM jobs WHERE state = 'running'")
+    stalled = next(w for w in workers if f":{w.proc.pid}:" in owner)
+    os.kill(stalled.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: c.query("SELECT state, attempts FROM jobs") == [("done", 2)],
+                 timeout=60, what="the job done by the other worker")
+        wait_for(lambda: c.query("SELECT COUNT(*) FROM outbox WHERE attempts > 0")[0][0],
+                 timeout=30, what="a failed delivery (the PACS is down)")
+    finally:
+        os.kill(stalled.proc.pid, signal.SIGCONT)
+    wait_for(lambda: " dropped in " in stalled.log(), timeout=30, what="the stale run dropped")
+    paths = [Path(p) for (p,) in c.query("SELECT path FROM outbox")]
+    assert paths and all(p.is_file() for p in paths)  # the winner's results are still there
+    pacs.start()
+    delivered_once(c, pacs)
+    assert c.query("SELECT state, attempts FROM jobs") == [("done", 2)]
+
+
+def test_postgresql_restarted_during_receive_holds_the_series_until_resent(
+        cluster, pacs, postgres_server, tmp_path: Path):
+    """PostgreSQL stops in the middle of a transfer: the instance that came then is refused
+    (0xA700), nothing refused is lost: the series waits, and health names it, until the
+    sender resends the study; then it runs once, whole, and each result arrives once."""
+    c = cluster()
+    listener = c.listener("listen")
+    c.worker("work")
+    folder = tmp_path / "study"
+    folder.mkdir()
+    [paths] = small_series(folder, 1, slices=5)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="COVID_PLUGIN")
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets[:2]]
+    postgres_server.halt()
+    try:
+        statuses.append(assoc.send_c_store(datasets[2]).Status)
+    finally:
+        postgres_server.resume()
+    statuses += [assoc.send_c_store(ds).Status for ds in datasets[3:]]
+    assoc.release()
+    assert statuses == [0, 0, 0xA700, 0, 0]
+    wait_for(lambda: c.query("SELECT interrupted_at FROM series")[0][0] is not None,
+             timeout=20, what="the series held for the resend")
+    time.sleep(2)  # two quiet periods: it is not run without the refused instance
+    assert c.query("SELECT state FROM jobs") == [("received",)]
+    health = listener.cli("health")
+    assert health.returncode == 1 and datasets[0].SeriesInstanceUID in health.stdout
+    assert storescu(listener.port, paths).returncode == 0  # the PACS resends the study
+    wait_for(lambda: c.query("SELECT state, n_instances_at_queue FROM jobs") == [("done", 5)],
+             timeout=60, what="the series done once, whole")
+    delivered_once(c, pacs)
+
+
+def test_postgresql_restarted_during_a_job_ends_it_once(cluster, pacs, postgres_server,
+                                                       tmp_path: Path):
+    c = cluster(outbox=FAST_OUTBOX)
+    listener = c.listener("listen")
+    worker = c.worker("work", {"TEST_PIPELINE_DELAY_S": "3"})
+    folder = tmp_path / "study"
+    folder.mkdir()
+    assert storescu(listener.port, small_series(folder, 1)[0]).returncode == 0
+    wait_for(lambda: c.query("SELECT state FROM jobs") == [("running",)], timeout=30,
+             what="the job running")
+    postgres_server.halt()
+    try:
+        time.sleep(3)
+    finally:
+        postgres_server.resume()
+    wait_for(lambda: c.query("SELECT state FROM jobs") == [("done",)], timeout=60,
+             what="the job done")
+    delivered_once(c, pacs)
+    assert worker.log().count(" done in ") == 1
+    # each loop tells of the outage when it starts and ends, not every 0.2 s round
+    errors = [line for line in worker.log().splitlines() if " ERROR " in line]
+    assert len(errors) <= 4, errors  # worker round, outbox round, two heartbeats
+    assert listener.cli("health").returncode == 0

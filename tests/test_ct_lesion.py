@@ -14,7 +14,6 @@ from covid_plugin.ml.spec import ModelSpec
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.common.data import read_grey
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 SPEC = ModelSpec(
     name="ct-lesion", version="test", task="segmentation", labels=[],
     input={"size": 256, "crop_margin": 0.08},
@@ -23,6 +22,7 @@ SPEC = ModelSpec(
 MEDSEG = DATA / "ct" / "images" / "medseg_infnet" / "test_006.png"
 
 
+@pytest.mark.data
 def test_training_slice_gives_the_same_tensor_through_the_node_path():
     # the 8-bit training slice as training reads it ...
     unit = read_grey(MEDSEG)
@@ -36,6 +36,7 @@ def test_training_slice_gives_the_same_tensor_through_the_node_path():
     torch.testing.assert_close(node_sees, trained_on, atol=1e-5, rtol=0)
 
 
+@pytest.mark.data
 def test_real_hu_slice_and_its_8bit_export_agree_within_quantisation(tmp_path):
     from training.common.ct_series import load_hu_series
 

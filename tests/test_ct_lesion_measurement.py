@@ -35,9 +35,6 @@ MODELS = REPO / "models"
 # labels) is broken, whatever setting is shipped.
 SHIPPED_FLOOR, OPERATING_POINT_FLOOR = 0.15, 0.6
 
-pytestmark = pytest.mark.skipif(not (DATA / "ct").is_dir(), reason="needs ../shared/data")
-
-
 def _pooled_dice(segmenter: LesionSegmenter, setting: tuple[float, float, float]) -> float:
     from training.ct_lesion.data import load_slices
     from training.ct_lesion.tradeoff import MEDSEG_SPACING, medseg_probabilities
@@ -48,6 +45,8 @@ def _pooled_dice(segmenter: LesionSegmenter, setting: tuple[float, float, float]
     return float(2 * ((pred > 0) & (true > 0)).sum() / ((pred > 0).sum() + (true > 0).sum()))
 
 
+@pytest.mark.data
+@pytest.mark.slow
 def test_measurement_mask_dice_on_medseg_test_slices_stays_above_its_floor():
     torch.set_num_threads(1)
     segmenter = LesionSegmenter.load(MODELS / "ct-lesion")

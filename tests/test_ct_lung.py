@@ -8,8 +8,6 @@ import pytest
 from covid_plugin.ml.ct_lung import LEFT_LUNG, RIGHT_LUNG, lung_volumes_ml, segment_lungs
 from tests.conftest import DATA, REPO  # COVID_PLUGIN_DATA, default ../shared/data
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
-
 
 def _series(name: str, every: int = 1):
     from training.common.ct_series import load_hu_series
@@ -30,6 +28,7 @@ def _check_lungs(labels: np.ndarray, spacing: tuple[float, float, float], slices
     assert right_cols < labels.shape[2] / 2 < left_cols  # patient right is on image left
 
 
+@pytest.mark.data
 def test_two_lungs_on_a_real_series():
     hu, spacing = _series("tcia-lung-pet-ct-dx_Lung_Dx-A0002")
     labels = segment_lungs(hu, spacing)
@@ -39,6 +38,7 @@ def test_two_lungs_on_a_real_series():
     assert np.median(hu[labels > 0]) < -600
 
 
+@pytest.mark.data
 def test_lung_cut_by_the_reconstruction_circle_is_kept():
     # RIDER: the field of view cuts the chest wall, the lungs touch the padding (-3024 HU)
     hu, spacing = _series("tcia-rider-pilot_0117_chest-ct-nsclc", every=6)
@@ -50,6 +50,7 @@ def test_lung_cut_by_the_reconstruction_circle_is_kept():
                for i in range(hu.shape[0]))
 
 
+@pytest.mark.data
 def test_dense_consolidation_enclosed_by_lung_stays_lung():
     hu, spacing = _series("covid-ct-md_normal002", every=10)
     labels = segment_lungs(hu, spacing)

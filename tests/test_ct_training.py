@@ -17,7 +17,7 @@ from covid_plugin.ml.spec import ModelIntegrityError, load_spec
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.__main__ import main
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+pytestmark = pytest.mark.data
 SMALL = ["--medseg-per-batch", "1", "--negatives-per-batch", "1", "--positives-per-batch", "1",
          "--crop", "64", "--checkpoint-every", "1"]
 

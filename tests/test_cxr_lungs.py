@@ -46,6 +46,7 @@ def _read(film: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("film", [*REAL_FILMS, CHEST_CR.relative_to(DATA).as_posix()])
 def test_predict_on_a_real_film_gives_two_lungs(segmenter: CxrLungSegmenter, film: str) -> None:
     image = _read(film)

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from covid_plugin.config import CxrPopulationSettings, load_settings
 from covid_plugin.pipelines import default_pipelines
 from covid_plugin.pipelines.cxr import CxrPipeline
+from covid_plugin.pipelines.interface import SeriesSkipped
 from covid_plugin.pipelines.population import (
     age_from_age_string,
     parse_date,
@@ -18,7 +19,6 @@ from covid_plugin.pipelines.population import (
     population_reason,
 )
 from covid_plugin.volume import load_series_files
-from covid_plugin.worker import SeriesSkipped
 
 SAMPLE = Path(__file__).resolve().parents[1] / "dicom_samples" / "cxr-normal_nih-cxr14-PA"
 

@@ -27,9 +27,6 @@ from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.common.data import read_grey, read_manifests
 from training.cxr_classifier.data import load_cache, network_batch
 
-needs_data = pytest.mark.skipif(not (DATA / "cxr" / "manifest.csv").is_file(),
-                                reason="shared/data not present")
-
 
 @pytest.fixture(autouse=True)
 def one_torch_thread() -> Iterator[None]:
@@ -51,7 +48,7 @@ def three_geometries() -> list:
                                                                    "nih_cxr14")]
 
 
-@needs_data
+@pytest.mark.data
 def test_training_path_and_inference_path_give_the_same_tensor(tmp_path: Path) -> None:
     picks = three_geometries()
     cached = load_cache(picks, DATA, INPUT_SIZE, tmp_path)
@@ -139,7 +136,7 @@ def lung_block(margin: float = 0.05) -> dict:
     return LungCrop.load(LUNG_DIR, margin).describe()
 
 
-@needs_data
+@pytest.mark.data
 @needs_lungs
 def test_training_path_and_inference_path_give_the_same_tensor_with_the_lung_crop(
     tmp_path: Path,

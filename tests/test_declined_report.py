@@ -9,8 +9,8 @@ import pytest
 from covid_plugin.config import Settings
 from covid_plugin.findings import Findings
 from covid_plugin.outputs import write_all, write_declined
+from covid_plugin.pipelines.interface import SeriesSkipped, analyse
 from covid_plugin.volume import LoadedSeries
-from covid_plugin.worker import SeriesSkipped, analyse
 from tests.conftest import CHEST_CR
 
 REASON = "lateral view (ViewPosition LL); only frontal films"
@@ -30,6 +30,7 @@ class DecliningPipeline:
         raise SeriesSkipped(REASON)
 
 
+@pytest.mark.data
 def test_declined_series_yields_the_not_analysed_report() -> None:
     outcome = analyse(DecliningPipeline(), None, [CHEST_CR], write_all, write_declined)
     assert outcome.skipped == 1 and "lateral view" in (outcome.note or "")
@@ -44,6 +45,7 @@ def test_declined_series_yields_the_not_analysed_report() -> None:
     assert "Processing Algorithm" in purposes  # IHE AI Results: on every object, this one too
 
 
+@pytest.mark.data
 def test_without_a_decliner_a_declined_series_yields_nothing() -> None:
     outcome = analyse(DecliningPipeline(), None, [CHEST_CR], write_all)
     assert outcome.results == [] and outcome.skipped == 1

@@ -22,6 +22,19 @@ PACKAGES = ("covid_plugin", "training")
 # cycle as the sorted tuple of its modules. Empty: no known cycle is tolerated.
 ALLOWED_CYCLES: set[tuple[str, ...]] = set()
 
+# The node's own machinery: receiving, queueing, running jobs, sending, the commands.
+NODE = ("covid_plugin.worker", "covid_plugin.service", "covid_plugin.node", "covid_plugin.store",
+        "covid_plugin.series", "covid_plugin.observability", "covid_plugin.cli",
+        "covid_plugin.demo", "covid_plugin.oneshot")
+# Layers: a package (left) never imports these (right). The analysis (models, pipelines,
+# writers) knows nothing of how a series reached the node or how its results leave, so a
+# pipeline runs the same under the worker, `covid-plugin run` and a test.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "covid_plugin.pipelines": NODE,
+    "covid_plugin.outputs": NODE,
+    "covid_plugin.ml": (*NODE, "covid_plugin.pipelines", "covid_plugin.outputs"),
+}
+
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(REPO).with_suffix("").parts)
@@ -111,6 +124,19 @@ def cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
     return sorted(found)
 
 
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def layer_violations(graph: dict[str, set[str]],
+                     layers: dict[str, tuple[str, ...]]) -> list[str]:
+    """Every import that crosses a layer the wrong way, as 'importer -> imported'."""
+    return sorted(f"{module} -> {target}"
+                  for module, imported in graph.items()
+                  for package, forbidden in layers.items() if _within(module, package)
+                  for target in imported if any(_within(target, f) for f in forbidden))
+
+
 def test_the_graph_sees_the_project():
     graph = import_graph()
     assert "covid_plugin.worker" in graph and "training.__main__" in graph
@@ -176,3 +202,17 @@ def test_every_training_module_imports(module: str):
     """The graph is static; this proves each moved module's imports resolve (most are not
     exercised by a training test: compare, the cxr-lung teacher path, the CT benchmark)."""
     importlib.import_module(module)
+
+
+def test_the_layer_check_finds_an_import_of_the_worker():
+    graph = {"covid_plugin.pipelines.ct": {"covid_plugin.worker", "covid_plugin.findings"},
+             "covid_plugin.pipelinesx": {"covid_plugin.worker"},
+             "covid_plugin.worker": {"covid_plugin.pipelines.ct"}}
+    assert layer_violations(graph, LAYERS) == ["covid_plugin.pipelines.ct -> covid_plugin.worker"]
+
+
+def test_layers_are_kept():
+    """pipelines/, outputs/ and ml/ import nothing of the node (worker, node/, store/ ...),
+    and ml/ nothing of the pipelines or writers that use it."""
+    violations = layer_violations(import_graph(), LAYERS)
+    assert not violations, "imports against the layers:\n" + "\n".join(violations)

@@ -113,6 +113,8 @@ def start_expecting_crash(node) -> None:
     assert node.proc.returncode == -9
 
 
+@pytest.mark.data
+@pytest.mark.slow
 def test_series_that_crashes_the_node_is_quarantined_at_the_attempt_cap(node_factory):
     node = node_factory({"jobs": {"max_attempts": 2}},
                         env={"TEST_PIPELINE_CRASH_MODALITY": "CT"}).start()
@@ -146,6 +148,7 @@ def test_retried_jobs_wait_behind_fresh_ones(tmp_path: Path):
     assert JobQueue(db).claim("w").series_uid == "1.2"
 
 
+@pytest.mark.data
 def test_health_reports_stuck_jobs_disk_and_outbox_backlog(node_factory):
     port = free_port()
     node = node_factory({"metrics_port": port, "jobs": {"stuck_after_s": 1}},

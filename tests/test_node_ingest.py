@@ -41,6 +41,7 @@ def send(port: int, datasets: list[pydicom.Dataset], calling: str = "PYSCU") -> 
     return statuses
 
 
+@pytest.mark.data
 def test_storescu_series_is_spooled_indexed_and_deduplicated(node_factory):
     node = node_factory({"quiet_period_s": 3600}).start()
     files = rider_files(25)
@@ -56,6 +57,7 @@ def test_storescu_series_is_spooled_indexed_and_deduplicated(node_factory):
     assert db.execute("SELECT state FROM jobs").fetchall()[0]["state"] == "received"
 
 
+@pytest.mark.data
 def test_compressed_transfer_syntaxes_are_accepted_as_received(node_factory):
     node = node_factory({"quiet_period_s": 3600}).start()
     folder = DATA / "dicom" / "cornerstone_ctimage_chest-ct-transfer-syntaxes"
@@ -81,6 +83,7 @@ def test_unknown_calling_ae_is_rejected(node_factory):
     assert "rejected" in node.log().lower()
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("policy", ["refuse", "discard"])
 def test_unprocessed_sop_class_is_refused_or_discarded(node_factory, policy):
     node = node_factory({"unsupported_sop_classes": policy}).start()
@@ -109,6 +112,7 @@ def _without(ds: pydicom.Dataset, keyword: str) -> pydicom.Dataset:
     return ds
 
 
+@pytest.mark.data
 def test_malformed_instances_get_failure_status_and_node_stays_up(node_factory):
     node = node_factory().start()
     good = pydicom.dcmread(rider_files(1)[0])
@@ -128,6 +132,7 @@ def test_malformed_instances_get_failure_status_and_node_stays_up(node_factory):
     assert "refused instance" in node.log()
 
 
+@pytest.mark.data
 def test_unparseable_bytes_are_refused(node_factory):
     """A dataset whose encoding is broken (an element length past the end) cannot be stored."""
     node = node_factory().start()
@@ -142,6 +147,7 @@ def test_unparseable_bytes_are_refused(node_factory):
     assert echo(node.port)
 
 
+@pytest.mark.data
 def test_write_error_returns_out_of_resources(node_factory):
     import resource
     import signal
@@ -158,6 +164,7 @@ def test_write_error_returns_out_of_resources(node_factory):
     assert "could not store" in node.log()
 
 
+@pytest.mark.data
 def test_rows_zero_and_odd_bits_allocated_are_refused_at_receive(node_factory):
     node = node_factory().start()
     no_rows = pydicom.dcmread(rider_files(1)[0])
@@ -170,6 +177,7 @@ def test_rows_zero_and_odd_bits_allocated_are_refused_at_receive(node_factory):
     assert index(node).execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
 
 
+@pytest.mark.data
 def test_recovery_keeps_the_sender_as_the_return_address(node_factory):
     """A file spooled but not indexed (a crash between rename and commit) is re-indexed at
     start under the AE title that sent it, read from its file meta (0002,0016)."""
@@ -192,6 +200,7 @@ def test_recovery_keeps_the_sender_as_the_return_address(node_factory):
     assert [r["calling_ae"] for r in series] == ["STORESCU"]
 
 
+@pytest.mark.data
 def test_new_study_and_series_directories_are_fsynced(tmp_path, monkeypatch):
     """The file's directory entry is durable only if each created directory's parent is
     synced too: spool/<study> in spool/, spool/<study>/<series> in spool/<study>/."""
@@ -218,6 +227,7 @@ def test_new_study_and_series_directories_are_fsynced(tmp_path, monkeypatch):
     assert {spool.root, series_dir.parent, series_dir} <= set(synced)
 
 
+@pytest.mark.data
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
 @pytest.mark.parametrize("birth_date", ["00000000", "1950"])
 def test_header_values_never_reach_job_reasons(node_factory, birth_date):
@@ -236,9 +246,10 @@ def test_header_values_never_reach_job_reasons(node_factory, birth_date):
     assert birth_date not in node.log()
 
 
+@pytest.mark.data
 def test_encoding_errors_are_recorded_without_the_library_message():
     from covid_plugin.outputs import OutputError
-    from covid_plugin.worker import analyse
+    from covid_plugin.pipelines.interface import analyse
     from tests.pipelines_for_tests import MeanIntensityPipeline
 
     def writer(findings, series):

@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 
 from tests.conftest import CHEST_CR, echo, rider_files, wait_for
 from tests.test_node_ingest import index, send, storescu
+
+pytestmark = pytest.mark.data  # every test here reads the data set
 
 
 def job_states(node) -> list[str]:

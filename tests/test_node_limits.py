@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from tests.conftest import REPO, echo, free_port, rider_files
 from tests.test_node_ingest import index, send
@@ -68,6 +69,7 @@ def test_below_the_free_space_watermark_associations_are_refused_with_the_reason
     assert "below storage.min_free_percent 10% or storage.min_free_mb" in node.log()
 
 
+@pytest.mark.data
 def test_an_instance_over_the_size_limit_is_refused(node_factory):
     node = node_factory({"storage": {"max_instance_mb": 0.25}}).start()
     ct = pydicom.dcmread(rider_files(1)[0])  # 512 x 512 x 2 bytes: 0.5 MB
@@ -83,6 +85,7 @@ def test_the_called_ae_title_is_checked(node_factory):
     assert echo(node.port, called="COVID_PLUGIN")
 
 
+@pytest.mark.data
 def test_a_second_node_on_the_same_data_dir_exits_and_touches_nothing(node_factory, tmp_path):
     first = node_factory({"quiet_period_s": 3600}).start()
     assert send(first.port, [pydicom.dcmread(f) for f in rider_files(2)]) == [0, 0]

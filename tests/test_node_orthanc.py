@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pydicom
+import pytest
 
 from tests.conftest import rider_files, wait_for
+
+pytestmark = pytest.mark.data  # every test here reads the data set
 
 
 def test_orthanc_study_round_trip(node_factory, orthanc_factory):

@@ -57,6 +57,7 @@ def test_dicomweb_destination_in_toml(tmp_path):
             load_settings(config, environ={})
 
 
+@pytest.mark.data
 def test_results_are_stored_by_stow_rs_beside_a_dicom_peer(node_factory, dicomweb_factory,
                                                            storescp_factory):
     orthanc = dicomweb_factory().start()
@@ -95,6 +96,7 @@ def test_a_large_batch_is_posted_in_chunks(dicomweb_factory):
                                         .SOPInstanceUID) for f in files}
 
 
+@pytest.mark.data
 def test_stow_server_down_retries_with_backoff_then_delivers(node_factory, dicomweb_factory):
     orthanc = dicomweb_factory()  # not started: the server is down
     node = dicomweb_node(node_factory, orthanc, max_attempts=50)
@@ -110,6 +112,7 @@ def test_stow_server_down_retries_with_backoff_then_delivers(node_factory, dicom
     assert stored_uids(orthanc) == {r["sop_instance_uid"] for r in outbox_rows(node)}
 
 
+@pytest.mark.data
 def test_stow_dead_letter_then_retry_command_delivers(node_factory, dicomweb_factory):
     orthanc = dicomweb_factory()
     node = dicomweb_node(node_factory, orthanc, max_attempts=2)
@@ -125,6 +128,7 @@ def test_stow_dead_letter_then_retry_command_delivers(node_factory, dicomweb_fac
     assert stored_uids(orthanc) == {r["sop_instance_uid"] for r in outbox_rows(node)}
 
 
+@pytest.mark.data
 def test_stow_authorization_header_is_sent_and_a_refusal_is_recorded(
         node_factory, dicomweb_factory):
     orthanc = dicomweb_factory({"AuthenticationEnabled": True,
@@ -162,6 +166,7 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     return server, cert
 
 
+@pytest.mark.data
 def test_stow_over_https_checks_the_server_certificate(node_factory, dicomweb_factory,
                                                        tmp_path):
     server_pem, ca = self_signed(tmp_path)

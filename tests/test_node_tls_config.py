@@ -119,6 +119,7 @@ def test_a_silent_tls_connection_is_closed_after_the_handshake_timeout(node_fact
              what="the handshake timeout logged")
 
 
+@pytest.mark.data
 def test_health_echoes_over_tls_past_the_allow_list(node_factory, pki):
     """`covid-plugin health` used to echo in plain text as an AE not on the list."""
     node = node_factory(tls_node_config(pki) | {"allowed_callers": ["PACS1"]})
@@ -154,6 +155,7 @@ def _tls_storescp(folder: Path, pki: dict[str, Path]) -> tuple[subprocess.Popen,
     return proc, port
 
 
+@pytest.mark.data
 def test_results_go_to_a_tls_destination_with_a_client_certificate(node_factory, pki, tmp_path):
     received = tmp_path / "received"
     pacs, port = _tls_storescp(received, pki)

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pydicom
+import pytest
 from pynetdicom import AE
 
 from tests.conftest import REPO, rider_files, wait_for
@@ -33,6 +34,7 @@ def send_then_die(port: int, n: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.data
 def test_series_from_a_killed_sender_waits_for_the_resend(node_factory, storescp_factory):
     pacs = storescp_factory().start()
     node = node_factory({
@@ -60,6 +62,8 @@ def test_series_from_a_killed_sender_waits_for_the_resend(node_factory, storescp
     assert len(pacs.files()) == 2  # one result set, from the complete series
 
 
+@pytest.mark.data
+@pytest.mark.slow
 def test_node_killed_during_receive_holds_the_partial_series(node_factory):
     node = node_factory({"quiet_period_s": 1, "jobs": {"incomplete_timeout_s": 600},
                          "selection": {"min_ct_slices": 5}}).start()
@@ -89,6 +93,7 @@ def test_node_killed_during_receive_holds_the_partial_series(node_factory):
     wait_for(lambda: jobs(node) == [("done", 40)], timeout=60, what="complete series done")
 
 
+@pytest.mark.data
 def test_late_instances_rerun_the_series_and_supersede_the_earlier_report(
         node_factory, storescp_factory):
     pacs = storescp_factory().start()
@@ -138,6 +143,7 @@ def test_a_queued_run_waits_for_late_instances_and_is_superseded(tmp_path):
     assert queue.claim("w").id == 2
 
 
+@pytest.mark.data
 def test_connection_closed_before_the_released_event_still_counts_as_released(tmp_path):
     """pynetdicom fires EVT_RELEASED on the association's thread after sending the
     A-RELEASE-RP, and the sender's close fires EVT_CONN_CLOSE on the DUL thread: on a loaded

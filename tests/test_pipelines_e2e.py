@@ -43,6 +43,7 @@ def _objects(folder: Path) -> dict[str, pydicom.Dataset]:
     return {str(ds.SOPClassUID): ds for ds in map(pydicom.dcmread, folder.glob("*.dcm"))}
 
 
+@pytest.mark.slow  # run_output loads every model and runs every sample
 def test_run_prints_a_row_per_series_with_findings(run_output):
     out, table = run_output
     assert table.count(" done ") == 5, table
@@ -51,6 +52,7 @@ def test_run_prints_a_row_per_series_with_findings(run_output):
     assert len(list(out.iterdir())) == 5
 
 
+@pytest.mark.slow
 @requires_dciodvfy
 @requires_dsrdump
 def test_ct_outputs_are_valid_and_reference_the_source(run_output):
@@ -81,6 +83,7 @@ def test_ct_outputs_are_valid_and_reference_the_source(run_output):
     assert all(ds.StudyInstanceUID == seg.StudyInstanceUID for ds in objects.values())
 
 
+@pytest.mark.slow
 @requires_dciodvfy
 def test_cxr_outputs_are_valid(run_output):
     out, _ = run_output
@@ -96,7 +99,7 @@ def test_lateral_film_is_skipped_with_the_reason(tmp_path):
     to spawn a whole `covid-plugin run`, 39 s, to check this)."""
     from covid_plugin.outputs import write_all
     from covid_plugin.pipelines.cxr import CxrPipeline
-    from covid_plugin.worker import analyse
+    from covid_plugin.pipelines.interface import analyse
 
     ds = pydicom.dcmread(next(CXR_COVID.glob("*.dcm")))
     ds.ViewPosition = "LL"
@@ -149,8 +152,8 @@ def test_ct_without_lungs_is_skipped_with_the_reason(tmp_path):
     import numpy as np
 
     from covid_plugin.pipelines.ct import CtPipeline
+    from covid_plugin.pipelines.interface import SeriesSkipped
     from covid_plugin.volume import load_series_files
-    from covid_plugin.worker import SeriesSkipped
 
     series = load_series_files(sorted(CT_COVID.glob("*.dcm")))
     series.array = np.full_like(series.array, 40.0)  # soft tissue everywhere: no air, no lung

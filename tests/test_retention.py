@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from covid_plugin.config import Settings
 from covid_plugin.instance import read_header
@@ -21,6 +22,8 @@ from covid_plugin.store.spool import Spool
 from covid_plugin.worker import Worker
 from tests.conftest import CHEST_CR, REPO, rider_files
 from tests.pipelines_for_tests import MeanIntensityPipeline
+
+pytestmark = pytest.mark.data  # every test here reads the data set
 
 DAY = 86400.0
 

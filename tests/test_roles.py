@@ -110,6 +110,7 @@ def test_only_one_of_several_workers_closes_a_series(db):
     assert [(j.state, j.reason) for j in first.all()] == [("queued", None)]
 
 
+@pytest.mark.data
 def test_a_worker_that_lost_its_lease_drops_its_results(tmp_path: Path, db):
     """A worker stalls past its lease; another takes the job: the first one's results are
     neither recorded nor sent, and its files go."""
@@ -162,7 +163,7 @@ def test_an_association_end_the_database_refused_is_written_by_the_heartbeat(
     scp._delivering(assoc, "1.2.3")
     real_ended = Associations.ended
 
-    def unwritable(self, name, released):
+    def unwritable(self, name, released, series=()):
         raise sqlite3.OperationalError("database is locked")
     monkeypatch.setattr(Associations, "ended", unwritable)
     scp._on_released(SimpleNamespace(assoc=assoc))
@@ -178,3 +179,39 @@ def test_config_output_hides_the_database_password(capsys):
     cmd_config(settings, build_parser().parse_args(["config"]))
     out = capsys.readouterr().out
     assert "s3cret" not in out and "postgresql://covid:***@db/covid" in out
+
+
+@pytest.mark.data
+def test_a_stalled_worker_leaves_the_winning_attempts_results_alone(tmp_path: Path, db):
+    """The worker that took the job over finishes first; the stalled one then writes its own
+    results and finds its lease lost: it removes its own attempt's folder, never the folder
+    whose files the winner's outbox rows point to."""
+    settings = Settings(data_dir=tmp_path, quiet_period_s=0, selection={"min_ct_slices": 2},
+                        destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": 9}])
+    spool = Spool(settings.spool_dir, db)
+    for path in rider_files(3):
+        data = path.read_bytes()
+        spool.store(read_header(data), data, "PACS")
+    with db.transaction() as conn:
+        conn.execute("UPDATE series SET released_at = last_at + 1")
+    winner = Worker(settings, spool, JobQueue(db), Metrics(), [MeanIntensityPipeline()],
+                    write_all, set, owner="other-worker")
+
+    class Stalls(MeanIntensityPipeline):
+        def run(self, series, models):
+            time.sleep(0.1)  # past the 0.05 s lease
+            winner.jobs.expire_leases()
+            assert winner.run_one()  # the other worker runs the job to the end meanwhile
+            return super().run(series, models)
+
+    jobs = JobQueue(db, lease_s=0.05)
+    stalled = Worker(settings, spool, jobs, Metrics(), [Stalls()], write_all, set,
+                     owner="stalled-worker")
+    assert stalled.close_complete_series() == 1
+    assert stalled.run_one()
+    [job] = jobs.all()
+    assert (job.state, job.attempts) == ("done", 2)
+    paths = [Path(p) for (p,) in db.connection().execute("SELECT path FROM outbox")]
+    assert paths and all(p.parent == settings.results_dir / "1" / "2" for p in paths)
+    assert all(p.is_file() for p in paths)  # what the outbox will send is still there
+    assert not (settings.results_dir / "1" / "1").exists()  # the stalled run's files went

@@ -185,6 +185,7 @@ def test_completion_is_decided_from_the_database(db: Database):
     assert db.connection().execute("SELECT COUNT(*) FROM open_associations").fetchone()[0] == 0
 
 
+@pytest.mark.data
 def test_an_instance_is_indexed_once(db: Database, tmp_path: Path):
     spool = Spool(tmp_path / "spool", db)
     files = rider_files(2)
@@ -204,6 +205,7 @@ def test_unknown_database_url_is_refused(tmp_path: Path):
         open_database("mysql://x", tmp_path / "db.sqlite")
 
 
+@pytest.mark.data
 def test_an_instance_resent_under_another_series_leaves_no_second_file(db: Database,
                                                                        tmp_path: Path):
     """Recovery and retention know files by their index rows: a copy the index does not hold
@@ -217,6 +219,7 @@ def test_an_instance_resent_under_another_series_leaves_no_second_file(db: Datab
     assert len(list((tmp_path / "spool").glob("*/*/*.dcm"))) == 1
 
 
+@pytest.mark.data
 def test_a_full_resend_of_a_series_recorded_incomplete_opens_a_new_job(db: Database,
                                                                         tmp_path: Path):
     """The sender stored every instance, then aborted; the series was recorded incomplete.
@@ -231,6 +234,7 @@ def test_a_full_resend_of_a_series_recorded_incomplete_opens_a_new_job(db: Datab
     assert [(j.state, j.id) for j in JobQueue(db).all()] == [("rejected", 1), ("received", 2)]
 
 
+@pytest.mark.data
 def test_a_resend_of_a_processed_series_is_not_run_again(db: Database, tmp_path: Path):
     spool = Spool(tmp_path / "spool", db)
     data = rider_files(1)[0].read_bytes()

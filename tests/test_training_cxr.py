@@ -32,9 +32,6 @@ from training.cxr_classifier.train import (
     not_covid_loss,
 )
 
-needs_data = pytest.mark.skipif(not (DATA / "cxr" / "manifest.csv").is_file(),
-                                reason="shared/data not present")
-
 
 @pytest.fixture(autouse=True)
 def one_torch_thread() -> Iterator[None]:
@@ -127,7 +124,7 @@ def test_metrics_behave_on_known_cases() -> None:
     assert macro_f1(np.array([0, 0, 2]), np.array([0, 0, 2]), 3) == 1.0
 
 
-@needs_data
+@pytest.mark.data
 def test_train_a_few_steps_then_resume_and_load(tmp_path: Path) -> None:
     out, cache = tmp_path / "model", tmp_path / "cache"
     common = ["--data", str(DATA), "--out", str(out), "--device", "cpu", "--limit", "56",
@@ -147,9 +144,9 @@ def test_train_a_few_steps_then_resume_and_load(tmp_path: Path) -> None:
     assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
-@needs_data
 @pytest.mark.skipif(not (MODELS_DIR / "cxr-lung" / "spec.json").is_file(),
                     reason="models/cxr-lung not present")
+@pytest.mark.data
 def test_lung_crop_training_pins_the_lung_model_and_the_node_crops_identically(
     tmp_path: Path,
 ) -> None:

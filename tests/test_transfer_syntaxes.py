@@ -19,7 +19,8 @@ import pytest
 from covid_plugin.node.scp import TRANSFER_SYNTAXES
 from tests.conftest import DATA, REPO, rider_files
 
-pytestmark = pytest.mark.skipif(shutil.which("dcmconv") is None, reason="needs DCMTK")
+pytestmark = [pytest.mark.data,
+              pytest.mark.skipif(shutil.which("dcmconv") is None, reason="needs DCMTK")]
 
 CORNERSTONE = DATA / "dicom" / "cornerstone_ctimage_chest-ct-transfer-syntaxes"
 FILES = [

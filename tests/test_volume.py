@@ -37,6 +37,7 @@ def two_slice_series(path: Path) -> list[pydicom.Dataset]:
     return [first, second]
 
 
+@pytest.mark.data
 def test_rider_ct_is_sorted_in_hu_with_spacing_from_positions() -> None:
     paths = rider_files()
     shuffled = read_all(paths)
@@ -57,6 +58,7 @@ def test_rider_ct_is_sorted_in_hu_with_spacing_from_positions() -> None:
     assert all("SOPInstanceUID" in ds for ds in series.datasets)
 
 
+@pytest.mark.data
 def test_rider_slice_matches_its_own_rescale() -> None:
     path = rider_files()[0]
     raw = pydicom.dcmread(path)
@@ -65,6 +67,7 @@ def test_rider_slice_matches_its_own_rescale() -> None:
     np.testing.assert_array_equal(series.array[0], expected.astype(np.float32))
 
 
+@pytest.mark.data
 def test_jpeg_lossless_covid_ct_decodes_to_hu() -> None:
     series = load_series_files(sorted(COVID_CT.glob("*.dcm")))
     assert series.array.shape == (30, 512, 512)
@@ -74,6 +77,7 @@ def test_jpeg_lossless_covid_ct_decodes_to_hu() -> None:
     assert lung_fraction > 0.05  # mid-lung block: lung parenchyma is present
 
 
+@pytest.mark.data
 def test_lossless_transfer_syntaxes_decode_identically() -> None:
     arrays = {}
     for suffix in LOSSLESS_SYNTAXES:
@@ -85,6 +89,7 @@ def test_lossless_transfer_syntaxes_decode_identically() -> None:
         np.testing.assert_array_equal(array, reference, err_msg=suffix)
 
 
+@pytest.mark.data
 def test_lossy_jpeg_decodes_close_to_lossless() -> None:
     (lossy,) = CORNERSTONE.glob("*_1.2.840.10008.1.2.4.51.dcm")
     (lossless,) = CORNERSTONE.glob("*_1.2.840.10008.1.2.4.70.dcm")
@@ -94,6 +99,7 @@ def test_lossy_jpeg_decodes_close_to_lossless() -> None:
     assert np.abs(difference).mean() < 20
 
 
+@pytest.mark.data
 def test_enhanced_ct_frames_come_from_functional_groups() -> None:
     series = load_series_files([ENHANCED_CT / "CT0012.not_fragmented_bot_rle.dcm"])
     assert series.array.shape == (2, 512, 512)
@@ -105,6 +111,7 @@ def test_enhanced_ct_frames_come_from_functional_groups() -> None:
     np.testing.assert_array_equal(series.array[0], raw.pixel_array[1] - 1024.0)
 
 
+@pytest.mark.data
 def test_monochrome1_radiograph_is_inverted_and_scaled() -> None:
     raw = pydicom.dcmread(CHEST_CR)
     stored = raw.pixel_array
@@ -119,6 +126,7 @@ def test_monochrome1_radiograph_is_inverted_and_scaled() -> None:
     assert series.spacing == (0.0, 1.0, 1.0)  # the header's PixelSpacing is 0\0: fallback
 
 
+@pytest.mark.data
 def test_radiograph_window_is_applied() -> None:
     wide = load_series_files([CHEST_CR]).array[0]
     narrow_ds = pydicom.dcmread(CHEST_CR)
@@ -128,6 +136,7 @@ def test_radiograph_window_is_applied() -> None:
     assert saturated(narrow) > saturated(wide) + 0.2
 
 
+@pytest.mark.data
 def test_gap_is_rejected_with_reason() -> None:
     datasets = read_all(rider_files(12))
     del datasets[6]
@@ -136,6 +145,7 @@ def test_gap_is_rejected_with_reason() -> None:
     assert info.value.series_uid == datasets[0].SeriesInstanceUID
 
 
+@pytest.mark.data
 def test_mixed_orientation_is_rejected() -> None:
     datasets = read_all(rider_files(4))
     datasets[2].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
@@ -143,6 +153,7 @@ def test_mixed_orientation_is_rejected() -> None:
         load_series(datasets)
 
 
+@pytest.mark.data
 def test_zero_pixel_spacing_is_rejected_with_reason() -> None:
     datasets = read_all(rider_files(3))
     for ds in datasets:
@@ -151,6 +162,7 @@ def test_zero_pixel_spacing_is_rejected_with_reason() -> None:
         load_series(datasets)
 
 
+@pytest.mark.data
 def test_mixed_size_is_rejected() -> None:
     datasets = read_all(rider_files(3))
     small = datasets[1]
@@ -160,6 +172,7 @@ def test_mixed_size_is_rejected() -> None:
         load_series(datasets)
 
 
+@pytest.mark.data
 def test_missing_pixel_data_is_rejected() -> None:
     datasets = read_all(rider_files(3))
     del datasets[1].PixelData
@@ -167,11 +180,13 @@ def test_missing_pixel_data_is_rejected() -> None:
         load_series(datasets)
 
 
+@pytest.mark.data
 def test_single_slice_ct_and_localizer_are_rejected() -> None:
     with pytest.raises(SeriesError, match="single slice"):
         load_series_files([LOCALIZER])
 
 
+@pytest.mark.data
 def test_same_position_twice_is_rejected_and_resent_instance_is_not() -> None:
     datasets = read_all(rider_files(3))
     clone = copy.deepcopy(datasets[1])
@@ -181,6 +196,7 @@ def test_same_position_twice_is_rejected_and_resent_instance_is_not() -> None:
         load_series([*read_all(rider_files(3)), clone])
 
 
+@pytest.mark.data
 def test_modality_and_series_checks() -> None:
     with pytest.raises(SeriesError, match="expected 'CR'"):
         load_series(read_all(rider_files(2)), expected_modality="CR")
@@ -192,6 +208,7 @@ def test_modality_and_series_checks() -> None:
         load_series([])
 
 
+@pytest.mark.data
 def test_600_slice_ct_stays_within_memory_budget() -> None:
     """600 x 512 x 512 float32 is 629 MB; a float64 copy of the volume would double that."""
     template = pydicom.dcmread(rider_files(1)[0])

@@ -98,8 +98,13 @@ class StorageSCP:
         # association id -> (its name in the database, the series it has delivered to)
         self._active: dict[int, tuple[str, set[str]]] = {}
         self._release_requested: set[int] = set()  # associations whose sender asked to release
-        self._unrecorded_ends: list[tuple[str, bool]] = []  # ends the database did not take
+        # association id -> series of which this listener refused an instance (0xA700)
+        self._refused: dict[int, set[str]] = {}
+        # ends the database did not take: (association, released, its series, refused ones)
+        self._unrecorded_ends: list[tuple[str, bool, set[str], set[str]]] = []
         self._lock = threading.Lock()
+        # (calling AE, refused SOP classes) already logged at INFO
+        self._refusals_logged: set[tuple[str, tuple[str, ...]]] = set()
         self._server: GuardedAssociationServer | None = None
         self.ae = self._build_ae()
 
@@ -167,10 +172,17 @@ class StorageSCP:
         assoc = event.assoc
         log.info("association from %s (%s:%s) accepted", assoc.requestor.ae_title,
                  assoc.requestor.address, assoc.requestor.port)
-        refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        refused = tuple(sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts}))
         if refused:
-            log.info("refused %d presentation context(s) from %s, SOP class not processed: %s",
-                     len(refused), assoc.requestor.ae_title, ", ".join(refused))
+            # A PACS proposes the same long list on every association: said once per caller
+            # (and list), so that a bounced result stands out; the repeats at DEBUG.
+            caller = str(assoc.requestor.ae_title)
+            with self._lock:
+                first = (caller, refused) not in self._refusals_logged
+                self._refusals_logged.add((caller, refused))
+            log.log(logging.INFO if first else logging.DEBUG,
+                    "refused %d presentation context(s) from %s, SOP class not processed%s: %s",
+                    len(refused), caller, "" if first else " (again)", ", ".join(refused))
 
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning("association from %s (%s) rejected", event.assoc.requestor.ae_title,
@@ -208,22 +220,24 @@ class StorageSCP:
         sends it again (series.py decides). If this write fails, the heartbeat writes it later
         (`record_ended`): until then the series still counts as being delivered.
         """
-        with self._lock:
-            name, series = self._active.get(id(assoc), ("", set()))
-        if series:
+        with self._lock:  # EVT_ABORTED and EVT_CONN_CLOSE both come: the first one ends it
+            name, series = self._active.pop(id(assoc), ("", set()))
+            refused = self._refused.pop(id(assoc), set())
+            self._release_requested.discard(id(assoc))
+        if series or refused:
             if not released:
                 log.warning("association from %s ended without release; %d series held as "
                             "possibly incomplete", assoc.requestor.ae_title, len(series))
+            if refused:
+                log.warning("association from %s ended; %d series held for the resend of the "
+                            "instances refused", assoc.requestor.ae_title, len(refused))
             try:
-                self.associations.ended(name, released)
+                self.associations.ended(name, released, series, refused)
             except Exception:  # the store is unwritable for a moment
                 log.exception("could not record the end of an association from %s; will "
                               "retry", assoc.requestor.ae_title)
                 with self._lock:
-                    self._unrecorded_ends.append((name, released))
-        with self._lock:
-            self._active.pop(id(assoc), None)
-            self._release_requested.discard(id(assoc))
+                    self._unrecorded_ends.append((name, released, series, refused))
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling = event.assoc.requestor.ae_title
@@ -240,6 +254,7 @@ class StorageSCP:
             return 0x0000
         refusal = self._refuse_for_resources(event, sop_uid, calling)
         if refusal is not None:
+            self._held_for_resend(event, calling, sop_uid)
             return refusal
         data = _with_source_ae(event, calling)
         try:
@@ -255,6 +270,8 @@ class StorageSCP:
         except (OSError, *STORE_ERRORS) as exc:  # disk full, write error, index unwritable
             self.metrics.rejected.labels(reason="out_of_resources").inc()
             log.error("could not store %s from %s: %s", sop_uid, calling, exc)
+            with self._lock:
+                self._refused.setdefault(id(event.assoc), set()).add(header.series_uid)
             detail = getattr(exc, "strerror", None) or str(exc)
             return _status(STATUS_OUT_OF_RESOURCES, f"out of resources: {detail}")
         if stored.is_new:
@@ -265,13 +282,41 @@ class StorageSCP:
             log.info("instance %s from %s already held; kept once", sop_uid, calling)
         return 0x0000
 
+    def _held_for_resend(self, event: evt.Event, calling: str, sop_uid: str) -> None:
+        """An instance refused for want of resources leaves its series short of it: the series
+        is held at the association's end, as a broken-off transfer, until the sender sends it
+        again (the header is read for its series only here, off the usual path)."""
+        try:
+            series_uid = read_header(_with_source_ae(event, calling), sop_uid).series_uid
+        except InvalidInstance:
+            return  # not an instance the node could have kept: nothing of it to wait for
+        with self._lock:
+            self._refused.setdefault(id(event.assoc), set()).add(series_uid)
+
+    def heartbeat(self) -> None:
+        """The listener's heartbeat. When it finds the listener was taken for dead (paused
+        past listener_stale_after_s: its open associations were ended as interrupted), the
+        associations still open here are registered again, so that their series count as
+        being delivered once more and complete when the sender releases."""
+        if self.associations.heartbeat():
+            return
+        with self._lock:
+            open_now = [(name, set(series)) for name, series in self._active.values()]
+        for name, series in open_now:
+            for series_uid in series:
+                self.associations.delivering(name, series_uid)
+        if open_now:
+            log.warning("this listener was taken for dead (no heartbeat for %g s); %d open "
+                        "association(s) registered again", self.associations.stale_after_s,
+                        len(open_now))
+
     def record_ended(self) -> None:
         """Write the association ends the database refused before (the heartbeat calls it)."""
         with self._lock:
             pending, self._unrecorded_ends = self._unrecorded_ends, []
-        for i, (name, released) in enumerate(pending):
+        for i, (name, released, series, refused) in enumerate(pending):
             try:
-                self.associations.ended(name, released)
+                self.associations.ended(name, released, series, refused)
             except Exception:
                 with self._lock:
                     self._unrecorded_ends.extend(pending[i:])

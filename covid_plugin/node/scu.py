@@ -19,6 +19,7 @@ from pynetdicom import AE
 
 from covid_plugin.config import Peer, PeerTls
 from covid_plugin.observability import Metrics
+from covid_plugin.outage import Outage
 from covid_plugin.store.outbox import Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
@@ -172,9 +173,11 @@ class OutboxSender:
         return self.web_sender.deliver(items)
 
     def _run(self) -> None:
+        outage = Outage("outbox round", log, base_s=self.poll_interval_s)
         while not self._stop.is_set():
             try:
                 self.send_due()
-            except Exception:  # keep exporting whatever one round's problem was
-                log.exception("outbox round failed")
-            self._stop.wait(self.poll_interval_s)
+                delay = outage.succeeded()
+            except Exception as exc:  # keep exporting whatever one round's problem was
+                delay = outage.failed(exc)
+            self._stop.wait(delay)

@@ -23,6 +23,7 @@ from covid_plugin.outputs.sc import build_secondary_capture
 from covid_plugin.outputs.seg import build_segmentations, segmentations_of
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.outputs.sr import build_report
+from covid_plugin.outputs.text import carriers_line
 from covid_plugin.volume import LoadedSeries
 
 __all__ = [
@@ -75,8 +76,10 @@ def write_all(
         # each mask outlined once, for the SR and the presentation state alike
         drawn = {mask.key: mask_outlines(mask, series, frame) for mask in findings.masks}
         presentation = build_presentation_state(findings, series, settings, drawn, when)
-        report = build_report(findings, series, settings, segments, when, frame, drawn)
-        capture = build_secondary_capture(findings, series, settings, when, frame)
+        carriers = carriers_line(series.modality, settings, presentation is not None)
+        report = build_report(findings, series, settings, segments, when, frame, drawn,
+                              carriers)
+        capture = build_secondary_capture(findings, series, settings, when, frame, carriers)
     except HEADER_ERRORS as error:
         raise _as_output_error(error, series.series_instance_uid) from error
     others = [obj for obj in (presentation, report, capture) if obj is not None]
@@ -89,14 +92,13 @@ def write_declined(
     settings: OutputSettings | None = None,
     models: list[ModelInfo] | None = None,
 ) -> list[Dataset]:
-    """The 'not analysed' SR for a series a pipeline declined, or nothing when turned off.
+    """The 'not analysed' SR for a series a pipeline declined (whether to send one is the
+    node's `declined_reports` setting: the worker then passes no decliner).
 
     Without `models` (a pipeline declines before any model ran), the node's own selection
     rules are named as the processing algorithm.
     """
     settings = settings or OutputSettings()
-    if not settings.declined_reports:
-        return []
     models = models or [
         ModelInfo(f"{settings.model_name} rules", settings.software_version, RULE_BASED_SHA256)
     ]

@@ -18,10 +18,23 @@ COMMENT = codes.DCM.Comment
 # TID 1500 row 12: the document-level container for qualitative evaluations and free text.
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
+PERCENT = CodedConcept("%", "UCUM", "percent")
+# The area of an outline on a film without a pixel size (UCUM annotation: a count of pixels)
+PIXELS = CodedConcept("{pixels}", "UCUM", "pixels")
+# Concepts no standard names: each class's probability and the decision threshold, so that a
+# viewer that prints a measurement as "<concept name>: <value> <unit>" (OHIF) names the class.
+# A private scheme (PS3.16 8.2: designators starting "99"), declared in the SR's Coding Scheme
+# Identification Sequence.
+LOCAL_SCHEME = "99COVIDPLUGIN"
+LOCAL_SCHEME_NAME = "covid_plugin report concepts"
 DEVICE = codes.DCM.Device
 AI_FAMILY = codes.cid7162.ArtificialIntelligence
 RULE_BASED_FAMILY = codes.cid7162.MorphologicalOperations
 RULE_BASED_SHA256 = "rule-based"  # what ModelSpec.info() reports for a model without weights
+
+# A radiograph's lung outlines by side (the same concepts the CT pipeline's lung masks carry).
+RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
+LEFT_LUNG = Code("44029006", "SCT", "Left lung")
 
 # Anatomy segments (lungs) are drawn as contours, not as lesions, and do not pick the key slice.
 ANATOMY_CATEGORIES = frozenset({"123037004", "91723000"})  # Anatomical Structure (old and new)
@@ -36,6 +49,18 @@ INTENDED_USE = (
 def coded(code: Code) -> CodedConcept:
     """A findings Code as the concept highdicom takes."""
     return CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def probability_of(code: Code) -> CodedConcept:
+    """'COVID-19 probability': the probability the classifier gives a class."""
+    return CodedConcept(f"P{code.value}"[:16], LOCAL_SCHEME, f"{code.meaning} probability"[:64])
+
+
+def threshold_of(code: Code) -> CodedConcept:
+    """'COVID-19 decision threshold': the class is called at or above this probability."""
+    return CodedConcept(
+        f"T{code.value}"[:16], LOCAL_SCHEME, f"{code.meaning} decision threshold"[:64]
+    )
 
 
 def procedure_reported(kind: str) -> CodedConcept:

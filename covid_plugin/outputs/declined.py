@@ -4,7 +4,7 @@ IHE AI Results asks that a reader can tell "the AI declined" from "the AI never 
 film, a CT without lungs, a patient outside the validated population or a series that is not
 a chest all get this report instead of silence. It holds the reason and the intended-use
 caveat as text under a plain report container, with the node as device observer and the
-source images as evidence. Turned off with `OutputSettings.declined_reports`.
+source images as evidence. Turned off with the node's `declined_reports` setting.
 """
 
 from __future__ import annotations

@@ -64,16 +64,27 @@ def processing_algorithm_items(
 def stamp(
     obj: Dataset, models: Sequence[ModelInfo], settings: OutputSettings, when: datetime.datetime
 ) -> Dataset:
-    """Add the models as Processing Algorithm equipment to an object highdicom has built.
+    """Add the models as Processing Algorithm equipment to an object highdicom has built, and
+    the run's date and time to its series description.
 
     highdicom's own ContributingEquipment only takes DCM purposes, so the IHE item is a plain
-    Contributing Equipment Sequence item appended beside the ones highdicom wrote.
+    Contributing Equipment Sequence item appended beside the ones highdicom wrote. The run
+    time in the description is what tells two result sets of one series apart in a viewer's
+    series list, even when the node could not link the later run to the earlier one.
     """
     existing = list(obj.get("ContributingEquipmentSequence", []))
     obj.ContributingEquipmentSequence = existing + processing_algorithm_items(
         models, settings, when
     )
+    if obj.get("SeriesDescription"):
+        obj.SeriesDescription = run_description(str(obj.SeriesDescription), when)
     return obj
+
+
+def run_description(description: str, when: datetime.datetime) -> str:
+    """'AI report (RUO) 2026-12-06 05:31': the name first, so that a viewer that cuts a long
+    description off keeps what the series is."""
+    return f"{description} {when:%Y-%m-%d %H:%M}"[:64]
 
 
 def creation_times(when: datetime.datetime, content: bool = True) -> dict[str, object]:

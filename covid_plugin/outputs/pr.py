@@ -1,8 +1,9 @@
 """Radiograph findings -> a Grayscale Softcopy Presentation State with outlines and a caption.
 
 For a projection radiograph this is the overlay PACS viewers widely show: the film itself,
-with the lung outlines and the region that drove the call drawn as graphics on named layers
-(each in its segment's colour), and the result as a text object. Unlike a SEG it needs no
+with the lung outlines (each lung named by side, as in the SR) and the region that drove the
+call drawn as graphics on named layers (each in its segment's colour), and the result as a
+text object. Unlike a SEG it needs no
 patient frame of reference, which a radiograph does not have.
 """
 
@@ -22,6 +23,19 @@ from covid_plugin.volume import LoadedSeries
 
 CAPTION_LAYER = "AI_RESULT"
 LAYER_NAMES = {"suspicious_region": "REGION"}  # layer names are at most 16 characters
+
+
+def _side_label(outline: Outline) -> hd.pr.TextObject:
+    """'Right lung' written inside the top of a lung's outline, as the SR names it."""
+    column = float(outline.points[:, 0].mean())
+    top = float(outline.points[:, 1].min())
+    height = float(outline.points[:, 1].max()) - top
+    return hd.pr.TextObject(
+        text_value=outline.side.meaning,
+        units=hd.pr.AnnotationUnitsValues.PIXEL,
+        anchor_point=(column, top + 0.15 * height),
+        anchor_point_visible=False,
+    )
 
 
 def build_presentation_state(
@@ -63,6 +77,8 @@ def build_presentation_state(
                     )
                     for outline in found
                 ],
+                text_objects=[_side_label(outline) for outline in found if outline.side]
+                or None,
             )
         )
     if not annotations:  # nothing outlined: the SR and the SC carry the result

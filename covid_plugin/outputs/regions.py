@@ -15,20 +15,25 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import approximate_polygon, find_contours
 
-from covid_plugin.findings import Findings, Mask
-from covid_plugin.outputs.codes import ANATOMY_CATEGORIES
+from covid_plugin.findings import Code, Findings, Mask
+from covid_plugin.outputs.codes import ANATOMY_CATEGORIES, LEFT_LUNG, RIGHT_LUNG
 from covid_plugin.volume import LoadedSeries
 
 OUTLINE_TOLERANCE_PX = 0.5  # polygon simplification; keeps SR and GSPS objects small
 MIN_OUTLINE_POINTS = 4  # a closed outline with three corners at least
 LUNG_OUTLINES = 2  # a lung mask of a radiograph: the two largest regions, one per side
+# How a frontal chest radiograph is conventionally displayed (the patient's left on the
+# image's right), for headers without PatientOrientation.
+DEFAULT_RADIOGRAPH_ORIENTATION = ("L", "F")
 
 
 @dataclass(frozen=True)
 class Outline:
-    """The closed outline of one connected region of a mask on one frame."""
+    """The closed outline of one connected region of a mask on one frame; `side` names the
+    lung it outlines when the mask holds both lungs (a radiograph's lung mask)."""
 
     points: np.ndarray  # (n, 2) float32, column then row, first point == last point
+    side: Code | None = None
 
 
 def is_anatomy(mask: Mask) -> bool:
@@ -92,7 +97,9 @@ def mask_outlines(mask: Mask, series: LoadedSeries, key: int) -> list[tuple[int,
     it is absent from the key slice (a consolidation elsewhere, say).
     """
     if series.modality != "CT":
-        return [(0, o) for o in outlines(mask.array[0], LUNG_OUTLINES if is_anatomy(mask) else 1)]
+        if not is_anatomy(mask):
+            return [(0, o) for o in outlines(mask.array[0], 1)]
+        return [(0, o) for o in sided(outlines(mask.array[0], LUNG_OUTLINES), series)]
     frame = key
     if not mask.array[key].any():
         areas = mask.array.reshape(mask.array.shape[0], -1).sum(axis=1)
@@ -100,3 +107,28 @@ def mask_outlines(mask: Mask, series: LoadedSeries, key: int) -> list[tuple[int,
             return []
         frame = int(np.argmax(areas))
     return [(frame, o) for o in outlines(mask.array[frame], 1)]
+
+
+def radiograph_orientation(series: LoadedSeries) -> tuple[str, str]:
+    """PatientOrientation of a radiograph (row direction, column direction), else the
+    conventional frontal display."""
+    value = series.datasets[0].get("PatientOrientation")
+    if value and len(value) == 2:
+        return str(value[0]), str(value[1])
+    return DEFAULT_RADIOGRAPH_ORIENTATION
+
+
+def sided(found: list[Outline], series: LoadedSeries) -> list[Outline]:
+    """A radiograph's two lung outlines named right and left lung, by which side of the image
+    each lies on and where the patient's left is (PatientOrientation); one outline alone, or
+    a film whose rows do not run left-right, is left unnamed."""
+    along_row = radiograph_orientation(series)[0]
+    if len(found) != LUNG_OUTLINES or along_row[:1] not in ("L", "R"):
+        return found
+    by_column = sorted(found, key=lambda o: float(o.points[:, 0].mean()))
+    # rows running to the patient's left: the image's left-hand lung is the right lung
+    first, second = (
+        (RIGHT_LUNG, LEFT_LUNG) if along_row.startswith("L") else (LEFT_LUNG, RIGHT_LUNG)
+    )
+    names = {id(by_column[0]): first, id(by_column[1]): second}
+    return [Outline(o.points, names[id(o)]) for o in found]

@@ -1,11 +1,14 @@
 """Findings -> one RGB Secondary Capture that any viewer shows without SR or SEG support.
 
 For a radiograph: the image with the lung and region outlines and, when the call is not
-"normal", the heatmap of the called class colour-blended on it. For a CT: the key slice
-(largest lesion area) in a lung window with lung and lesion outlines. Below the image, a banner
-is burned in: "RESEARCH USE ONLY", the findings, the decision threshold, the key image as
-viewers number it, a colour legend of the outlines and a colour scale for the heatmap, so the
-picture explains itself even when printed or exported.
+"normal", the region where the called class's heatmap is high (a tinted area with a contour,
+not a wash over both lungs, which would look diagnostic and localise nothing). For a CT: the
+key slice (largest lesion area) in a lung window with lung and lesion outlines.
+"RESEARCH USE ONLY" is burned into the image itself, at its bottom edge, so that it stays in
+view when a viewer zooms or pans; nothing is written along the top, where viewers put their
+own controls (OHIF's cine bar). Below the image, a banner: the findings, the decision
+threshold in words, the key image as viewers number it, and a colour legend, so the picture
+explains itself even when printed or exported.
 """
 
 from __future__ import annotations
@@ -24,19 +27,23 @@ from skimage.segmentation import find_boundaries
 from covid_plugin.findings import Findings
 from covid_plugin.outputs.colours import RGB, segment_colours
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
-from covid_plugin.outputs.regions import is_anatomy, key_image_label, key_image_of
+from covid_plugin.outputs.regions import (
+    is_anatomy,
+    key_image_label,
+    key_image_of,
+    radiograph_orientation,
+)
 from covid_plugin.outputs.settings import OutputSettings
 from covid_plugin.outputs.text import CAVEAT, summary_lines
 from covid_plugin.volume import LoadedSeries
 
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width in HU
-HEATMAP_ALPHA = 0.45
-HEATMAP_FLOOR = 0.2  # heat below this is not drawn, so the image stays readable
-# A blue -> cyan -> yellow -> red ramp; anchors at heat 0, 1/3, 2/3, 1.
-HEATMAP_ANCHORS = np.array([[0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]], float)
+# The heatmap (normalised to its peak by the pipeline) is drawn where it is at least this high:
+# the top region, tinted and outlined.
+HEAT_TOP = 0.6
+HEAT_COLOUR = (255, 64, 0)
+HEAT_ALPHA = 0.35
 BANNER_COLOUR = (255, 255, 0)
-# How a frontal chest radiograph is conventionally displayed, for headers that do not say.
-DEFAULT_RADIOGRAPH_ORIENTATION = ("L", "F")
 NORMAL_KEY = "normal"  # the call whose heatmap would explain nothing the reader looks for
 
 
@@ -46,24 +53,36 @@ def build_secondary_capture(
     settings: OutputSettings,
     when: datetime.datetime | None = None,
     frame: int | None = None,
+    carriers: str | None = None,
 ) -> hd.sc.SCImage:
-    """The overlay picture for one pipeline run, in a new series of the source study."""
+    """The overlay picture for one pipeline run, in a new series of the source study;
+    `carriers` (which result object carries what) is written below the findings."""
     when = when or datetime.datetime.now()
     frame = key_image_of(findings, series) if frame is None else frame
     grey = _display(series, frame)
-    longer = max(grey.shape)
+    # drawn with the source's physical aspect (a film's pixels need not be square): the
+    # picture's own pixels are square, which is how every viewer shows a secondary capture
+    row_mm, column_mm = float(series.spacing[1]), float(series.spacing[2])
+    finer = min(row_mm, column_mm)
+    height, width = grey.shape[0] * row_mm / finer, grey.shape[1] * column_mm / finer
+    longer = max(height, width)
     scale = min(max(1.0, settings.sc_min_size / longer), settings.sc_max_size / longer)
-    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     base = Image.fromarray((grey * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
     rgb = np.repeat(np.asarray(base)[..., None], 3, axis=-1).astype(np.float32)
     lines = summary_lines(findings, _key_slice(findings, series, frame))
-    heat_caption = None
+    if carriers:
+        lines.append(carriers)
+    legend: list[tuple[str, RGB]] = []
     if findings.heatmap is not None and series.modality != "CT":
         c = findings.classification
         if c is not None and c.predicted != NORMAL_KEY:
             called = next(p.code.meaning for p in c.probabilities if p.key == c.predicted)
-            rgb = _blend_heatmap(rgb, findings.heatmap[frame], size)
-            heat_caption = f"Heatmap: image areas behind the {called} call (Grad-CAM)"
+            rgb = _draw_heat_region(rgb, findings.heatmap[frame], size)
+            legend.append(
+                (f"where the {called} heatmap (Grad-CAM) is >= {HEAT_TOP:.0%} of its peak",
+                 HEAT_COLOUR)
+            )
         else:  # a heatmap of "normal" would show nothing a reader looks for
             at = len(lines) - 1 if lines[-1].startswith("Models:") else len(lines)
             lines.insert(at, "No heatmap drawn: no abnormal call to explain")
@@ -71,10 +90,12 @@ def build_secondary_capture(
     for mask, colour in zip(findings.masks, colours, strict=True):
         outline = _resized_mask(mask.array[frame], size)
         rgb[find_boundaries(outline, mode="inner")] = colour
-    legend = [(mask.label, colour) for mask, colour in zip(findings.masks, colours, strict=True)]
-    picture = _with_banner(
-        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)), lines, legend, heat_caption
-    )
+    legend = [
+        *((mask.label, colour) for mask, colour in zip(findings.masks, colours, strict=True)),
+        *legend,
+    ]
+    picture = _with_caveat(Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)))
+    picture = _with_banner(picture, [line for line in lines if line != CAVEAT], legend)
     source = series.datasets[0 if series.frame_numbers is not None else frame]
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -120,9 +141,7 @@ def _patient_orientation(series: LoadedSeries, source: Dataset) -> tuple[str, st
         directions = np.stack([row, col, np.cross(row, col)], axis=1)
         along_row, along_col, _ = get_closest_patient_orientation(directions)
         return along_row.value, along_col.value
-    if source.get("PatientOrientation") and len(source.PatientOrientation) == 2:
-        return str(source.PatientOrientation[0]), str(source.PatientOrientation[1])
-    return DEFAULT_RADIOGRAPH_ORIENTATION
+    return radiograph_orientation(series)
 
 
 def _source_reference(source: Dataset, series: LoadedSeries, frame: int) -> Dataset:
@@ -144,15 +163,17 @@ def _display(series: LoadedSeries, frame: int) -> np.ndarray:
     return np.clip((image - (centre - width / 2)) / width, 0.0, 1.0)
 
 
-def _blend_heatmap(rgb: np.ndarray, heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _draw_heat_region(rgb: np.ndarray, heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The heatmap's top region (>= HEAT_TOP of its peak) tinted and outlined; the rest of the
+    image untouched."""
     small = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(size))
-    small = np.clip(small, 0.0, 1.0)
-    positions = np.linspace(0.0, 1.0, len(HEATMAP_ANCHORS))
-    colour = np.stack(
-        [np.interp(small, positions, HEATMAP_ANCHORS[:, c]) for c in range(3)], axis=-1
-    )
-    alpha = np.where(small >= HEATMAP_FLOOR, HEATMAP_ALPHA, 0.0)[..., None]
-    return rgb * (1 - alpha) + colour * alpha
+    top = small >= HEAT_TOP
+    if not top.any():
+        return rgb
+    tinted = rgb.copy()
+    tinted[top] = rgb[top] * (1 - HEAT_ALPHA) + np.array(HEAT_COLOUR, float) * HEAT_ALPHA
+    tinted[find_boundaries(top, mode="inner")] = HEAT_COLOUR
+    return tinted
 
 
 def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -162,50 +183,38 @@ def _resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image) > 127
 
 
+def _with_caveat(picture: Image.Image) -> Image.Image:
+    """CAVEAT burned into the image's bottom left corner on a dark box, legible on any film."""
+    font_size = max(12, picture.width // 40)
+    font = ImageFont.load_default(size=font_size)
+    draw = ImageDraw.Draw(picture)
+    left, top, right, bottom = draw.textbbox((0, 0), CAVEAT, font=font)
+    x, y = 4, picture.height - (bottom - top) - 8
+    draw.rectangle((x - 2, y - 2, x + right - left + 2, y + bottom - top + 4), fill=(0, 0, 0))
+    draw.text((x - left, y - top), CAVEAT, fill=BANNER_COLOUR, font=font)
+    return picture
+
+
 def _with_banner(
-    picture: Image.Image,
-    lines: list[str],
-    legend: list[tuple[str, RGB]],
-    heat_caption: str | None,
+    picture: Image.Image, lines: list[str], legend: list[tuple[str, RGB]]
 ) -> Image.Image:
-    """The picture with the text, the outline legend and the heat scale in a band below it."""
+    """The picture with the text and the colour legend (one entry a line) in a band below."""
     font_size = max(12, picture.width // 48)
     font = ImageFont.load_default(size=font_size)
     line_height = int(font_size * 1.3)
     width_in_chars = max(20, int(picture.width / (font_size * 0.6)))
     lines = [part for line in lines for part in textwrap.wrap(line, width_in_chars)]
-    rows = len(lines) + (1 if legend else 0) + (2 if heat_caption else 0)
-    canvas = Image.new("RGB", (picture.width, picture.height + line_height * rows + 8))
+    canvas = Image.new(
+        "RGB", (picture.width, picture.height + line_height * (len(lines) + len(legend)) + 8)
+    )
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     y = picture.height + 4
     for line in lines:
         draw.text((4, y), line, fill=BANNER_COLOUR, font=font)
         y += line_height
-    if legend:
-        x = 4
-        for label, colour in legend:
-            draw.rectangle((x, y + 2, x + font_size, y + 2 + font_size), fill=colour)
-            draw.text((x + font_size + 4, y), label, fill=colour, font=font)
-            x += font_size + 16 + int(draw.textlength(label, font=font))
+    for label, colour in legend:
+        draw.rectangle((4, y + 2, 4 + font_size, y + 2 + font_size), fill=colour)
+        draw.text((8 + font_size, y), label, fill=colour, font=font)
         y += line_height
-    if heat_caption:
-        draw.text((4, y), heat_caption, fill=BANNER_COLOUR, font=font)
-        y += line_height
-        _draw_heat_scale(draw, y, picture.width, font, font_size)
     return canvas
-
-
-def _draw_heat_scale(
-    draw: ImageDraw.ImageDraw, y: int, width: int, font: ImageFont.ImageFont, font_size: int
-) -> None:
-    """A horizontal colour bar from the lowest drawn heat ("low") to the highest ("high")."""
-    low_width = int(draw.textlength("low ", font=font))
-    left, right = 4 + low_width, max(4 + low_width + 10, width // 2)
-    positions = np.linspace(0.0, 1.0, len(HEATMAP_ANCHORS))
-    for x in range(left, right):
-        level = HEATMAP_FLOOR + (1 - HEATMAP_FLOOR) * (x - left) / max(1, right - left - 1)
-        colour = tuple(int(np.interp(level, positions, HEATMAP_ANCHORS[:, c])) for c in range(3))
-        draw.line((x, y + 2, x, y + font_size), fill=colour)
-    draw.text((4, y), "low", fill=BANNER_COLOUR, font=font)
-    draw.text((right + 4, y), "high", fill=BANNER_COLOUR, font=font)

@@ -34,9 +34,6 @@ class OutputSettings:
     sc_series_description: str = "AI overlay (RUO)"
     pr_series_description: str = "AI outlines (RUO)"
     declined_series_description: str = "AI not analysed (RUO)"
-    # A short SR that says why a series was not analysed (lateral film, no lungs, ...), so
-    # that the reader knows the AI looked and declined (IHE AI Results).
-    declined_reports: bool = True
     omit_empty_frames: bool = True
     # Bounds on the secondary capture's longer side: big radiographs are scaled down to stay
     # small, small images are scaled up so that the burned-in text stays legible.

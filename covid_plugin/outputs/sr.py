@@ -1,17 +1,23 @@
 """Findings -> a Comprehensive 3D SR holding a TID 1500 Measurement Report.
 
-Structure of the report (all concepts coded, so a PACS or a registry can query them):
-- an "AI result" outline: the region the whole-study findings are about (the lungs' convex
-  hull on the key image), with the called class as its finding type;
-- one TID 1501 group per class: finding type = the class concept, one "Probability"
-  measurement (unit "1"), with the classifier's TID 4019 algorithm identification;
+Structure of the report (concepts coded, so a PACS or a registry can query them), shaped
+for what OHIF 3.13 shows of an SR (it draws each measurement that has an image region with
+"<concept name>: <value> <unit>" lines, and lists Cornerstone freehand outlines, named by
+their finding type, in its measurement panel):
+- the verdict: a TID 1410 group whose finding type is the called class, outlining the
+  region the call is about (the lungs' convex hull on the key image), with that class's
+  probability and the decision threshold, in percent; no area, because the region is not a
+  measurement of disease;
+- one TID 1501 group per class not called: finding type = the class, its probability;
+  the probabilities and the threshold are named by class ("COVID-19 probability"), concepts
+  of the report's declared private scheme, as no standard code names them;
 - one outline per lung and per lesion type, by its largest region on the key image (CT: the
   slice with the largest lesion area; a segment absent there is outlined on its own largest
-  slice). Where the pixels have a physical size an outline is a TID 1501 group whose "Area"
-  NUM is INFERRED FROM the outline SCOORD (TID 300), the form OHIF lists as a measurement;
-  otherwise a TID 1410 planar ROI group;
-- CT: one TID 1411 group per SEG segment, referencing the segment and holding that segment's
-  measurements (volumes, percent involvement);
+  slice): a TID 1501 group whose finding type names it ("Right lung", "Left lung" also on a
+  radiograph, from PatientOrientation), whose first NUM is the "Area" INFERRED FROM the
+  outline SCOORD (TID 300; pixels where the film has no pixel size), followed by the
+  segment's volume and percent involved;
+- CT: one TID 1411 group per SEG segment, referencing the segment;
 - one TID 1501 group for measurements that concern no segment;
 - a "Qualitative Evaluations" container with the intended-use caveat and the pipeline's notes
   as TEXT (TID 1500 rows 12-13).
@@ -38,17 +44,21 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from skimage.morphology import convex_hull_image
 
-from covid_plugin.findings import Classification, Findings, Mask, ModelInfo
+from covid_plugin.findings import Classification, ClassProbability, Findings, Mask, ModelInfo
 from covid_plugin.findings import Measurement as FindingsMeasurement
 from covid_plugin.outputs.codes import (
     COMMENT,
     DEVICE,
     INTENDED_USE,
-    NO_UNITS,
-    PROBABILITY,
+    LOCAL_SCHEME,
+    LOCAL_SCHEME_NAME,
+    PERCENT,
+    PIXELS,
     QUALITATIVE_EVALUATIONS,
     coded,
+    probability_of,
     procedure_reported,
+    threshold_of,
 )
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
 from covid_plugin.outputs.regions import (
@@ -60,6 +70,7 @@ from covid_plugin.outputs.regions import (
 )
 from covid_plugin.outputs.seg import SegmentRef, segmentations_of
 from covid_plugin.outputs.settings import OutputSettings
+from covid_plugin.outputs.text import thresholded_class
 from covid_plugin.volume import LoadedSeries, projection_spacing
 
 MeasurementGroup = (
@@ -93,24 +104,31 @@ def build_report(
     when: datetime.datetime | None = None,
     frame: int | None = None,
     drawn: dict[str, list[tuple[int, Outline]]] | None = None,
+    carriers: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one pipeline run; `segments` say where each mask's SEG segment is, `drawn`
-    its outlines (regions.mask_outlines, found once for the SR and the presentation state).
+    its outlines (regions.mask_outlines, found once for the SR and the presentation state),
+    `carriers` which result object carries what (text.carriers_line).
 
     Viewers that list SR measurements (OHIF) merge the groups that share a tracking UID and
     need an image region in each merged measurement: a group with none leaves OHIF 3.13 with
     a blank viewport. So every group without a region of its own shares the tracking UID of
     one with a region: a segment's volumetric group that of its outline, and the findings
-    about the whole study (probabilities, the call, loose measurements, empty segments) that
-    of the "AI result" region around the lungs on the key image.
+    about the whole study (the other classes' probabilities, loose measurements, empty
+    segments) that of the verdict's region around the lungs on the key image.
+    OHIF prints a merged measurement as "<concept name>: <value> <unit>" lines, prints a
+    group's finding site as its raw code, and skips a NUM beside an outline that has any
+    child but the outline: so the measurements of a mask sit in its outline's group (its
+    volume and extent beside the outline's area, the group's finding type naming the site),
+    and no group carries a finding site of its own.
     """
     when = when or datetime.datetime.now()
     frame = key_image_of(findings, series) if frame is None else frame
     summary = hd.UID()  # the tracking UID of everything about the whole study
-    groups: list[MeasurementGroup] = [_summary_group(findings, series, frame, summary)]
+    groups: list[MeasurementGroup] = [_verdict_group(findings, series, frame, summary)]
     if findings.classification is not None:
         groups.extend(
-            _classification_groups(findings.classification, _key_image(series, frame), summary)
+            _class_groups(findings.classification, _key_image(series, frame), summary)
         )
     segments = segments or {}
     for mask in findings.masks:
@@ -120,40 +138,45 @@ def build_report(
             segment.segmentation.SegmentSequence[segment.number - 1].TrackingUID
             if segment is not None else None
         )
+        mine = [m for m in findings.measurements if m.mask_key == mask.key]
+        # beside an outline a NUM names no site of its own: the group's finding type is the
+        # site, and OHIF skips a NUM with any child but its SCOORD
+        about = [_measurement(m, site=not found) for m in mine]
         for index, (outline_frame, outline) in enumerate(found):
-            suffix = f" {index + 1}" if len(found) > 1 else ""
+            numbered = len(found) > 1 and outline.side is None
+            name = outline.side.meaning if outline.side is not None else mask.label
             groups.append(
                 _outline_group(
                     series, outline_frame, outline,
                     tracking_uid=segment_uid if segment_uid and index == 0 else hd.UID(),
-                    label=f"{mask.label} outline{suffix}",
-                    finding_type=coded(mask.property_type),
+                    label=f"{name} {index + 1}" if numbered else name,
+                    finding_type=coded(outline.side or mask.property_type),
                     algorithm_id=algorithm(mask.model),
-                    finding_sites=_sites(mask),
+                    measurements=about if index == 0 else [],
                 )
             )
         if segment is not None:  # after its outline: OHIF names a merged group by the first
             tracking = TrackingIdentifier(
                 uid=segment_uid if found else summary, identifier=mask.label
             )
-            groups.append(_segment_group(findings, mask, segment, series, tracking))
-    loose = [m for m in findings.measurements if m.mask_key not in segments]
-    if loose:
-        model = findings.models[0] if findings.models else None
-        groups.append(
-            MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=summary, identifier="measurements"),
-                algorithm_id=algorithm(model) if model else None,
-                measurements=[_measurement(m) for m in loose],
-                source_images=[_key_image(series, frame)],
+            groups.append(
+                _segment_group(mask, segment, series, tracking, [] if found else about)
             )
-        )
+        elif about and not found:  # measured but neither outlined nor segmented
+            groups.append(_loose_group(findings, about, series, frame, summary))
+    loose = [
+        _measurement(m) for m in findings.measurements
+        if m.mask_key is None or m.mask_key not in {mask.key for mask in findings.masks}
+    ]
+    if loose:
+        groups.append(_loose_group(findings, loose, series, frame, summary))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(settings),
         procedure_reported=procedure_reported(findings.kind),
         imaging_measurements=groups,
     )
-    report[0].ContentSequence.append(comments([INTENDED_USE, *findings.notes]))
+    notes = [INTENDED_USE, *findings.notes, *([carriers] if carriers else [])]
+    report[0].ContentSequence.append(comments(notes))
     evidence: list[Dataset] = list(series.datasets)
     evidence.extend(segmentations_of(segments))
     sr = hd.sr.Comprehensive3DSR(
@@ -170,7 +193,34 @@ def build_report(
         previous_versions=_previous_versions(findings),
         **creation_times(when),
     )
+    sr.CodingSchemeIdentificationSequence = [local_scheme()]
     return stamp(sr, models_of(findings), settings, when)
+
+
+def _loose_group(
+    findings: Findings,
+    measurements: list[Measurement],
+    series: LoadedSeries,
+    frame: int,
+    tracking_uid: str,
+) -> MeasurementsAndQualitativeEvaluations:
+    """Measurements about no outlined region (e.g. the percent of both lungs involved)."""
+    model = findings.models[0] if findings.models else None
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="measurements"),
+        algorithm_id=algorithm(model) if model else None,
+        measurements=measurements,
+        source_images=[_key_image(series, frame)],
+    )
+
+
+def local_scheme() -> Dataset:
+    """The Coding Scheme Identification item that declares the report's private concepts."""
+    item = Dataset()
+    item.CodingSchemeDesignator = LOCAL_SCHEME
+    item.CodingSchemeName = LOCAL_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = "covid_plugin"
+    return item
 
 
 def _previous_versions(findings: Findings) -> list[Dataset] | None:
@@ -240,14 +290,13 @@ def _region(series: LoadedSeries, frame: int, outline: Outline) -> hd.sr.ImageRe
     )
 
 
-def _summary_group(
+def _verdict_group(
     findings: Findings, series: LoadedSeries, frame: int, tracking_uid: str
-) -> MeasurementGroup:
-    """The region the whole-study findings are about, outlined on the key image.
-
-    The convex hull of the lungs where they were found, else the whole image; its finding
-    type is the called class.
-    """
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The call, as the finding of a region around the lungs on the key image (the convex
+    hull of the lungs where they were found, else the whole image), with the called class's
+    probability and the decision threshold, and no area: the region says where the call is
+    about, it is not a measurement of disease."""
     anatomy = np.zeros(series.array.shape[1:], dtype=bool)
     for mask in findings.masks:
         if is_anatomy(mask):
@@ -256,24 +305,43 @@ def _summary_group(
     # lungs too small to outline (a few pixels) say nothing about where: the whole image
     region = hull[0] if hull else outlines(np.ones(series.array.shape[1:], dtype=bool), 1)[0]
     c = findings.classification
-    called = next((p.code for p in c.probabilities if p.key == c.predicted), None) if c else None
     model = c.model if c is not None else (findings.models[0] if findings.models else None)
-    return _outline_group(
-        series, frame, region,
-        tracking_uid=tracking_uid,
-        label="AI result",
-        finding_type=coded(called) if called else None,
+    called, measurements = None, []
+    if c is not None:
+        called = next(p for p in c.probabilities if p.key == c.predicted)
+        measurements.append(_probability(called))
+        thresholded = thresholded_class(c)
+        if c.threshold is not None and thresholded is not None:
+            measurements.append(
+                Measurement(
+                    name=threshold_of(thresholded.code),
+                    value=round(c.threshold * 100, 2),
+                    unit=PERCENT,
+                )
+            )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="AI result"),
+        referenced_region=_region(series, frame, region),
+        finding_type=coded(called.code) if called is not None else None,
         algorithm_id=algorithm(model, c.threshold if c else None) if model else None,
-        finding_sites=None,
+        measurements=measurements or None,
     )
 
 
-def _classification_groups(
+def _probability(p: ClassProbability) -> Measurement:
+    """'COVID-19 probability: 52 %'."""
+    return Measurement(
+        name=probability_of(p.code), value=round(p.probability * 100, 2), unit=PERCENT
+    )
+
+
+def _class_groups(
     classification: Classification,
     key_image: hd.sr.SourceImageForMeasurementGroup,
     tracking_uid: str,
 ) -> list[MeasurementsAndQualitativeEvaluations]:
-    """TID 1501: one group per class with its probability, all about the summary region."""
+    """TID 1501: one group per class not called, its finding type the class, with its
+    probability; the called class's is in the verdict group."""
     algorithm_id = algorithm(classification.model, classification.threshold)
     return [
         MeasurementsAndQualitativeEvaluations(
@@ -282,34 +350,34 @@ def _classification_groups(
             ),
             finding_type=coded(p.code),
             algorithm_id=algorithm_id,
-            measurements=[Measurement(name=PROBABILITY, value=p.probability, unit=NO_UNITS)],
+            measurements=[_probability(p)],
             source_images=[key_image],
         )
         for p in classification.probabilities
+        if p.key != classification.predicted
     ]
 
 
 def _segment_group(
-    findings: Findings,
     mask: Mask,
     segment: SegmentRef,
     series: LoadedSeries,
     tracking: TrackingIdentifier,
+    measurements: list[Measurement],
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 group about one SEG segment, with that segment's measurements."""
+    """TID 1411 group about one SEG segment; its measurements are here only when the mask
+    has no outline to carry them."""
     referenced = hd.sr.ReferencedSegment(
         sop_class_uid=segment.segmentation.SOPClassUID,
         sop_instance_uid=segment.segmentation.SOPInstanceUID,
         segment_number=segment.number,
         source_series=hd.sr.SourceSeriesForSegmentation(series.series_instance_uid),
     )
-    measurements = [_measurement(m) for m in findings.measurements if m.mask_key == mask.key]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_segment=referenced,
         finding_type=coded(mask.property_type),
         algorithm_id=algorithm(mask.model),
-        finding_sites=_sites(mask),
         measurements=measurements or None,
     )
 
@@ -323,27 +391,14 @@ def _outline_group(
     label: str,
     finding_type: CodedConcept | None,
     algorithm_id: AlgorithmIdentification | None,
-    finding_sites: list[FindingSite] | None,
-) -> MeasurementGroup:
-    """One outlined region as a group viewers can draw, and OHIF can also list.
-
-    Where the pixels have a physical size: a TID 1501 group with the region's area, whose NUM
-    is INFERRED FROM the outline (TID 300). This is the form Cornerstone's SR adapter (OHIF
-    3.x) loads into its measurement panel as a freehand ROI, when the tracking identifier
-    names that tool. Without a pixel size there is no area: a TID 1410 planar ROI group,
-    which OHIF draws but does not list.
+    measurements: list[Measurement],
+) -> MeasurementsAndQualitativeEvaluations:
+    """One outlined region as a group viewers can draw, and OHIF can also list: a TID 1501
+    group whose first NUM is the region's area INFERRED FROM the outline (TID 300), the form
+    Cornerstone's SR adapter (OHIF 3.x) loads into its measurement panel as a freehand ROI
+    when the tracking identifier names that tool; then the region's other measurements.
+    On a film without a pixel size the area is a count of pixels, not mm2.
     """
-    common = {
-        "finding_type": finding_type,
-        "algorithm_id": algorithm_id,
-        "finding_sites": finding_sites,
-    }
-    if series.modality != "CT" and projection_spacing(series.datasets[0]) is None:
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=label),
-            referenced_region=_region(series, frame, outline),
-            **common,
-        )
     x, y = outline.points[:, 0].astype(float), outline.points[:, 1].astype(float)
     pixels = 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
     region = hd.sr.ScoordContentItem(
@@ -355,10 +410,12 @@ def _outline_group(
     region.ContentSequence = hd.sr.ContentSequence(
         [hd.sr.SourceImageForRegion.from_source_image(*_source(series, frame))]
     )
+    physical = series.modality == "CT" or projection_spacing(series.datasets[0]) is not None
     area = hd.sr.NumContentItem(
         name=codes.SCT.Area,
-        value=round(pixels * float(series.spacing[1]) * float(series.spacing[2]), 1),
-        unit=codes.UCUM.SquareMillimeter,
+        value=round(pixels * float(series.spacing[1]) * float(series.spacing[2]), 1)
+        if physical else round(pixels, 1),
+        unit=codes.UCUM.SquareMillimeter if physical else PIXELS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     area.ContentSequence = hd.sr.ContentSequence([region])
@@ -366,20 +423,18 @@ def _outline_group(
         tracking_identifier=TrackingIdentifier(
             uid=tracking_uid, identifier=outline_identifier(label)
         ),
-        measurements=[Measurement.from_sequence([area])],
-        **common,
+        measurements=[Measurement.from_sequence([area]), *measurements],
+        finding_type=finding_type,
+        algorithm_id=algorithm_id,
     )
 
 
-def _sites(mask: Mask) -> list[FindingSite] | None:
-    return [FindingSite(coded(mask.anatomic_region))] if mask.anatomic_region else None
-
-
-def _measurement(m: FindingsMeasurement) -> Measurement:
-    """One NUM item; its algorithm is the one named by the group it sits in."""
+def _measurement(m: FindingsMeasurement, site: bool = True) -> Measurement:
+    """One NUM item, with its finding site unless `site` is False; its algorithm is the one
+    named by the group it sits in."""
     return Measurement(
         name=coded(m.name),
         value=m.value,
         unit=coded(m.unit),
-        finding_sites=[FindingSite(coded(m.finding_site))] if m.finding_site else None,
+        finding_sites=[FindingSite(coded(m.finding_site))] if site and m.finding_site else None,
     )

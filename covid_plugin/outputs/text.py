@@ -6,9 +6,11 @@ digits never runs into a value ("COVID-1970%").
 
 from __future__ import annotations
 
-from covid_plugin.findings import Classification, Findings
+from covid_plugin.findings import Classification, ClassProbability, Findings
+from covid_plugin.outputs.settings import OutputSettings
 
 CAVEAT = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
+THRESHOLDED_KEY = "covid"  # the class a decision threshold is set for
 
 
 def percent(value: float) -> str:
@@ -24,17 +26,25 @@ def result_line(findings: Findings) -> str | None:
     return f"Result: {_called(c)} ({probabilities})"
 
 
+def thresholded_class(classification: Classification) -> ClassProbability | None:
+    """The class the decision threshold is for (COVID-19), None if the model has none."""
+    return next(
+        (p for p in classification.probabilities if p.key == THRESHOLDED_KEY), None
+    )
+
+
 def threshold_line(classification: Classification) -> str | None:
-    """How the call was made: the operating threshold the model's figures were measured at."""
+    """How the call was made, in words: 'Called COVID-19 when its probability p >= 11 %
+    (else Negative)'."""
     if classification.threshold is None:
         return None
-    covid = next((p for p in classification.probabilities if p.key == "covid"), None)
+    covid = thresholded_class(classification)
     if covid is None:
         return f"Decision threshold: {classification.threshold:g}"
     others = [p.code.meaning for p in classification.probabilities if p is not covid]
     otherwise = others[0] if len(others) == 1 else "the more probable of " + " / ".join(others)
     return (
-        f"Threshold: {covid.code.meaning} when its probability >= "
+        f"Called {covid.code.meaning} when its probability p >= "
         f"{percent(classification.threshold)}, else {otherwise}"
     )
 
@@ -63,3 +73,23 @@ def summary_lines(findings: Findings, key_image: str | None = None) -> list[str]
 
 def _called(c: Classification) -> str:
     return next(p.code.meaning for p in c.probabilities if p.key == c.predicted)
+
+
+def carriers_line(modality: str, settings: OutputSettings, presentation_state: bool) -> str:
+    """Which result object carries what, for readers whose viewer cannot show one of them
+    (OHIF 3 shows no presentation state; a plain viewer no SR or SEG)."""
+    picture = f"the picture '{settings.sc_series_description}' shows them in any viewer"
+    if modality == "CT":
+        return (
+            f"Lung and lesion masks: SEG series '{settings.seg_series_description}' and "
+            f"'{settings.lesion_seg_series_description}'; the report "
+            f"'{settings.sr_series_description}' outlines them on the key slice; {picture}."
+        )
+    if presentation_state:
+        return (
+            f"Outlines: in the report '{settings.sr_series_description}' (drawn by OHIF) and "
+            f"the presentation state '{settings.pr_series_description}' (series "
+            f"{settings.pr_series_number}, for PACS workstations; OHIF 3 cannot show it); "
+            f"{picture}."
+        )
+    return f"Outlines: in the report '{settings.sr_series_description}'; {picture}."

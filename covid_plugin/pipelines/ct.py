@@ -20,8 +20,8 @@ from covid_plugin.ml.ct_lesion import LesionSegmenter
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.spec import load_spec
 from covid_plugin.pipelines import codes
+from covid_plugin.pipelines.interface import SeriesSkipped
 from covid_plugin.volume import LoadedSeries, spill_to_disk
-from covid_plugin.worker import SeriesSkipped
 
 RIGHT, LEFT = 1, 2  # ct_lung labels
 GGO, CONSOLIDATION = 1, 2  # ct_lesion labels

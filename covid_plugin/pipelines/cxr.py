@@ -20,9 +20,9 @@ from covid_plugin.findings import Classification, ClassProbability, Findings, Ma
 from covid_plugin.ml.cxr import CxrClassifier
 from covid_plugin.ml.cxr_lungs import CxrLungSegmenter
 from covid_plugin.pipelines import codes
+from covid_plugin.pipelines.interface import SeriesSkipped
 from covid_plugin.pipelines.population import patient_age_years, population_reason
 from covid_plugin.volume import LoadedSeries
-from covid_plugin.worker import SeriesSkipped
 
 LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LATERAL"}
 SUSPICIOUS_LEVEL = 0.5  # heatmap level that outlines the region that drove the decision

@@ -14,10 +14,16 @@ open for ever nor taken as complete.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from covid_plugin.store.db import Database, now
 
 log = logging.getLogger(__name__)
+
+# workers keep their heartbeat in the same table as listeners (a table of its own would push
+# the SQLite schema past the 64 KiB a new database writes at once), under this prefix; they
+# never have open associations, so reaping a dead worker's row only forgets it
+WORKER = "worker "
 
 
 class Associations:
@@ -29,14 +35,21 @@ class Associations:
         self.listener = listener
         self.stale_after_s = stale_after_s
 
-    def heartbeat(self) -> None:
-        """This listener is alive (call it every few seconds, well within stale_after_s)."""
+    def heartbeat(self) -> bool:
+        """This listener is alive (call it every few seconds, well within stale_after_s).
+
+        False when its row was missing: the first beat, or the listener was taken for dead
+        (paused or cut off past stale_after_s) and reaped, its open associations with it.
+        The caller then registers its open associations again (`delivering`).
+        """
+        t = now()
         with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO listeners (listener, heartbeat_at) VALUES (?, ?) "
-                "ON CONFLICT (listener) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                (self.listener, now()),
-            )
+            if conn.execute("UPDATE listeners SET heartbeat_at = ? WHERE listener = ?",
+                            (t, self.listener)).rowcount:
+                return True
+            conn.execute("INSERT INTO listeners (listener, heartbeat_at) VALUES (?, ?) "
+                         "ON CONFLICT (listener) DO NOTHING", (self.listener, t))
+        return False
 
     def delivering(self, assoc: str, series_uid: str) -> None:
         """Association `assoc` (unique among this listener's associations, e.g. a UUID)
@@ -53,19 +66,47 @@ class Associations:
                 (assoc, series_uid, self.listener, t),
             )
 
-    def ended(self, assoc: str, released: bool) -> None:
+    def ended(self, assoc: str, released: bool, series: Collection[str] = (),
+              refused: Collection[str] = ()) -> None:
         """Association `assoc` ended: released normally, or aborted or lost. Its series
-        record when (a series whose last instance came after its last clean release may be
-        partial) and it is forgotten, in one transaction; a second call does nothing."""
+        (its rows, and `series`, what the listener knows it delivered to: the rows are gone
+        when the listener was reaped while the association was still alive) record when (a
+        series whose last instance came after its last clean release may be partial) and it
+        is forgotten, in one transaction. The `refused` series, of which the listener refused
+        an instance (0xA700: the store was away, the disk full), end as interrupted even on
+        a release: they lack what the sender must send again."""
         column = "released_at" if released else "interrupted_at"
+        named = f" OR series_uid IN ({','.join('?' * len(series))})" if series else ""
+        held = f"({','.join('?' * len(refused))})"
+        kept = f" AND series_uid NOT IN {held}" if refused else ""
+        t = now()
         with self.db.transaction() as conn:
             conn.execute(
-                f"UPDATE series SET {column} = ? WHERE series_uid IN (SELECT series_uid FROM "
-                "open_associations WHERE assoc = ? AND listener = ?)",
-                (now(), assoc, self.listener),
+                f"UPDATE series SET {column} = ? WHERE (series_uid IN (SELECT series_uid FROM "
+                f"open_associations WHERE assoc = ? AND listener = ?){named}){kept}",
+                (t, assoc, self.listener, *series, *refused),
             )
+            if refused:
+                conn.execute(f"UPDATE series SET interrupted_at = ? WHERE series_uid IN {held}",
+                             (t, *refused))
             conn.execute("DELETE FROM open_associations WHERE assoc = ? AND listener = ?",
                          (assoc, self.listener))
+
+    def worker_heartbeat(self) -> None:
+        """This process's worker thread is alive: health says when none is while jobs wait."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO listeners (listener, heartbeat_at) VALUES (?, ?) "
+                "ON CONFLICT (listener) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (WORKER + self.listener, now()),
+            )
+
+    def live_workers(self) -> int:
+        """Workers whose heartbeat is younger than stale_after_s."""
+        return self.db.connection().execute(
+            "SELECT COUNT(*) FROM listeners WHERE listener LIKE ? AND heartbeat_at >= ?",
+            (WORKER + "%", now() - self.stale_after_s),
+        ).fetchone()[0]
 
     def active_series(self) -> set[str]:
         """Series an open association on a live listener is delivering to."""
@@ -90,8 +131,9 @@ class Associations:
             for row in stale:
                 ended += self._end_all(conn, row["listener"], row["heartbeat_at"])
         for row in stale:
-            log.warning("listener %s silent since %.0f s: its open associations ended as "
-                        "interrupted", row["listener"], now() - row["heartbeat_at"])
+            log.warning("%s silent since %.0f s: taken for dead, its open associations (if "
+                        "any) ended as interrupted", row["listener"],
+                        now() - row["heartbeat_at"])
         return ended
 
     def leave(self) -> None:

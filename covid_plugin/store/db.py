@@ -17,13 +17,14 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 # What a failing store raises, whichever engine: callers catch this, not sqlite3.Error.
 STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
@@ -416,12 +417,29 @@ def _pg_sql(sql: str) -> str:
 
 class PgConnection:
     """A psycopg connection that takes store/'s SQL: `?` placeholders, `execute` and
-    `executemany` returning the cursor."""
+    `executemany` returning the cursor.
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.raw = conn
+    A server restart ends every session; the connection learns it only at its next
+    statement. A statement outside a transaction that fails on a connection that turns out
+    broken ran nowhere: it is run once more on a new connection (`reconnect`).
+    """
+
+    def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
+        self._connect = connect
+        self.raw = connect()
+
+    def reconnect(self) -> None:
+        self.raw.close()
+        self.raw = self._connect()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        idle = self.raw.info.transaction_status == TransactionStatus.IDLE
+        try:
+            return self.raw.execute(_pg_sql(sql), params)
+        except psycopg.OperationalError:
+            if not (idle and self.raw.broken):
+                raise
+        self.reconnect()
         return self.raw.execute(_pg_sql(sql), params)
 
     def executemany(self, sql: str, rows: Iterator[Sequence[Any]] | Sequence[Sequence[Any]]
@@ -446,8 +464,8 @@ class PostgresDatabase(Database):
         self._migrate()
 
     def _connect(self) -> PgConnection:
-        return PgConnection(psycopg.connect(self.url, autocommit=True,
-                                            row_factory=_row_factory))
+        return PgConnection(lambda: psycopg.connect(self.url, autocommit=True,
+                                                    row_factory=_row_factory))
 
     def connection(self) -> PgConnection:
         conn = getattr(self._local, "conn", None)
@@ -457,8 +475,17 @@ class PostgresDatabase(Database):
 
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
+        """A transaction whose BEGIN finds the connection broken (the server restarted since
+        its last use) begins once more on a new connection: nothing of it had run."""
         conn = self.connection()
-        with conn.raw.transaction():
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(conn.raw.transaction())
+            except psycopg.OperationalError:
+                if not conn.raw.broken:
+                    raise
+                conn.reconnect()
+                stack.enter_context(conn.raw.transaction())
             yield conn
 
     def try_lock(self, conn: PgConnection, name: str) -> bool:

@@ -25,6 +25,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from covid_plugin.store.db import Database, now
@@ -35,7 +36,31 @@ log = logging.getLogger(__name__)
 # a resend of that series opens a new job even when every instance was already held
 INCOMPLETE = "incomplete"
 
-ENDED_STATES = ("done", "failed", "rejected", "quarantined", "superseded")
+
+
+class JobState(StrEnum):
+    """A job's state, as the diagram above draws it; the values are what the `state` column
+    holds (the schema's CHECK lists the same words, and the SQL here writes them literally:
+    a partial index is only used for a query that names its state as a literal)."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    QUARANTINED = "quarantined"
+    SUPERSEDED = "superseded"
+
+
+# a job in one of these may still change; one in any other state has ended for good
+OPEN_STATES = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING)
+ENDED_STATES = tuple(state for state in JobState if state not in OPEN_STATES)
+
+
+def sql_values(states: Iterable[JobState]) -> str:
+    """An SQL list of state literals, `('done', 'failed')`, for `state IN ...`."""
+    return "(" + ", ".join(f"'{state}'" for state in states) + ")"
 
 
 class LeaseLost(RuntimeError):
@@ -71,7 +96,7 @@ class SeriesRecord:
 class Job:
     id: int
     series_uid: str
-    state: str
+    state: JobState
     attempts: int
     calling_ae: str
     modality: str
@@ -112,8 +137,9 @@ def _holding(owner: str | None) -> tuple[str, tuple[str, ...]]:
 
 
 def _job(row) -> Job:
-    return Job(row["id"], row["series_uid"], row["state"], row["attempts"], row["calling_ae"],
-               row["modality"], row["reason"], row["updated_at"], row["lease_owner"])
+    return Job(row["id"], row["series_uid"], JobState(row["state"]), row["attempts"],
+               row["calling_ae"], row["modality"], row["reason"], row["updated_at"],
+               row["lease_owner"])
 
 
 def _busy(job: str) -> str:
@@ -157,7 +183,7 @@ class JobQueue:
         Queuing a newer run of a series supersedes an older run that is still waiting in the
         queue: it would only process fewer instances of the same series.
         """
-        state = "queued" if reason is None else "rejected"
+        state = JobState.QUEUED if reason is None else JobState.REJECTED
         t = now()
         with self.db.transaction() as conn:
             closed = conn.execute(
@@ -166,7 +192,7 @@ class JobQueue:
                 "WHERE id = ? AND state = 'received'",
                 (state, reason, t, job_id),
             ).rowcount
-            if closed and state == "queued":
+            if closed and state == JobState.QUEUED:
                 conn.execute(
                     "UPDATE jobs SET state = 'superseded', reason = ?, updated_at = ? "
                     "WHERE state = 'queued' AND id < ? "
@@ -262,13 +288,14 @@ class JobQueue:
 
     def fail(self, job_id: int, reason: str, owner: str | None = None) -> bool:
         """Returns False (and changes nothing) when `owner` no longer holds the lease."""
-        return self._end(job_id, "failed", reason, owner)
+        return self._end(job_id, JobState.FAILED, reason, owner)
 
     def skip(self, job_id: int, reason: str, owner: str | None = None) -> bool:
         """A pipeline declined the series (a lateral film, say): rejected, with why."""
-        return self._end(job_id, "rejected", reason, owner)
+        return self._end(job_id, JobState.REJECTED, reason, owner)
 
-    def retry_later(self, job_id: int, reason: str, owner: str | None = None) -> str | None:
+    def retry_later(self, job_id: int, reason: str,
+                    owner: str | None = None) -> JobState | None:
         """The node, not the series, was at fault (disk full): queue it again after a pause,
         or quarantine it at the attempt cap. Returns the new state, or None when `owner` no
         longer holds the lease (nothing changed)."""
@@ -281,10 +308,10 @@ class JobQueue:
             if row is None:
                 return None
             if row["attempts"] >= self.max_attempts:
-                state = "quarantined"
+                state = JobState.QUARANTINED
                 why = f"quarantined after {row['attempts']} attempts: {reason}"
             else:
-                state, why = "queued", f"will retry: {reason}"
+                state, why = JobState.QUEUED, f"will retry: {reason}"
             conn.execute(
                 "UPDATE jobs SET state = ?, reason = ?, not_before = ?, updated_at = ? "
                 f"WHERE id = ? AND state = 'running'{held}",
@@ -292,7 +319,7 @@ class JobQueue:
             )
         return state
 
-    def _end(self, job_id: int, state: str, reason: str, owner: str | None) -> bool:
+    def _end(self, job_id: int, state: JobState, reason: str, owner: str | None) -> bool:
         held, args = _holding(owner)
         guard = f" AND state = 'running'{held}" if owner is not None else ""
         with self.db.transaction() as conn:
@@ -384,6 +411,29 @@ class JobQueue:
             (now() - older_than_s,),
         ).fetchall()
         return [_job(r) for r in rows]
+
+    def in_state(self, state: JobState) -> list[Job]:
+        rows = self.db.connection().execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_uid) "
+            "WHERE j.state = ? ORDER BY j.id", (state,)
+        ).fetchall()
+        return [_job(r) for r in rows]
+
+    def due(self) -> int:
+        """Queued jobs a worker could claim now."""
+        return self.db.connection().execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND not_before <= ?", (now(),)
+        ).fetchone()[0]
+
+    def incomplete_series(self) -> list[str]:
+        """Series recorded incomplete (the sender broke off and did not resend) whose latest
+        run is that rejection: nothing of them was processed."""
+        rows = self.db.connection().execute(
+            "SELECT j.series_uid FROM jobs j WHERE j.state = 'rejected' AND j.reason LIKE ? "
+            "AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_uid = j.series_uid "
+            "AND o.id > j.id) ORDER BY j.id", (INCOMPLETE + "%",)
+        ).fetchall()
+        return [r["series_uid"] for r in rows]
 
     def get(self, job_id: int) -> Job | None:
         row = self.db.connection().execute(

@@ -1,8 +1,9 @@
 """The persisted outbox: result files waiting for a destination, with retries and a dead letter.
 
-Backoff doubles after each failed attempt (capped); after `max_attempts` the item is 'dead'
-until someone runs `covid-plugin retry`, so a destination that is down for a weekend loses
-nothing and does not make the node hammer it.
+Backoff doubles after each failed attempt (capped at `backoff_max_s`); an item that fails
+once it is `dead_after_s` old (or after `max_attempts` tries, when set) is 'dead' until
+someone runs `covid-plugin retry`, so a destination that is down for hours loses nothing and
+does not make the node hammer it.
 
 Senders `claim` due items under a lease, so that several sender processes never send one item
 at the same time (SKIP LOCKED on PostgreSQL). Delivery is at least once: a sender killed after
@@ -15,11 +16,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
+from covid_plugin.config import OutboxSettings
 from covid_plugin.store.db import Database, now
 
 log = logging.getLogger(__name__)
+
+
+class OutboxState(StrEnum):
+    """An outbox item's state; the values are what the `state` column holds (the schema's
+    CHECK and the SQL here name the same words)."""
+
+    PENDING = "pending"  # due now or after its backoff
+    SENT = "sent"
+    DEAD = "dead"  # out of tries or too old: waits for `covid-plugin retry`
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,7 @@ class OutboxItem:
     dest_ae: str
     dest_host: str
     dest_port: int
-    state: str
+    state: OutboxState
     attempts: int
     next_attempt_at: float
     last_error: str | None
@@ -47,19 +59,27 @@ def _item(row) -> OutboxItem:
     return OutboxItem(
         id=row["id"], job_id=row["job_id"], path=Path(row["path"]),
         sop_instance_uid=row["sop_instance_uid"], dest_ae=row["dest_ae"],
-        dest_host=row["dest_host"], dest_port=row["dest_port"], state=row["state"],
+        dest_host=row["dest_host"], dest_port=row["dest_port"],
+        state=OutboxState(row["state"]),
         attempts=row["attempts"], next_attempt_at=row["next_attempt_at"],
         last_error=row["last_error"], dest_url=row["dest_url"],
     )
 
 
 class Outbox:
-    def __init__(self, db: Database, max_attempts: int, backoff_base_s: float,
-                 backoff_max_s: float) -> None:
+    def __init__(self, db: Database, max_attempts: int | None, backoff_base_s: float,
+                 backoff_max_s: float, dead_after_s: float = 86400.0) -> None:
         self.db = db
         self.max_attempts = max_attempts
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.dead_after_s = dead_after_s
+
+    @classmethod
+    def from_settings(cls, db: Database, settings: OutboxSettings) -> Outbox:
+        """The outbox as the node and the command line configure it."""
+        return cls(db, settings.max_attempts, settings.backoff_base_s, settings.backoff_max_s,
+                   settings.dead_after_s)
 
     def claim(self, owner: str, limit: int = 100, lease_s: float = 120.0) -> list[OutboxItem]:
         """Up to `limit` due pending items no other sender holds, leased to `owner` for
@@ -100,18 +120,21 @@ class Outbox:
             log.warning("outbox item %d was sent by %s after its lease passed to %s: it may "
                         "be sent twice", item_id, owner, row["lease_owner"])
 
-    def mark_failed(self, item_id: int, error: str, owner: str | None = None) -> str | None:
+    def mark_failed(self, item_id: int, error: str,
+                    owner: str | None = None) -> OutboxState | None:
         """Record a failed attempt; returns the new state ('pending' or 'dead'), or None when
         `owner` no longer holds the item's lease (another sender's attempt counts instead)."""
         t = now()
         held = "" if owner is None else " AND lease_owner = ?"
         with self.db.transaction() as conn:
-            row = conn.execute(f"SELECT attempts FROM outbox WHERE id = ?{held}",
+            row = conn.execute(f"SELECT attempts, created_at FROM outbox WHERE id = ?{held}",
                                (item_id, *(() if owner is None else (owner,)))).fetchone()
             if row is None:
                 return None
             attempts = row["attempts"] + 1
-            state = "dead" if attempts >= self.max_attempts else "pending"
+            capped = self.max_attempts is not None and attempts >= self.max_attempts
+            too_old = t - row["created_at"] >= self.dead_after_s
+            state = OutboxState.DEAD if capped or too_old else OutboxState.PENDING
             delay = min(self.backoff_base_s * 2 ** (attempts - 1), self.backoff_max_s)
             conn.execute(
                 "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, next_attempt_at = ?, "
@@ -128,20 +151,21 @@ class Outbox:
         return [_item(r) for r in rows]
 
     def retry(self, item_ids: list[int] | None = None) -> int:
-        """Send dead items again (all of them, or those named), with a fresh attempt count."""
+        """Send dead items again (all of them, or those named), with a fresh attempt count
+        and a fresh age (`dead_after_s` counts from now)."""
         t = now()
         with self.db.transaction() as conn:
             if item_ids:
                 marks = ",".join("?" * len(item_ids))
                 return conn.execute(
                     "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-                    f"updated_at = ? WHERE state = 'dead' AND id IN ({marks})",
-                    (t, t, *item_ids),
+                    f"created_at = ?, updated_at = ? WHERE state = 'dead' AND id IN ({marks})",
+                    (t, t, t, *item_ids),
                 ).rowcount
             return conn.execute(
                 "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-                "updated_at = ? WHERE state = 'dead'",
-                (t, t),
+                "created_at = ?, updated_at = ? WHERE state = 'dead'",
+                (t, t, t),
             ).rowcount
 
     def backlog(self) -> dict[str, float | int]:
@@ -153,6 +177,14 @@ class Outbox:
             "SELECT COUNT(*) FROM outbox WHERE state = 'dead'").fetchone()[0]
         waited = round(now() - row["oldest"], 1) if row["oldest"] is not None else 0.0
         return {"pending": row["n"], "oldest_pending_s": waited, "dead": dead}
+
+    def dead_series(self) -> list[str]:
+        """The source series whose results are dead (not delivered, no longer tried)."""
+        rows = self.db.connection().execute(
+            "SELECT DISTINCT j.series_uid FROM outbox o JOIN jobs j ON j.id = o.job_id "
+            "WHERE o.state = 'dead' ORDER BY j.series_uid"
+        ).fetchall()
+        return [r["series_uid"] for r in rows]
 
     def counts(self) -> dict[str, int]:
         rows = self.db.connection().execute(

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from covid_plugin.config import Settings
 from covid_plugin.store.db import Database, now
+from covid_plugin.store.jobs import ENDED_STATES, OPEN_STATES, sql_values
 
 _DAY = 86400.0
-_OPEN = "('received', 'queued', 'running')"
-_ENDED = "('done', 'failed', 'rejected', 'quarantined', 'superseded')"
+_OPEN = sql_values(OPEN_STATES)
+_ENDED = sql_values(ENDED_STATES)
 
 
 @dataclass

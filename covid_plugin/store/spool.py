@@ -19,7 +19,7 @@ from pathlib import Path
 from covid_plugin.config import StorageLimits
 from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
 from covid_plugin.store.db import Database, now
-from covid_plugin.store.jobs import INCOMPLETE
+from covid_plugin.store.jobs import INCOMPLETE, JobState
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Spool:
             "SELECT state, reason FROM jobs WHERE series_uid = ? ORDER BY id DESC LIMIT 1",
             (series_uid,),
         ).fetchone()
-        if latest is None or latest["state"] != "rejected" or \
+        if latest is None or latest["state"] != JobState.REJECTED or \
                 not (latest["reason"] or "").startswith(INCOMPLETE):
             return
         t = now()

@@ -27,7 +27,7 @@ from tests.viewer.ohif import (
     wait_until_rendered,
 )
 
-pytestmark = pytest.mark.viewer
+pytestmark = [pytest.mark.viewer, pytest.mark.slow]
 
 
 def lung_region(gray: np.ndarray) -> np.ndarray:

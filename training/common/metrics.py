@@ -33,25 +33,23 @@ def bootstrap_auc(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, float | list[float] | int | None]:
-    """ROC AUC with a percentile 95% CI; None when only one class is present."""
+    """ROC AUC with a percentile 95% CI (`bootstrap_ci` over `groups`, default each sample);
+    None when only one class is present."""
     y_true = np.asarray(y_true).astype(int)
     score = np.asarray(score, dtype=float)
     if len(np.unique(y_true)) < 2:
         return {"auc": None, "ci95": None, "n_pos": int(y_true.sum()), "n": len(y_true)}
-    auc = float(roc_auc_score(y_true, score))
+
+    def auc_of(idx: np.ndarray) -> float | None:
+        """Undefined (None) on a resample that drew one class only."""
+        if len(np.unique(y_true[idx])) < 2:
+            return None
+        return float(roc_auc_score(y_true[idx], score[idx]))
+
     groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
-    unique = np.unique(groups)
-    members = [np.flatnonzero(groups == g) for g in unique]
-    rng = np.random.default_rng(seed)
-    samples: list[float] = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
-        if len(np.unique(y_true[idx])) == 2:
-            samples.append(roc_auc_score(y_true[idx], score[idx]))
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return {
-        "auc": auc, "ci95": [float(lo), float(hi)], "n_pos": int(y_true.sum()), "n": len(y_true)
-    }
+    return {"auc": float(roc_auc_score(y_true, score)),
+            "ci95": bootstrap_ci(auc_of, groups, n_boot, seed),
+            "n_pos": int(y_true.sum()), "n": len(y_true)}
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
