@@ -55,6 +55,7 @@ BLOCKS = {
 
 LESION_PROBABILITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_LESION_ML = (0.0, 0.1, 0.5, 1.0)
+NORMAL_FALSE_LESION_ML = 5.0  # the measurement mask's goal on normal chests (tradeoff.py)
 
 
 @dataclass
@@ -141,17 +142,30 @@ def _best_threshold(y: np.ndarray, score: np.ndarray) -> tuple[float, float, flo
     return best
 
 
+def keeps_normals_clean(patients: list[Patient]) -> list[tuple[float, float]]:
+    """The lesion settings under which every normal patient among `patients` carries less
+    than `NORMAL_FALSE_LESION_ML` of lesion (all settings when none does, or no normals)."""
+    normals = [p for p in patients if p.label == "normal"]
+    settings = list(itertools.product(LESION_PROBABILITIES, MIN_LESION_ML))
+    clean = [s for s in settings
+             if all(p.settings[s]["lesion_ml"] < NORMAL_FALSE_LESION_ML for p in normals)]
+    return clean or settings
+
+
 def choose(patients: list[Patient]) -> dict[str, float]:
     """The lesion setting and decision threshold with the best balanced accuracy on `patients`.
 
-    Ties go to the wider margin, then to the stricter lesion setting (fewer false-positive
-    voxels for the same separation).
+    Only lesion settings that keep the normal patients' lungs clean compete
+    (`keeps_normals_clean`): the call's mask obeys the goal the measured mask obeys, otherwise
+    a decision a hair above zero separates the few patients it was chosen on while a normal
+    chest's scattered false lesion crosses it. Ties go to the wider margin, then to the
+    stricter lesion setting (fewer false-positive voxels for the same separation).
     """
     if not patients:  # nothing to choose on (a one-patient smoke run): the network's own 0.5
         return {"lesion_probability": 0.5, "min_lesion_ml": 0.0, "decision": 0.5}
     y = np.array([p.covid for p in patients])
     ranked = []
-    for setting in itertools.product(LESION_PROBABILITIES, MIN_LESION_ML):
+    for setting in keeps_normals_clean(patients):
         score = np.array([p.settings[setting]["score"] for p in patients])
         accuracy, margin, decision = _best_threshold(y, score)
         ranked.append(((accuracy, margin, setting[0], setting[1]), setting, decision))

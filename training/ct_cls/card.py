@@ -77,8 +77,9 @@ probabilities with this spec's `lesion_probability` ({chosen['lesion_probability
 `min_lesion_ml` ({chosen['min_lesion_ml']} mL); the mask the node writes to the SEG and measures
 in the SR is a different one, `ct-lesion`'s measurement setting (its card). The decision
 threshold and the two decision lesion settings are chosen on the
-real HU patients (`training/common/ct_lopo.py`: best balanced accuracy, ties to the wider margin,
-then the stricter lesion setting); the figures below judge each patient with the three thresholds
+real HU patients (`training/common/ct_lopo.py`: best balanced accuracy among the lesion settings
+that keep every normal chest under 5 mL of lesion, ties to the wider margin, then the stricter
+lesion setting); the figures below judge each patient with the three thresholds
 chosen **without** it. **The score ranks series; it is not a calibrated probability.**
 
 ## Data (evaluation only)
