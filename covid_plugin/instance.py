@@ -67,6 +67,12 @@ def _check_pixel_data(ds: pydicom.Dataset, size: int, transfer_syntax: UID, sop_
         raise InvalidInstance("missing Pixel Data", sop_uid)
     if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
         return  # encapsulated (undefined length): the frames' own items delimit it
+    if transfer_syntax.is_encapsulated:
+        # native pixels sent under a compressed transfer syntax: no decoder can read them,
+        # and the job would fail long after the sender was told it was stored
+        raise InvalidInstance(
+            f"Pixel Data is not encapsulated (defined length) but the transfer syntax "
+            f"{transfer_syntax.name} requires compressed frames", sop_uid)
     deflated = transfer_syntax == DeflatedExplicitVRLittleEndian  # offsets are post-inflate
     if not deflated and elem.value_tell is not None and elem.value_tell + elem.length > size:
         raise InvalidInstance("Pixel Data is truncated", sop_uid)

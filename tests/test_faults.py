@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.dsutils import encode_file_meta
 
 from covid_plugin.config import HealthSettings, OutboxSettings, Settings
 from covid_plugin.health import attention, problems_and_warnings
@@ -27,7 +32,7 @@ from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.outbox import Outbox
 from covid_plugin.store.spool import Spool
 from covid_plugin.worker import Worker
-from tests.conftest import REPO, rider_files, wait_for
+from tests.conftest import CHEST_CR, REPO, rider_files, wait_for
 from tests.pipelines_for_tests import MeanIntensityPipeline
 from tests.test_store_backends import add_jobs, add_series, delivery
 
@@ -374,3 +379,55 @@ def test_a_series_with_an_instance_refused_during_an_outage_waits_for_the_resend
         scp.stop()
         db.close()
         postgres_server.drop_database(url)
+
+
+def native_pixels_declared_jpeg2000(path: Path) -> Path:
+    """The chest CR decoded, its native pixels written, its file meta still saying JPEG 2000:
+    what a broken router sends (pydicom would not write it; the bytes are put together)."""
+    ds = pydicom.dcmread(CHEST_CR)
+    ds.PixelData = ds.pixel_array.tobytes()
+    ds["PixelData"].VR = "OW"
+    ds["PixelData"].is_undefined_length = False
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # how the dataset is encoded
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    meta = ds.file_meta
+    meta.TransferSyntaxUID = JPEG2000
+    path.write_bytes(b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + body.getvalue())
+    return path
+
+
+def send_files(port: int, paths: list[Path], syntax: str) -> list[int | None]:
+    """pynetdicom sending files as they are (no decoding, no re-encoding)."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(pydicom.dcmread(paths[0], stop_before_pixels=True).SOPClassUID,
+                             syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="COVID_PLUGIN")
+    statuses = [getattr(assoc.send_c_store(p), "Status", None) for p in paths]
+    assoc.release()
+    return statuses
+
+
+@pytest.mark.data
+def test_native_pixels_under_a_compressed_transfer_syntax_are_refused_on_receipt(
+        tmp_path: Path):
+    """Acknowledged before, the job then failed 'internal error (ValueError)'; now the sender
+    hears at once what is wrong, and the reason is recorded."""
+    from covid_plugin.node.scp import StorageSCP
+
+    settings = Settings(data_dir=tmp_path, port=0)
+    db = SQLiteDatabase(settings.db_path)
+    scp = StorageSCP(settings, Spool(settings.spool_dir, db), Metrics(),
+                     Associations(db, "listener"))
+    scp.start()
+    try:
+        statuses = send_files(scp.port, [native_pixels_declared_jpeg2000(
+            tmp_path / "native.dcm")], JPEG2000)
+    finally:
+        scp.stop()
+    assert statuses == [0xC000]
+    [(reason,)] = db.connection().execute("SELECT reason FROM rejected_instances").fetchall()
+    assert reason == ("Pixel Data is not encapsulated (defined length) but the transfer "
+                      "syntax JPEG 2000 Image Compression requires compressed frames")
+    assert db.connection().execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
