@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
@@ -431,3 +432,46 @@ def test_native_pixels_under_a_compressed_transfer_syntax_are_refused_on_receipt
     assert reason == ("Pixel Data is not encapsulated (defined length) but the transfer "
                       "syntax JPEG 2000 Image Compression requires compressed frames")
     assert db.connection().execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+
+
+def ct_series_with(folder: Path, steps_mm: list[float], tilt_degrees: float = 0.0
+                   ) -> list[Path]:
+    """Real RIDER slices restacked: slice i at z = sum of the first i steps, each tilted about
+    the patient's left-right axis as a gantry tilt stores it (positions still step along z)."""
+    folder.mkdir()
+    tilt = np.radians(tilt_degrees)
+    z = np.concatenate([[0.0], np.cumsum(steps_mm)])
+    paths = []
+    for i, source in enumerate(rider_files(len(z))):
+        ds = pydicom.dcmread(source)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, float(np.cos(tilt)), float(-np.sin(tilt))]
+        ds.ImagePositionPatient = [-250.0, -250.0, float(z[i])]
+        paths.append(folder / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(("steps", "tilt", "said"), [
+    ([2.0, 2.9] * 4, 0.0, "uneven slice spacing (2.0 to 2.9 mm)"),
+    ([2.0] * 8, 20.0, "slices are stacked 20 degrees off their normal (gantry tilt)"),
+])
+def test_a_tilted_or_unevenly_spaced_ct_is_declined_and_the_report_says_why(
+        tmp_path: Path, steps, tilt, said):
+    from covid_plugin.outputs import write_declined
+    from covid_plugin.pipelines.ct import CtPipeline
+    from covid_plugin.pipelines.interface import analyse
+
+    paths = ct_series_with(tmp_path / "series", steps, tilt)
+    outcome = analyse(CtPipeline(), None, paths, write_all, write_declined)
+    assert outcome.skipped == 1 and said in (outcome.note or "")
+    [(_, [report])] = outcome.results
+    texts = [item.TextValue for item in report.ContentSequence if item.ValueType == "TEXT"]
+    assert any(said in text for text in texts)
+
+
+@pytest.mark.data
+def test_an_evenly_spaced_axial_ct_is_on_a_regular_grid(tmp_path: Path):
+    from covid_plugin.volume import irregular_grid, load_series_files
+
+    assert irregular_grid(load_series_files(rider_files(8))) is None
