@@ -48,6 +48,13 @@ class InstanceHeader:
     source_ae: str | None = None  # file meta (0002,0016): the AE title that sent it to us
 
 
+def loggable_uid(value: str) -> str:
+    """`value` as a log line may show it: a UID from the network that is not one can hold
+    anything a sender put there (a patient's name, say)."""
+    value = value.strip().rstrip("\x00")
+    return value if len(value) <= 64 and _UID.match(value) else "(invalid UID)"
+
+
 def _uid(ds: pydicom.Dataset, keyword: str, sop_uid: str | None) -> str:
     value = str(ds.get(keyword, "") or "").strip().rstrip("\x00")
     if not value:

@@ -475,3 +475,58 @@ def test_an_evenly_spaced_axial_ct_is_on_a_regular_grid(tmp_path: Path):
     from covid_plugin.volume import irregular_grid, load_series_files
 
     assert irregular_grid(load_series_files(rider_files(8))) is None
+
+
+@pytest.mark.data
+def test_an_aborted_association_is_ended_and_logged_once(tmp_path: Path, caplog):
+    """EVT_ABORTED and EVT_CONN_CLOSE both come for an abort: one ending, one log line."""
+    from covid_plugin.node.scp import StorageSCP
+
+    settings = Settings(data_dir=tmp_path, port=0)
+    db = SQLiteDatabase(settings.db_path)
+    scp = StorageSCP(settings, Spool(settings.spool_dir, db), Metrics(),
+                     Associations(db, "listener"))
+    scp.start()
+    try:
+        ds = pydicom.dcmread(rider_files(1)[0])
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        with caplog.at_level(logging.INFO, logger="covid_plugin.node.scp"):
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="COVID_PLUGIN")
+            assert assoc.send_c_store(ds).Status == 0
+            assoc.abort()
+            wait_for(lambda: db.connection().execute(
+                "SELECT interrupted_at FROM series").fetchone()[0] is not None,
+                timeout=10, what="the abort recorded")
+            time.sleep(0.5)  # the second event, had it been taken too
+    finally:
+        scp.stop()
+    assert caplog.text.count("ended without release") == 1
+
+
+@pytest.mark.data
+def test_an_invalid_uid_from_the_network_never_reaches_the_log(tmp_path: Path, caplog):
+    from covid_plugin.node.scp import StorageSCP
+
+    settings = Settings(data_dir=tmp_path, port=0)
+    db = SQLiteDatabase(settings.db_path)
+    scp = StorageSCP(settings, Spool(settings.spool_dir, db), Metrics(),
+                     Associations(db, "listener"))
+    scp.start()
+    ds = pydicom.dcmread(rider_files(1)[0])
+    ds.SOPInstanceUID = "DOE^JOHN 1962"  # what a misconfigured sender puts there
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="covid_plugin"):
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="COVID_PLUGIN")
+            status = assoc.send_c_store(ds).Status
+            assoc.release()
+    finally:
+        scp.stop()
+    ours = "\n".join(r.getMessage() for r in caplog.records
+                     if r.name.startswith("covid_plugin"))
+    assert status == 0xC000
+    assert "refused instance (invalid UID) from PACS: SOPInstanceUID is not a valid UID" \
+        in ours
+    assert "DOE" not in ours
