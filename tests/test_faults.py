@@ -530,3 +530,25 @@ def test_an_invalid_uid_from_the_network_never_reaches_the_log(tmp_path: Path, c
     assert "refused instance (invalid UID) from PACS: SOPInstanceUID is not a valid UID" \
         in ours
     assert "DOE" not in ours
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["purge", "--dry-run"], ["requeue", "1"],
+                                     ["outbox"]])
+def test_admin_commands_refuse_a_store_that_does_not_exist(tmp_path: Path, monkeypatch,
+                                                           capsys, command):
+    """Run without --config in the wrong folder, they created ./var/covid_plugin.sqlite and
+    said nothing was there."""
+    from covid_plugin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    assert "no store at var/covid_plugin.sqlite" in capsys.readouterr().err
+    assert not (tmp_path / "var" / "covid_plugin.sqlite").exists()
+
+
+def test_admin_commands_say_which_store_they_opened(tmp_path: Path, capsys):
+    from covid_plugin.cli import main
+
+    SQLiteDatabase(tmp_path / "covid_plugin.sqlite").close()
+    assert main(["jobs", "--data-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == f"store: {tmp_path / 'covid_plugin.sqlite'}\n"
