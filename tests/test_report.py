@@ -3,8 +3,9 @@ the SR names each probability by its class, the verdict carries its probability 
 threshold and no area, lungs are named by side (also on a radiograph), a segment's volume
 sits beside its outline, no group shows a raw finding-site code; the SC says RESEARCH USE
 ONLY on the image, draws the heatmap only where it is high, keeps its top band free of text
-and shows a film with non-square pixels in its physical aspect; every series description carries the run time; and the SR's outlines of the NIH film
-(non-square pixels) lie on its lungs on the pixel grid.
+and shows a film with non-square pixels in its physical aspect; every series description
+carries the run time; and the SR's outlines of the NIH film (non-square pixels) lie on its
+lungs on the pixel grid.
 
 The findings are built by hand (real headers and pixels, synthetic masks): these tests are
 about the objects, not about any model. tests/viewer/ checks what OHIF draws of them.
@@ -259,11 +260,11 @@ def test_secondary_capture_caveat_on_the_image_heat_only_where_high_top_band_fre
     text = (image[..., 0] > 200) & (image[..., 1] > 200) & (image[..., 2] < 80)  # yellow
     assert text[-40:].sum() > 100, "RESEARCH USE ONLY is not on the image's bottom edge"
     assert text[: size // 10].sum() == 0, "text in the top band (OHIF's cine bar)"
-    tint = image[..., 0] - image[..., 2]  # the heat colour is red-orange on a grey film
+    tint = (image[..., 1] + image[..., 2]) / 2 - image[..., 0]  # cyan on a grey film
     row, column = size / 320, sc.Columns / 320
     assert tint[round(150 * row), round(95 * column)] > 40  # high heat is drawn
     assert tint[round(150 * row), round(225 * column)] < 5  # the other lung is not washed over
-    assert np.abs(tint[size // 10: -40, :]).astype(bool).mean() < 0.25
+    assert (tint[size // 10: -40, :] > 5).mean() < 0.2  # the top of the heat only
     banner = pixels[size:]
     assert banner.max() > 200  # the findings below the image
 
