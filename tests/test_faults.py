@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +34,15 @@ from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.outbox import Outbox
 from covid_plugin.store.spool import Spool
 from covid_plugin.worker import Worker
-from tests.conftest import CHEST_CR, REPO, rider_files, wait_for
+from tests.conftest import (
+    CHEST_CR,
+    REPO,
+    echo,
+    rider_files,
+    tls_client_context,
+    tls_node_config,
+    wait_for,
+)
 from tests.pipelines_for_tests import MeanIntensityPipeline
 from tests.test_store_backends import add_jobs, add_series, delivery
 
@@ -552,3 +561,29 @@ def test_admin_commands_say_which_store_they_opened(tmp_path: Path, capsys):
     SQLiteDatabase(tmp_path / "covid_plugin.sqlite").close()
     assert main(["jobs", "--data-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().err == f"store: {tmp_path / 'covid_plugin.sqlite'}\n"
+
+
+def test_silent_sockets_do_not_lock_a_real_tls_caller_out_of_its_address(node_factory, pki):
+    """16 idle TCP connections from one address filled max_associations_per_peer and the
+    PACS at that address was refused; now the oldest silent one makes room for it."""
+    node = node_factory(tls_node_config(pki))
+    node.start(ready=lambda: echo(node.port, ssl_context=tls_client_context(pki)))
+    silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(16)]
+    try:
+        time.sleep(0.5)  # all 16 accepted, each waiting for a ClientHello
+        assert echo(node.port, ssl_context=tls_client_context(pki))
+        silent[0].settimeout(5)
+        assert silent[0].recv(1) == b""  # the oldest was the one closed
+    finally:
+        for sock in silent:
+            sock.close()
+    assert "closed to make room" in node.log()
+
+
+def test_the_listener_queues_a_burst_of_connections(node_factory):
+    """socketserver's listen() backlog is 5; a PACS opening many associations at once had
+    its connections beyond it wait for SYN retries."""
+    node = node_factory().start()
+    listening = subprocess.run(["ss", "-Hltn", f"sport = :{node.port}"], capture_output=True,
+                               text=True, check=True).stdout.split()
+    assert int(listening[2]) >= 128  # Send-Q of a listening socket: its backlog
