@@ -38,6 +38,7 @@ from tests.conftest import (
     CHEST_CR,
     REPO,
     echo,
+    free_port,
     rider_files,
     tls_client_context,
     tls_node_config,
@@ -587,3 +588,44 @@ def test_the_listener_queues_a_burst_of_connections(node_factory):
     listening = subprocess.run(["ss", "-Hltn", f"sport = :{node.port}"], capture_output=True,
                                text=True, check=True).stdout.split()
     assert int(listening[2]) >= 128  # Send-Q of a listening socket: its backlog
+
+
+@pytest.mark.data
+def test_each_result_is_marked_sent_as_the_destination_acknowledges_it(tmp_path: Path):
+    """A sender killed mid-batch sent again every object of the batch, the acknowledged ones
+    too: they were marked sent only once the whole batch was through."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from covid_plugin.node.scu import DicomSender, OutboxSender
+    from covid_plugin.store.jobs import Delivery
+
+    db = SQLiteDatabase(tmp_path / "db.sqlite")
+    outbox = Outbox(db, None, 1.0, 1.0)
+    seen: list[list[str]] = []  # the outbox states when each object arrives at the PACS
+
+    def on_store(event: evt.Event) -> int:
+        states = SQLiteDatabase(tmp_path / "db.sqlite").connection().execute(
+            "SELECT state FROM outbox ORDER BY id").fetchall()
+        seen.append([s for (s,) in states])
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    add_series(db, "1.1")
+    add_jobs(db, "1.1", "queued")
+    queue = JobQueue(db)
+    files = rider_files(3)
+    queue.finish(queue.claim("w").id, [
+        Delivery(path, f"9.{n}", "PACS", "127.0.0.1", port) for n, path in enumerate(files)],
+        owner="w")
+    try:
+        sender = OutboxSender(outbox, DicomSender("COVID_PLUGIN"), Metrics(), 0.2)
+        assert sender.send_due() == 3
+    finally:
+        server.shutdown()
+    assert seen == [["pending"] * 3, ["sent", "pending", "pending"],
+                    ["sent", "sent", "pending"]]
