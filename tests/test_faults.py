@@ -629,3 +629,19 @@ def test_each_result_is_marked_sent_as_the_destination_acknowledges_it(tmp_path:
         server.shutdown()
     assert seen == [["pending"] * 3, ["sent", "pending", "pending"],
                     ["sent", "sent", "pending"]]
+
+
+@pytest.mark.data
+def test_a_dry_run_counts_what_the_purge_then_removes(tmp_path: Path):
+    """The dry run counted no series rows where the purge, having removed their instances
+    first, removed them too."""
+    from covid_plugin.store.retention import purge
+    from tests.test_retention import DAY, State
+
+    state = State(tmp_path, retention={"spool_days": 1, "results_days": 1, "db_days": 1})
+    later = time.time() + 8 * DAY
+    dry = purge(state.settings, state.db, dry_run=True, at=later)
+    assert state.count("SELECT COUNT(*) FROM series") == 2  # nothing changed
+    real = purge(state.settings, state.db, at=later)
+    assert (dry.files, dry.bytes, dry.rows) == (real.files, real.bytes, real.rows)
+    assert real.rows["series"] == 1
