@@ -350,9 +350,13 @@ class Worker:
             log.warning("job %d: no destination configured for %s; results kept in %s",
                         job.id, job.calling_ae, folder)
 
+        # every film or series declined: only "not analysed" reports, which are sent, and the
+        # job is rejected with the reason, as a series the pipeline declines is
+        declined = all(findings.classification is None for findings, _ in results)
+
         def record() -> None:
             self.jobs.finish(job.id, deliveries, note, reports, supersedes=earlier,
-                             owner=self.owner)
+                             owner=self.owner, declined=declined)
             try:  # a hint for a node that loses its database; never a reason to retry
                 self.marks.record(job.series_uid, datetime.datetime.now(), len(paths), reports)
             except OSError as error:
@@ -361,7 +365,7 @@ class Worker:
             if self.on_result is not None:  # told only of results that stand
                 for findings, _ in results:
                     self.on_result(job, findings, [path for path, _ in saved])
-        return "done", record
+        return "skipped" if declined else "done", record
 
     def purge_if_due(self) -> None:
         """Apply the retention policy every `retention.interval_s`."""

@@ -645,3 +645,26 @@ def test_a_dry_run_counts_what_the_purge_then_removes(tmp_path: Path):
     real = purge(state.settings, state.db, at=later)
     assert (dry.files, dry.bytes, dry.rows) == (real.files, real.bytes, real.rows)
     assert real.rows["series"] == 1
+
+
+@pytest.mark.data
+def test_a_series_the_pipeline_declines_is_rejected_and_its_report_still_sent(tmp_path: Path):
+    """A child's film declined for age was recorded 'done' though nothing was analysed; it is
+    'rejected' with the reason, and the "not analysed" report still goes to the PACS."""
+    from tests.test_declined_report import REASON, DecliningPipeline
+
+    settings = Settings(data_dir=tmp_path, quiet_period_s=0,
+                        destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": 9}])
+    db = SQLiteDatabase(settings.db_path)
+    spool, jobs = Spool(settings.spool_dir, db), JobQueue(db)
+    data = CHEST_CR.read_bytes()
+    spool.store(read_header(data), data, "PACS")
+    with db.transaction() as conn:
+        conn.execute("UPDATE series SET released_at = last_at + 1")
+    worker = Worker(settings, spool, jobs, Metrics(), [DecliningPipeline()], write_all, set)
+    worker.close_complete_series()
+    assert worker.run_one()
+    [job] = jobs.all()
+    assert job.state == "rejected" and REASON in job.reason
+    [item] = Outbox.from_settings(db, settings.outbox).list()
+    assert pydicom.dcmread(item.path).Modality == "SR"
