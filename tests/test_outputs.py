@@ -187,6 +187,7 @@ def test_write_all_makes_seg_sr_sc_in_new_series_of_the_source_study(
         assert obj.Manufacturer == "covid_plugin"
 
 
+@pytest.mark.data
 @requires_dciodvfy
 @pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
 def test_every_object_passes_dciodvfy(objects: str, request: pytest.FixtureRequest) -> None:
@@ -461,6 +462,7 @@ def _ohif_measurements(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
     return merged
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
 def test_every_merged_measurement_has_an_image_region_ohif_can_place(
     objects: str, request: pytest.FixtureRequest
@@ -476,6 +478,7 @@ def test_every_merged_measurement_has_an_image_region_ohif_can_place(
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
 def test_outlines_load_into_cornerstone_tools(
     objects: str, request: pytest.FixtureRequest
