@@ -195,6 +195,36 @@ def test_ct_verdict_has_no_area_and_volumes_sit_beside_their_outlines(ct) -> Non
                     finding(g)
 
 
+def merged(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
+    """Groups by tracking UID, as OHIF merges them into one drawn measurement."""
+    by_uid: dict[str, list[pydicom.Dataset]] = {}
+    for g in groups(sr):
+        uid = next(str(i.UID) for i in g.ContentSequence if i.ValueType == "UIDREF")
+        by_uid.setdefault(uid, []).append(g)
+    return by_uid
+
+
+def test_nothing_measured_is_printed_beside_the_verdict_even_an_empty_segment(ct) -> None:
+    """OHIF prints every NUM of the groups that share the verdict's tracking UID beside it:
+    only probabilities and the threshold may be there; an empty segment's 0 mL and the
+    percent of both lungs go with the "Both lungs" region."""
+    findings = ct_findings(ct)
+    findings.masks[2].array = np.zeros_like(findings.masks[2].array)  # no ground glass
+    findings.measurements[3] = Measurement(VOLUME, 0.0, ML, "ggo", LUNG)
+    sr = objects(findings, ct)["SR"]
+    verdict_uid = next(str(i.UID) for i in groups(sr)[0].ContentSequence
+                       if i.ValueType == "UIDREF")
+    beside = [name for g in merged(sr)[verdict_uid] for name in numbers(g)]
+    assert beside and all(n.endswith((" probability", " decision threshold")) for n in beside)
+    verdict_region = outline(groups(sr)[0])
+    rows, columns = ct.array.shape[1:]
+    assert verdict_region[:, 0].min() == 0 and verdict_region[:, 0].max() == columns
+    assert verdict_region[:, 1].min() == 0 and verdict_region[:, 1].max() == rows
+    lungs = next(m for m in merged(sr).values() if finding(m[0]) == "Lung")
+    assert {name: value for g in lungs for name, value in numbers(g).items()} == {
+        "Extent": "0.6 %", "Volume": "0 mL"}
+
+
 @pytest.mark.parametrize("which", ["film", "ct"])
 def test_no_group_carries_a_finding_site_a_viewer_prints_as_a_code(which, film, ct) -> None:
     """OHIF prints a group's finding site as '363698007: Lung'; sites belong to the NUMs."""
