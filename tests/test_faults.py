@@ -1,6 +1,8 @@
-"""Faults the node must survive without losing a result silently: a disk that fills inside a
-library's write, a destination down for hours, a database that restarts, and the health
-report that must say so while any of it lasts."""
+"""Every acknowledged study ends in one result set or an alarm (issue 18), function by
+function: a disk that fills inside a library's write, a destination down for hours, a database
+that restarts, a listener or worker that stalls past its lease, bad input refused on receipt
+or declined with a report, and what an administrator sees (health, which store a command
+opened, a purge's dry run). The same faults with real processes are in test_cluster.py."""
 
 from __future__ import annotations
 
