@@ -4,9 +4,9 @@ Structure of the report (concepts coded, so a PACS or a registry can query them)
 for what OHIF 3.13 shows of an SR (it draws each measurement that has an image region with
 "<concept name>: <value> <unit>" lines, and lists Cornerstone freehand outlines, named by
 their finding type, in its measurement panel):
-- the verdict: a TID 1410 group whose finding type is the called class, its region the key
-  image's frame (the call is about the study), with that class's probability and the
-  decision threshold, in percent; no area or volume;
+- the verdict: a TID 1410 group whose finding type is the called class, outlining the
+  region the call is about (the lungs' convex hull on the key image), with that class's
+  probability and the decision threshold, in percent; no area or volume;
 - one TID 1501 group per class not called: finding type = the class, its probability;
   the probabilities and the threshold are named by class ("COVID-19 probability"), concepts
   of the report's declared private scheme, as no standard code names them;
@@ -17,9 +17,9 @@ their finding type, in its measurement panel):
   outline SCOORD (TID 300; pixels where the film has no pixel size), followed by the
   segment's volume and percent involved;
 - CT: one TID 1411 group per SEG segment, referencing the segment;
-- "Both lungs": a TID 1410 group outlining the lungs' convex hull on the key image, with the
-  measurements about both lungs (percent involved); an empty segment's group shares its
-  tracking UID (it has no outline of its own);
+- "Both lungs": a TID 1410 group on the key image's frame with the measurements about both
+  lungs (percent involved); an empty segment's group shares its tracking UID (it has no
+  outline of its own);
 - a "Qualitative Evaluations" container with the intended-use caveat and the pipeline's notes
   as TEXT (TID 1500 rows 12-13).
 Every group references an image (an IMAGE item with a ReferencedSOPSequence) and shares its
@@ -115,9 +115,9 @@ def build_report(
     need an image region in each merged measurement: a group with none leaves OHIF 3.13 with
     a blank viewport. So every group without a region of its own shares the tracking UID of
     one with a region: a segment's volumetric group that of its outline, the other classes'
-    probabilities that of the verdict (whose region is the key image's frame), and the
-    measurements about both lungs (percent involved, an empty segment's volume) that of a
-    "Both lungs" region around the lungs, so that no volume is printed beside the verdict.
+    probabilities that of the verdict (on the lungs' hull), and the measurements about both
+    lungs (percent involved, an empty segment's volume) that of a "Both lungs" region (the
+    key image's frame), so that no volume is printed beside the verdict.
     OHIF prints a merged measurement as "<concept name>: <value> <unit>" lines, prints a
     group's finding site as its raw code, and skips a NUM beside an outline that has any
     child but the outline: so the measurements of a mask sit in its outline's group (its
@@ -294,14 +294,27 @@ def _region(series: LoadedSeries, frame: int, outline: Outline) -> hd.sr.ImageRe
     )
 
 
+def _lungs_hull(findings: Findings, series: LoadedSeries, frame: int) -> Outline:
+    """The lungs' convex hull on the key image; the whole image where they were not found
+    (lungs too small to outline, a few pixels, say nothing about where)."""
+    anatomy = np.zeros(series.array.shape[1:], dtype=bool)
+    for mask in findings.masks:
+        if is_anatomy(mask):
+            anatomy |= mask.array[frame].astype(bool)
+    hull = outlines(convex_hull_image(anatomy), 1) if anatomy.any() else []
+    return hull[0] if hull else _image_frame(series)
+
+
+def _image_frame(series: LoadedSeries) -> Outline:
+    return outlines(np.ones(series.array.shape[1:], dtype=bool), 1)[0]
+
+
 def _verdict_group(
     findings: Findings, series: LoadedSeries, frame: int, tracking_uid: str
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The call, as the finding of the key image as a whole (its region is the image's
-    frame: the call is about the study, not a region of it, so it has no area, and a viewer
-    writes its text beside the image rather than over the anatomy), with the called class's
-    probability and the decision threshold."""
-    frame_outline = outlines(np.ones(series.array.shape[1:], dtype=bool), 1)[0]
+    """The call, as the finding of the region it is about (the lungs' convex hull on the key
+    image), with the called class's probability and the decision threshold, and no area:
+    the region says where the call is about, it is not a measurement of disease."""
     c = findings.classification
     model = c.model if c is not None else (findings.models[0] if findings.models else None)
     called, measurements = None, []
@@ -319,7 +332,7 @@ def _verdict_group(
             )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="AI result"),
-        referenced_region=_region(series, frame, frame_outline),
+        referenced_region=_region(series, frame, _lungs_hull(findings, series, frame)),
         finding_type=coded(called.code) if called is not None else None,
         algorithm_id=algorithm(model, c.threshold if c else None) if model else None,
         measurements=measurements or None,
@@ -333,19 +346,14 @@ def _lungs_group(
     tracking_uid: str,
     measurements: list[Measurement],
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """Both lungs, outlined on the key image by their convex hull (the whole image where
-    they were not found), with the measurements about both (the percent involved)."""
-    anatomy = np.zeros(series.array.shape[1:], dtype=bool)
-    for mask in findings.masks:
-        if is_anatomy(mask):
-            anatomy |= mask.array[frame].astype(bool)
-    hull = outlines(convex_hull_image(anatomy), 1) if anatomy.any() else []
-    # lungs too small to outline (a few pixels) say nothing about where: the whole image
-    region = hull[0] if hull else outlines(np.ones(series.array.shape[1:], dtype=bool), 1)[0]
+    """The measurements about both lungs (the percent involved), with the key image's frame
+    as their region: a region of their own, apart from the verdict's (OHIF writes a region's
+    text at its right edge, so a second region on the lungs' hull would write over the
+    verdict's)."""
     model = findings.models[0] if findings.models else None
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="Both lungs"),
-        referenced_region=_region(series, frame, region),
+        referenced_region=_region(series, frame, _image_frame(series)),
         finding_type=codes.SCT.Lung,
         algorithm_id=algorithm(model) if model else None,
         measurements=measurements or None,
