@@ -124,8 +124,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             log.warning("connection from %s closed to make room: it had not finished TLS and "
                         "its association request (network.max_associations_per_peer)", host)
             self.on_refused("evicted")
-            try:
-                evicted.shutdown(socket.SHUT_RDWR)  # its own thread then closes it
+            try:  # its own thread then closes it. The plain socket's shutdown even for a
+                # TLS one: SSLSocket.shutdown drops the SSL object another thread may be using
+                socket.socket.shutdown(evicted, socket.SHUT_RDWR)
             except OSError:
                 pass  # it closed meanwhile
         if refused:
