@@ -217,10 +217,13 @@ def test_nothing_measured_is_printed_beside_the_verdict_even_an_empty_segment(ct
     beside = [name for g in merged(sr)[verdict_uid] for name in numbers(g)]
     assert beside and all(n.endswith((" probability", " decision threshold")) for n in beside)
     lungs = next(m for m in merged(sr).values() if finding(m[0]) == "Lung")
-    # its own region (the image's frame), so that OHIF does not write it over the verdict's
-    # text, which it puts at the right edge of the verdict's region (the lungs' hull)
+    # regions apart, so that OHIF, which writes a region's text at its right edge, writes
+    # neither over the other nor over a lung's: the verdict on a band across the lower part
+    # (text by the middle of the image), both lungs on the image's frame (text at its edge)
     verdict, both = outline(groups(sr)[0]), outline(lungs[0])
-    assert verdict[:, 0].max() < 421 and both[:, 0].max() == ct.array.shape[2]  # lungs end at 420
+    rows, columns = ct.array.shape[1:]
+    assert verdict[:, 1].min() >= 0.8 * rows and verdict[:, 0].max() <= columns / 2 + 1
+    assert both[:, 0].max() == columns and both[:, 1].max() == rows
     assert {name: value for g in lungs for name, value in numbers(g).items()} == {
         "Extent": "0.6 %", "Volume": "0 mL"}
 

@@ -4,9 +4,9 @@ Structure of the report (concepts coded, so a PACS or a registry can query them)
 for what OHIF 3.13 shows of an SR (it draws each measurement that has an image region with
 "<concept name>: <value> <unit>" lines, and lists Cornerstone freehand outlines, named by
 their finding type, in its measurement panel):
-- the verdict: a TID 1410 group whose finding type is the called class, outlining the
-  region the call is about (the lungs' convex hull on the key image), with that class's
-  probability and the decision threshold, in percent; no area or volume;
+- the verdict: a TID 1410 group whose finding type is the called class, with that class's
+  probability and the decision threshold, in percent, and no area or volume; its region a
+  caption band across the key image's lower part (see `_verdict_group`);
 - one TID 1501 group per class not called: finding type = the class, its probability;
   the probabilities and the threshold are named by class ("COVID-19 probability"), concepts
   of the report's declared private scheme, as no standard code names them;
@@ -43,7 +43,6 @@ from highdicom.sr import (
 )
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from skimage.morphology import convex_hull_image
 
 from covid_plugin.findings import Classification, ClassProbability, Findings, Mask, ModelInfo
 from covid_plugin.findings import Measurement as FindingsMeasurement
@@ -64,7 +63,6 @@ from covid_plugin.outputs.codes import (
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
 from covid_plugin.outputs.regions import (
     Outline,
-    is_anatomy,
     key_image_of,
     mask_outlines,
     outlines,
@@ -115,9 +113,9 @@ def build_report(
     need an image region in each merged measurement: a group with none leaves OHIF 3.13 with
     a blank viewport. So every group without a region of its own shares the tracking UID of
     one with a region: a segment's volumetric group that of its outline, the other classes'
-    probabilities that of the verdict (on the lungs' hull), and the measurements about both
-    lungs (percent involved, an empty segment's volume) that of a "Both lungs" region (the
-    key image's frame), so that no volume is printed beside the verdict.
+    probabilities that of the verdict, and the measurements about both lungs (percent
+    involved, an empty segment's volume) that of a "Both lungs" region (the key image's
+    frame), so that no volume is printed beside the verdict.
     OHIF prints a merged measurement as "<concept name>: <value> <unit>" lines, prints a
     group's finding site as its raw code, and skips a NUM beside an outline that has any
     child but the outline: so the measurements of a mask sit in its outline's group (its
@@ -294,27 +292,31 @@ def _region(series: LoadedSeries, frame: int, outline: Outline) -> hd.sr.ImageRe
     )
 
 
-def _lungs_hull(findings: Findings, series: LoadedSeries, frame: int) -> Outline:
-    """The lungs' convex hull on the key image; the whole image where they were not found
-    (lungs too small to outline, a few pixels, say nothing about where)."""
-    anatomy = np.zeros(series.array.shape[1:], dtype=bool)
-    for mask in findings.masks:
-        if is_anatomy(mask):
-            anatomy |= mask.array[frame].astype(bool)
-    hull = outlines(convex_hull_image(anatomy), 1) if anatomy.any() else []
-    return hull[0] if hull else _image_frame(series)
-
-
 def _image_frame(series: LoadedSeries) -> Outline:
     return outlines(np.ones(series.array.shape[1:], dtype=bool), 1)[0]
+
+
+CAPTION_ROWS = (0.84, 0.88)  # the verdict's band, as fractions of the image's height
+
+
+def _caption_band(series: LoadedSeries) -> Outline:
+    """A band across the lower part of the key image, from its left edge to its middle, high
+    enough for the verdict's lines below it (OHIF writes them from the band's middle down)."""
+    rows, columns = series.array.shape[1:]
+    band = np.zeros((rows, columns), dtype=bool)
+    top, bottom = (round(rows * f) for f in CAPTION_ROWS)
+    band[top: max(bottom, top + 1), : max(1, columns // 2)] = True
+    return outlines(band, 1)[0]
 
 
 def _verdict_group(
     findings: Findings, series: LoadedSeries, frame: int, tracking_uid: str
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The call, as the finding of the region it is about (the lungs' convex hull on the key
-    image), with the called class's probability and the decision threshold, and no area:
-    the region says where the call is about, it is not a measurement of disease."""
+    """The call, with the called class's probability and the decision threshold, and no
+    area. It is about the whole key image; its region is a caption band across the image's
+    lower part, because a viewer writes a region's text at the region's right edge (OHIF,
+    without keeping it in view or apart from other text): there it stays clear of the lungs'
+    labels and inside the viewport, where on the lungs' hull it lay over the left lung's."""
     c = findings.classification
     model = c.model if c is not None else (findings.models[0] if findings.models else None)
     called, measurements = None, []
@@ -332,7 +334,7 @@ def _verdict_group(
             )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="AI result"),
-        referenced_region=_region(series, frame, _lungs_hull(findings, series, frame)),
+        referenced_region=_region(series, frame, _caption_band(series)),
         finding_type=coded(called.code) if called is not None else None,
         algorithm_id=algorithm(model, c.threshold if c else None) if model else None,
         measurements=measurements or None,
@@ -346,10 +348,9 @@ def _lungs_group(
     tracking_uid: str,
     measurements: list[Measurement],
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The measurements about both lungs (the percent involved), with the key image's frame
-    as their region: a region of their own, apart from the verdict's (OHIF writes a region's
-    text at its right edge, so a second region on the lungs' hull would write over the
-    verdict's)."""
+    """The measurements about both lungs (the percent involved) on the key image's frame:
+    a region of their own, apart from the verdict's and the lungs' outlines, whose text a
+    viewer writes at the image's right edge."""
     model = findings.models[0] if findings.models else None
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="Both lungs"),

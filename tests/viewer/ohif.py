@@ -169,6 +169,12 @@ def svg_layer(page: Page) -> dict:
                     shift: shift(p), points: p.getAttribute('points') || ''})),
                 texts: Array.from(pane.querySelectorAll('svg text')).map(t =>
                     Array.from(t.querySelectorAll('tspan')).map(s => s.textContent)),
+                boxes: Array.from(pane.querySelectorAll('svg text')).map(t => {
+                    const box = t.getBoundingClientRect();
+                    return [box.left - origin.x, box.top - origin.y, box.right - origin.x,
+                            box.bottom - origin.y];
+                }),
+                size: [origin.width, origin.height],
             };
         }""",
         VIEWPORT,
@@ -189,6 +195,20 @@ def drawn_polylines(page: Page, minimum_points: int = 8) -> list[np.ndarray]:
 def drawn_labels(page: Page) -> list[list[str]]:
     """The text boxes the viewport draws next to annotations, each as its lines."""
     return [lines for lines in svg_layer(page)["texts"] if lines]
+
+
+def label_box(page: Page, first_line: str) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in viewport pixels of the text box whose first line starts
+    with `first_line`."""
+    layer = svg_layer(page)
+    for lines, box in zip(layer["texts"], layer["boxes"], strict=True):
+        if lines and lines[0].startswith(first_line):
+            return tuple(box)
+    raise AssertionError(f"no text box starts with {first_line!r}")
+
+
+def viewport_size(page: Page) -> tuple[float, float]:
+    return tuple(svg_layer(page)["size"])
 
 
 def film_box(pixels: np.ndarray) -> tuple[int, int, int, int]:

@@ -24,11 +24,13 @@ from tests.viewer.ohif import (
     drawn_polylines,
     film_box,
     go_to_slice,
+    label_box,
     open_panel,
     open_series,
     open_study,
     save_screenshot,
     series_thumbnail,
+    viewport_size,
     wait_for_annotations,
     wait_for_rows,
     wait_until_rendered,
@@ -138,6 +140,14 @@ def listed_findings(sr: pydicom.Dataset) -> list[str]:
             if tracked(group) and scoords(group) and (name := finding_of(group))]
 
 
+def lung_areas(sr: pydicom.Dataset) -> list[float]:
+    """The areas of the SR's lung outlines, the first line OHIF writes beside each."""
+    return [float(item.MeasuredValueSequence[0].NumericValue)
+            for group in measurement_groups(sr) if finding_of(group) in ("Right lung", "Left lung")
+            for item in group.ContentSequence if item.ValueType == "NUM"
+            and item.ConceptNameCodeSequence[0].CodeMeaning == "Area"]
+
+
 def numbers_named(sr: pydicom.Dataset, suffix: str) -> list[str]:
     """Concept names of the SR's NUMs that end with `suffix` ("probability"...)."""
     return sorted({str(item.ConceptNameCodeSequence[0].CodeMeaning)
@@ -187,6 +197,13 @@ def test_sr_text_names_classes_verdict_sides_and_volumes(page, viewer, screensho
                                                for line in box))
     assert any(" decision threshold: " in line for line in verdict), verdict
     assert not any(line.startswith(("Area", "Volume")) for line in verdict), verdict
+    if which == "ct":  # readable: in view and over no lung's text (the NIH film: see below)
+        box = label_box(page, verdict[0])
+        width, height = viewport_size(page)
+        assert box[0] >= 0 and box[2] <= width and box[3] <= height, box
+        lungs = [label_box(page, f"Area: {area:.2f} mm2") for area in lung_areas(sr)]
+        assert not any(o[0] < box[2] and box[0] < o[2] and o[1] < box[3] and box[1] < o[3]
+                       for o in lungs), "the verdict's text overlaps a lung's"
     if which == "ct":
         volumes = [line for line in lines if line.startswith("Volume: ")]
         assert len(volumes) >= 2 and all(line.endswith(" mL") for line in volumes), boxes
