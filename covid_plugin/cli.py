@@ -90,9 +90,30 @@ def _serve(settings: Settings, listen: bool, work: bool) -> int:
     return 0
 
 
+class NoStore(Exception):
+    """An administrator's command named a store that does not exist."""
+
+
+def _shown_url(url: str) -> str:
+    """A database URL without its password (the output gets pasted into tickets)."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@",
+                                                                 ":***@", 1)))
+
+
 def _database(settings: Settings):
+    """The node's store, said on stderr. An SQLite store that does not exist is refused:
+    a command run without --config would otherwise create an empty ./var/covid_plugin.sqlite
+    and report that there is nothing there."""
     from covid_plugin.store.db import open_database
 
+    if settings.database_url is None and not settings.db_path.is_file():
+        raise NoStore(f"no store at {settings.db_path} (is --config or --data-dir the "
+                      "node's?)")
+    where = settings.database_url and _shown_url(settings.database_url)
+    print(f"store: {where or settings.db_path}", file=sys.stderr)
     return open_database(settings.database_url, settings.db_path)
 
 
@@ -218,10 +239,7 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     the database password is not printed (the output gets pasted into tickets)."""
     shown = settings.model_dump(mode="json")
     if settings.database_url:
-        url = urlsplit(settings.database_url)
-        if url.password:
-            netloc = url.netloc.replace(f":{url.password}@", ":***@", 1)
-            shown["database_url"] = urlunsplit(url._replace(netloc=netloc))
+        shown["database_url"] = _shown_url(settings.database_url)
     print(json.dumps(shown, indent=2))
     return 0
 
@@ -336,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"covid-plugin: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
-    return args.func(settings, args)
+    try:
+        return args.func(settings, args)
+    except NoStore as exc:
+        print(f"covid-plugin: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ class InstanceHeader:
     source_ae: str | None = None  # file meta (0002,0016): the AE title that sent it to us
 
 
+def loggable_uid(value: str) -> str:
+    """`value` as a log line may show it: a UID from the network that is not one can hold
+    anything a sender put there (a patient's name, say)."""
+    value = value.strip().rstrip("\x00")
+    return value if len(value) <= 64 and _UID.match(value) else "(invalid UID)"
+
+
 def _uid(ds: pydicom.Dataset, keyword: str, sop_uid: str | None) -> str:
     value = str(ds.get(keyword, "") or "").strip().rstrip("\x00")
     if not value:
@@ -67,6 +74,12 @@ def _check_pixel_data(ds: pydicom.Dataset, size: int, transfer_syntax: UID, sop_
         raise InvalidInstance("missing Pixel Data", sop_uid)
     if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
         return  # encapsulated (undefined length): the frames' own items delimit it
+    if transfer_syntax.is_encapsulated:
+        # native pixels sent under a compressed transfer syntax: no decoder can read them,
+        # and the job would fail long after the sender was told it was stored
+        raise InvalidInstance(
+            f"Pixel Data is not encapsulated (defined length) but the transfer syntax "
+            f"{transfer_syntax.name} requires compressed frames", sop_uid)
     deflated = transfer_syntax == DeflatedExplicitVRLittleEndian  # offsets are post-inflate
     if not deflated and elem.value_tell is not None and elem.value_tell + elem.length > size:
         raise InvalidInstance("Pixel Data is truncated", sop_uid)

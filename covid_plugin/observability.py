@@ -42,7 +42,8 @@ class Metrics:
         self.refused_connections = Counter(
             "covid_plugin_connections_refused",
             "Connections closed or associations refused before any instance, by reason "
-            "(peer_limit, tls_timeout, tls_failed, disk)", ["reason"], registry=self.registry)
+            "(peer_limit, evicted, tls_timeout, tls_failed, acse_timeout, disk)", ["reason"],
+            registry=self.registry)
         self.discarded = Counter(
             "covid_plugin_instances_discarded", "Instances of unprocessed SOP classes discarded",
             registry=self.registry)

@@ -58,11 +58,18 @@ def rejection_reason(series: SeriesRecord, rules: SelectionSettings) -> str | No
     modality = series.modality or "(none)"
     if modality not in rules.modalities:
         return f"modality {modality} is not processed (accepted: {', '.join(rules.modalities)})"
-    text = f"{series.body_part} {series.description}".upper()
-    if series.body_part or series.description.strip():
-        if not any(word in text for word in rules.chest_keywords):
-            part = series.body_part or "(none)"
-            return f"not a chest study (body part {part}, descriptions do not mention the chest)"
+    description = series.description.upper()
+    mentions_chest = any(word in description for word in rules.chest_keywords)
+    if series.body_part:
+        # the body part, when given, decides: a description can be copied from another
+        # series or study (BodyPartExamined HEAD under "CT CHEST" was analysed as a chest)
+        if not any(word in series.body_part for word in rules.chest_keywords):
+            said = ("though the descriptions mention the chest" if mentions_chest
+                    else "descriptions do not mention the chest")
+            return f"not a chest study (body part {series.body_part}, {said})"
+    elif series.description.strip():
+        if not mentions_chest:
+            return "not a chest study (body part (none), descriptions do not mention the chest)"
     elif not rules.accept_unknown_body_part:
         return "body part unknown and accept_unknown_body_part is off"
     if any(word in series.image_type or word in series.description.upper()

@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 PROJECTION_MODALITIES = ("CR", "DX")
 GAP_FACTOR = 1.5  # a step this much larger than the median step is a missing slice
+# steps that differ from each other by more than this part of the median step are uneven
+UNEVEN_STEP_FRACTION = 0.1
+# slices stacked further than this from their normal are sheared (a gantry tilt)
+MAX_SHEAR_DEGREES = 1.0
 ORIENTATION_TOLERANCE = 1e-3
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 DEFER_PIXELS_BYTES = 64 * 1024  # elements larger than this (the pixel data) stay on disk
@@ -180,6 +184,32 @@ def _load_ct(datasets: list[Dataset], series_uid: str) -> LoadedSeries:
         orientation=tuple(float(v) for v in orientation),
         positions=[tuple(float(v) for v in f.position) for f in frames],
     )
+
+
+def irregular_grid(series: LoadedSeries) -> str | None:
+    """Why a CT series' voxels do not lie on one regular grid, or None.
+
+    The lung and lesion measurements (mL, % involved) and the 3D models take one slice step
+    (`spacing[0]`, the median) and slices stacked along their normal. A series acquired with
+    a gantry tilt is sheared, and one whose steps alternate (2.0 / 2.9 mm) is not evenly
+    spaced: either would be measured wrong without a word, so the pipeline declines them.
+    """
+    if series.positions is None or series.orientation is None or len(series.positions) < 2:
+        return None
+    orientation = np.asarray(series.orientation, dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    moves = np.diff(np.asarray(series.positions, dtype=float), axis=0)
+    steps = moves @ normal
+    along = np.abs(steps) / np.linalg.norm(moves, axis=1)
+    shear = float(np.degrees(np.arccos(np.clip(along.min(), -1.0, 1.0))))
+    if shear > MAX_SHEAR_DEGREES:
+        return (f"slices are stacked {shear:.0f} degrees off their normal (gantry tilt): "
+                "the volume would be sheared")
+    low, high = float(np.abs(steps).min()), float(np.abs(steps).max())
+    if high - low > UNEVEN_STEP_FRACTION * float(np.median(np.abs(steps))):
+        return (f"uneven slice spacing ({low:.1f} to {high:.1f} mm): volumes would be "
+                "measured wrong")
+    return None
 
 
 def spill_to_disk(series: LoadedSeries) -> None:

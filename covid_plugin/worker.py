@@ -16,6 +16,7 @@ the attempt that replaced it.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import logging
 import os
@@ -39,6 +40,7 @@ from covid_plugin.series import completion, incomplete_reason, rejection_reason
 from covid_plugin.store.db import STORE_ERRORS
 from covid_plugin.store.jobs import Delivery, Job, JobQueue, JobState, LeaseLost, ReportRef
 from covid_plugin.store.retention import purge
+from covid_plugin.store.run_marks import RunMarks
 from covid_plugin.store.spool import Spool
 from covid_plugin.volume import LoadedSeries
 
@@ -91,16 +93,18 @@ def save_durably(datasets: list[Dataset], folder: Path) -> list[tuple[Path, str]
 
 
 def _superseding(writer: Writer, previous: list[ReportRef], n_before: int,
-                 n_now: int) -> Writer:
+                 n_now: int, run_at: datetime.datetime | None = None) -> Writer:
     """The writer for a re-run: its report names the earlier reports as predecessors and says,
-    in words a reader sees in the SR and on the secondary capture, that it replaces them."""
+    in words a reader sees in the SR and on the secondary capture, that it replaces them
+    (and when the earlier run was, where its mark says)."""
     reports = [Predecessor(r.study_uid, r.series_uid, r.sop_class_uid, r.sop_instance_uid)
                for r in previous]
+    made = f", made {run_at:%Y-%m-%d %H:%M}" if run_at is not None else ""
 
     def write(findings: Findings, series: LoadedSeries) -> list[Dataset]:
         findings.predecessors = reports
         findings.notes.append(f"Replaces the earlier AI result for this series "
-                              f"({n_before} instances); this one used {n_now}.")
+                              f"({n_before} instances){made}; this one used {n_now}.")
         return writer(findings, series)
     return write
 
@@ -122,6 +126,7 @@ class Worker:
         self.writer = writer
         self.active_series = active_series
         self.on_result = on_result  # the demo prints findings; the node itself needs none
+        self.marks = RunMarks(settings.results_dir)  # each series' last run, beside its results
         self._pipelines = {m: p for p in pipelines for m in p.modalities}
         self._models: dict[str, Any] = {}
         self._held_until = 0.0  # no series is closed before one quiet period after start
@@ -310,6 +315,12 @@ class Worker:
             log.info("job %d re-runs series %s: its results replace those of job %d", job.id,
                      job.series_uid, earlier)
             writer = _superseding(self.writer, previous, n_before, len(paths))
+        elif (mark := self.marks.last_run(job.series_uid)) is not None:
+            # the database holds no earlier run (it was lost or replaced); the data dir does
+            log.info("job %d re-runs series %s, last run %s by the data dir's run mark",
+                     job.id, job.series_uid, mark.run_at.isoformat(timespec="seconds"))
+            writer = _superseding(self.writer, mark.reports, mark.n_instances, len(paths),
+                                  mark.run_at)
         outcome = analyse(pipeline, self._models_for(pipeline), paths, writer,
                           write_declined if self.settings.declined_reports else None)
         results, note = outcome.results, outcome.note
@@ -339,13 +350,22 @@ class Worker:
             log.warning("job %d: no destination configured for %s; results kept in %s",
                         job.id, job.calling_ae, folder)
 
+        # every film or series declined: only "not analysed" reports, which are sent, and the
+        # job is rejected with the reason, as a series the pipeline declines is
+        declined = all(findings.classification is None for findings, _ in results)
+
         def record() -> None:
             self.jobs.finish(job.id, deliveries, note, reports, supersedes=earlier,
-                             owner=self.owner)
+                             owner=self.owner, declined=declined)
+            try:  # a hint for a node that loses its database; never a reason to retry
+                self.marks.record(job.series_uid, datetime.datetime.now(), len(paths), reports)
+            except OSError as error:
+                log.warning("job %d: no run mark written for series %s: %s", job.id,
+                            job.series_uid, type(error).__name__)
             if self.on_result is not None:  # told only of results that stand
                 for findings, _ in results:
                     self.on_result(job, findings, [path for path, _ in saved])
-        return "done", record
+        return "skipped" if declined else "done", record
 
     def purge_if_due(self) -> None:
         """Apply the retention policy every `retention.interval_s`."""

@@ -22,10 +22,18 @@ def test_no_test_hard_codes_the_data_location():
 
 
 def _mentions(node: ast.AST) -> set[str]:
-    """The names a definition uses; a function's parameters count (they name fixtures)."""
+    """The names a definition uses; a function's parameters count (they name fixtures), and
+    so do the words of its strings (a fixture named in `parametrize` for `getfixturevalue`,
+    a helper imported by a `python -c` child), docstrings apart."""
     names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
     if isinstance(node, ast.FunctionDef):
         names |= {a.arg for a in node.args.args}
+    docstrings = {id(n.body[0].value) for n in ast.walk(node)
+                  if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.body
+                  and isinstance(n.body[0], ast.Expr)}
+    for n in ast.walk(node):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings:
+            names |= set(re.findall(r"\w+", n.value))
     return names
 
 
@@ -64,6 +72,7 @@ def unmarked_data_tests(source: str) -> list[str]:
 def test_every_test_that_reads_the_data_set_is_marked_data():
     unmarked = [f"{path.relative_to(REPO)}::{name}"
                 for path in sorted((REPO / "tests").rglob("test_*.py"))
+                if path.name != "test_data_location.py"  # names the data set in its checks
                 for name in unmarked_data_tests(path.read_text())]
     assert unmarked == [], "mark these `@pytest.mark.data` (they fail without the data set)"
 
@@ -79,6 +88,8 @@ def test_the_mark_check_follows_fixtures_and_helpers():
         "@pytest.mark.data\n"
         "def test_marked(series):\n    assert series\n"
         "def test_no_data():\n    assert True\n"
+        "@pytest.mark.parametrize('name', ['series'])\n"
+        "def test_by_name(name, request):\n    assert request.getfixturevalue(name)\n"
     )
-    assert unmarked_data_tests(source) == ["test_reads"]
+    assert unmarked_data_tests(source) == ["test_reads", "test_by_name"]
     assert unmarked_data_tests("import pytest\npytestmark = pytest.mark.data\n" + source) == []

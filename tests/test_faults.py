@@ -1,19 +1,28 @@
-"""Faults the node must survive without losing a result silently: a disk that fills inside a
-library's write, a destination down for hours, a database that restarts, and the health
-report that must say so while any of it lasts."""
+"""Every acknowledged study ends in one result set or an alarm (issue 18), function by
+function: a disk that fills inside a library's write, a destination down for hours, a database
+that restarts, a listener or worker that stalls past its lease, bad input refused on receipt
+or declined with a report, and what an administrator sees (health, which store a command
+opened, a purge's dry run). The same faults with real processes are in test_cluster.py."""
 
 from __future__ import annotations
 
 import json
 import logging
 import resource
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.dsutils import encode_file_meta
 
 from covid_plugin.config import HealthSettings, OutboxSettings, Settings
 from covid_plugin.health import attention, problems_and_warnings
@@ -27,7 +36,16 @@ from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.outbox import Outbox
 from covid_plugin.store.spool import Spool
 from covid_plugin.worker import Worker
-from tests.conftest import REPO, rider_files, wait_for
+from tests.conftest import (
+    CHEST_CR,
+    REPO,
+    echo,
+    free_port,
+    rider_files,
+    tls_client_context,
+    tls_node_config,
+    wait_for,
+)
 from tests.pipelines_for_tests import MeanIntensityPipeline
 from tests.test_store_backends import add_jobs, add_series, delivery
 
@@ -374,3 +392,281 @@ def test_a_series_with_an_instance_refused_during_an_outage_waits_for_the_resend
         scp.stop()
         db.close()
         postgres_server.drop_database(url)
+
+
+def native_pixels_declared_jpeg2000(path: Path) -> Path:
+    """The chest CR decoded, its native pixels written, its file meta still saying JPEG 2000:
+    what a broken router sends (pydicom would not write it; the bytes are put together)."""
+    ds = pydicom.dcmread(CHEST_CR)
+    ds.PixelData = ds.pixel_array.tobytes()
+    ds["PixelData"].VR = "OW"
+    ds["PixelData"].is_undefined_length = False
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # how the dataset is encoded
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    meta = ds.file_meta
+    meta.TransferSyntaxUID = JPEG2000
+    path.write_bytes(b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + body.getvalue())
+    return path
+
+
+def send_files(port: int, paths: list[Path], syntax: str) -> list[int | None]:
+    """pynetdicom sending files as they are (no decoding, no re-encoding)."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(pydicom.dcmread(paths[0], stop_before_pixels=True).SOPClassUID,
+                             syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="COVID_PLUGIN")
+    statuses = [getattr(assoc.send_c_store(p), "Status", None) for p in paths]
+    assoc.release()
+    return statuses
+
+
+@pytest.mark.data
+def test_native_pixels_under_a_compressed_transfer_syntax_are_refused_on_receipt(
+        tmp_path: Path):
+    """Acknowledged before, the job then failed 'internal error (ValueError)'; now the sender
+    hears at once what is wrong, and the reason is recorded."""
+    from covid_plugin.node.scp import StorageSCP
+
+    settings = Settings(data_dir=tmp_path, port=0)
+    db = SQLiteDatabase(settings.db_path)
+    scp = StorageSCP(settings, Spool(settings.spool_dir, db), Metrics(),
+                     Associations(db, "listener"))
+    scp.start()
+    try:
+        statuses = send_files(scp.port, [native_pixels_declared_jpeg2000(
+            tmp_path / "native.dcm")], JPEG2000)
+    finally:
+        scp.stop()
+    assert statuses == [0xC000]
+    [(reason,)] = db.connection().execute("SELECT reason FROM rejected_instances").fetchall()
+    assert reason == ("Pixel Data is not encapsulated (defined length) but the transfer "
+                      "syntax JPEG 2000 Image Compression requires compressed frames")
+    assert db.connection().execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+
+
+def ct_series_with(folder: Path, steps_mm: list[float], tilt_degrees: float = 0.0
+                   ) -> list[Path]:
+    """Real RIDER slices restacked: slice i at z = sum of the first i steps, each tilted about
+    the patient's left-right axis as a gantry tilt stores it (positions still step along z)."""
+    folder.mkdir()
+    tilt = np.radians(tilt_degrees)
+    z = np.concatenate([[0.0], np.cumsum(steps_mm)])
+    paths = []
+    for i, source in enumerate(rider_files(len(z))):
+        ds = pydicom.dcmread(source)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, float(np.cos(tilt)), float(-np.sin(tilt))]
+        ds.ImagePositionPatient = [-250.0, -250.0, float(z[i])]
+        paths.append(folder / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(("steps", "tilt", "said"), [
+    ([2.0, 2.9] * 4, 0.0, "uneven slice spacing (2.0 to 2.9 mm)"),
+    ([2.0] * 8, 20.0, "slices are stacked 20 degrees off their normal (gantry tilt)"),
+])
+def test_a_tilted_or_unevenly_spaced_ct_is_declined_and_the_report_says_why(
+        tmp_path: Path, steps, tilt, said):
+    from covid_plugin.outputs import write_declined
+    from covid_plugin.pipelines.ct import CtPipeline
+    from covid_plugin.pipelines.interface import analyse
+
+    paths = ct_series_with(tmp_path / "series", steps, tilt)
+    outcome = analyse(CtPipeline(), None, paths, write_all, write_declined)
+    assert outcome.skipped == 1 and said in (outcome.note or "")
+    [(_, [report])] = outcome.results
+    texts = [item.TextValue for item in report.ContentSequence if item.ValueType == "TEXT"]
+    assert any(said in text for text in texts)
+
+
+@pytest.mark.data
+def test_an_evenly_spaced_axial_ct_is_on_a_regular_grid(tmp_path: Path):
+    from covid_plugin.volume import irregular_grid, load_series_files
+
+    assert irregular_grid(load_series_files(rider_files(8))) is None
+
+
+@pytest.mark.data
+def test_an_aborted_association_is_ended_and_logged_once(tmp_path: Path, caplog):
+    """EVT_ABORTED and EVT_CONN_CLOSE both come for an abort: one ending, one log line."""
+    from covid_plugin.node.scp import StorageSCP
+
+    settings = Settings(data_dir=tmp_path, port=0)
+    db = SQLiteDatabase(settings.db_path)
+    scp = StorageSCP(settings, Spool(settings.spool_dir, db), Metrics(),
+                     Associations(db, "listener"))
+    scp.start()
+    try:
+        ds = pydicom.dcmread(rider_files(1)[0])
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        with caplog.at_level(logging.INFO, logger="covid_plugin.node.scp"):
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="COVID_PLUGIN")
+            assert assoc.send_c_store(ds).Status == 0
+            assoc.abort()
+            wait_for(lambda: db.connection().execute(
+                "SELECT interrupted_at FROM series").fetchone()[0] is not None,
+                timeout=10, what="the abort recorded")
+            time.sleep(0.5)  # the second event, had it been taken too
+    finally:
+        scp.stop()
+    assert caplog.text.count("ended without release") == 1
+
+
+@pytest.mark.data
+def test_an_invalid_uid_from_the_network_never_reaches_the_log(tmp_path: Path, caplog):
+    from covid_plugin.node.scp import StorageSCP
+
+    settings = Settings(data_dir=tmp_path, port=0)
+    db = SQLiteDatabase(settings.db_path)
+    scp = StorageSCP(settings, Spool(settings.spool_dir, db), Metrics(),
+                     Associations(db, "listener"))
+    scp.start()
+    ds = pydicom.dcmread(rider_files(1)[0])
+    ds.SOPInstanceUID = "DOE^JOHN 1962"  # what a misconfigured sender puts there
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="covid_plugin"):
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="COVID_PLUGIN")
+            status = assoc.send_c_store(ds).Status
+            assoc.release()
+    finally:
+        scp.stop()
+    ours = "\n".join(r.getMessage() for r in caplog.records
+                     if r.name.startswith("covid_plugin"))
+    assert status == 0xC000
+    assert "refused instance (invalid UID) from PACS: SOPInstanceUID is not a valid UID" \
+        in ours
+    assert "DOE" not in ours
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["purge", "--dry-run"], ["requeue", "1"],
+                                     ["outbox"]])
+def test_admin_commands_refuse_a_store_that_does_not_exist(tmp_path: Path, monkeypatch,
+                                                           capsys, command):
+    """Run without --config in the wrong folder, they created ./var/covid_plugin.sqlite and
+    said nothing was there."""
+    from covid_plugin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    assert "no store at var/covid_plugin.sqlite" in capsys.readouterr().err
+    assert not (tmp_path / "var" / "covid_plugin.sqlite").exists()
+
+
+def test_admin_commands_say_which_store_they_opened(tmp_path: Path, capsys):
+    from covid_plugin.cli import main
+
+    SQLiteDatabase(tmp_path / "covid_plugin.sqlite").close()
+    assert main(["jobs", "--data-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == f"store: {tmp_path / 'covid_plugin.sqlite'}\n"
+
+
+def test_silent_sockets_do_not_lock_a_real_tls_caller_out_of_its_address(node_factory, pki):
+    """16 idle TCP connections from one address filled max_associations_per_peer and the
+    PACS at that address was refused; now the oldest silent one makes room for it."""
+    node = node_factory(tls_node_config(pki))
+    node.start(ready=lambda: echo(node.port, ssl_context=tls_client_context(pki)))
+    silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(16)]
+    try:
+        time.sleep(0.5)  # all 16 accepted, each waiting for a ClientHello
+        assert echo(node.port, ssl_context=tls_client_context(pki))
+        silent[0].settimeout(5)
+        assert silent[0].recv(1) == b""  # the oldest was the one closed
+    finally:
+        for sock in silent:
+            sock.close()
+    assert "closed to make room" in node.log()
+
+
+def test_the_listener_queues_a_burst_of_connections(node_factory):
+    """socketserver's listen() backlog is 5; a PACS opening many associations at once had
+    its connections beyond it wait for SYN retries."""
+    node = node_factory().start()
+    listening = subprocess.run(["ss", "-Hltn", f"sport = :{node.port}"], capture_output=True,
+                               text=True, check=True).stdout.split()
+    assert int(listening[2]) >= 128  # Send-Q of a listening socket: its backlog
+
+
+@pytest.mark.data
+def test_each_result_is_marked_sent_as_the_destination_acknowledges_it(tmp_path: Path):
+    """A sender killed mid-batch sent again every object of the batch, the acknowledged ones
+    too: they were marked sent only once the whole batch was through."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from covid_plugin.node.scu import DicomSender, OutboxSender
+    from covid_plugin.store.jobs import Delivery
+
+    db = SQLiteDatabase(tmp_path / "db.sqlite")
+    outbox = Outbox(db, None, 1.0, 1.0)
+    seen: list[list[str]] = []  # the outbox states when each object arrives at the PACS
+
+    def on_store(event: evt.Event) -> int:
+        states = SQLiteDatabase(tmp_path / "db.sqlite").connection().execute(
+            "SELECT state FROM outbox ORDER BY id").fetchall()
+        seen.append([s for (s,) in states])
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    add_series(db, "1.1")
+    add_jobs(db, "1.1", "queued")
+    queue = JobQueue(db)
+    files = rider_files(3)
+    queue.finish(queue.claim("w").id, [
+        Delivery(path, f"9.{n}", "PACS", "127.0.0.1", port) for n, path in enumerate(files)],
+        owner="w")
+    try:
+        sender = OutboxSender(outbox, DicomSender("COVID_PLUGIN"), Metrics(), 0.2)
+        assert sender.send_due() == 3
+    finally:
+        server.shutdown()
+    assert seen == [["pending"] * 3, ["sent", "pending", "pending"],
+                    ["sent", "sent", "pending"]]
+
+
+@pytest.mark.data
+def test_a_dry_run_counts_what_the_purge_then_removes(tmp_path: Path):
+    """The dry run counted no series rows where the purge, having removed their instances
+    first, removed them too."""
+    from covid_plugin.store.retention import purge
+    from tests.test_retention import DAY, State
+
+    state = State(tmp_path, retention={"spool_days": 1, "results_days": 1, "db_days": 1})
+    later = time.time() + 8 * DAY
+    dry = purge(state.settings, state.db, dry_run=True, at=later)
+    assert state.count("SELECT COUNT(*) FROM series") == 2  # nothing changed
+    real = purge(state.settings, state.db, at=later)
+    assert (dry.files, dry.bytes, dry.rows) == (real.files, real.bytes, real.rows)
+    assert real.rows["series"] == 1
+
+
+@pytest.mark.data
+def test_a_series_the_pipeline_declines_is_rejected_and_its_report_still_sent(tmp_path: Path):
+    """A child's film declined for age was recorded 'done' though nothing was analysed; it is
+    'rejected' with the reason, and the "not analysed" report still goes to the PACS."""
+    from tests.test_declined_report import REASON, DecliningPipeline
+
+    settings = Settings(data_dir=tmp_path, quiet_period_s=0,
+                        destinations=[{"ae_title": "PACS", "host": "127.0.0.1", "port": 9}])
+    db = SQLiteDatabase(settings.db_path)
+    spool, jobs = Spool(settings.spool_dir, db), JobQueue(db)
+    data = CHEST_CR.read_bytes()
+    spool.store(read_header(data), data, "PACS")
+    with db.transaction() as conn:
+        conn.execute("UPDATE series SET released_at = last_at + 1")
+    worker = Worker(settings, spool, jobs, Metrics(), [DecliningPipeline()], write_all, set)
+    worker.close_complete_series()
+    assert worker.run_one()
+    [job] = jobs.all()
+    assert job.state == "rejected" and REASON in job.reason
+    [item] = Outbox.from_settings(db, settings.outbox).list()
+    assert pydicom.dcmread(item.path).Modality == "SR"

@@ -80,6 +80,7 @@ def full_disk_scenario(data_dir: str) -> None:
                       "results": sorted(p.name for p in (settings.results_dir / "1").glob("*/*"))}))
 
 
+@pytest.mark.data
 def test_full_disk_at_result_write_is_recorded_later_and_retried(tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-c", "import sys; from tests.test_job_failures import "

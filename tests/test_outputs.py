@@ -187,6 +187,7 @@ def test_write_all_makes_seg_sr_sc_in_new_series_of_the_source_study(
         assert obj.Manufacturer == "covid_plugin"
 
 
+@pytest.mark.data
 @requires_dciodvfy
 @pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
 def test_every_object_passes_dciodvfy(objects: str, request: pytest.FixtureRequest) -> None:
@@ -345,7 +346,7 @@ def test_radiograph_objects_read_back(cr_series: LoadedSeries, cr_objects: list[
     assert sc.Columns == round(1841 * OutputSettings().sc_max_size / 1955)
     assert sc.Rows > OutputSettings().sc_max_size
     heat = sc.pixel_array[320:620, 160:410].astype(int)  # heatmap area, scaled by 1024/1955
-    assert (heat[..., 0] - heat[..., 2]).mean() > 40  # high heat is blended towards red
+    assert ((heat[..., 1] + heat[..., 2]) / 2 - heat[..., 0]).mean() > 40  # tinted cyan
 
 
 @pytest.mark.data
@@ -426,9 +427,11 @@ def test_sr_outlines_lungs_and_lesions_on_the_key_slice(
 ) -> None:
     sr = pydicom.dcmread(one(ct_objects, "SR"))
     outlined = [(g, _regions(g)[0]) for g in _groups(sr) if _regions(g)]
-    # the AI result region, one outline per lung and per lesion type
+    # the verdict (the key image's frame), one outline per lung and per lesion type, and the
+    # region of the measurements about both lungs
     assert [_finding(g) for g, _ in outlined] == [
-        "COVID-19", "Right lung", "Left lung", "Ground glass opacity", "Lung consolidation"]
+        "COVID-19", "Right lung", "Left lung", "Ground glass opacity", "Lung consolidation",
+        "Lung"]
     uids = [ds.SOPInstanceUID for ds in ct_series.datasets]
     slices = []
     for _, region in outlined:
@@ -439,7 +442,7 @@ def test_sr_outlines_lungs_and_lesions_on_the_key_slice(
         slices.append(uids.index(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
     # the key slice (largest lesion area, index 30) except for the consolidation, which is
     # absent there and outlined on its own largest slice
-    assert slices[:4] == [30, 30, 30, 30] and slices[4] in (12, 13, 14)
+    assert slices[:4] == [30, 30, 30, 30] and slices[4] in (12, 13, 14) and slices[5] == 30
     ggo_group, ggo = outlined[3]
     points = np.reshape(ggo.GraphicData, (-1, 2))
     xs, ys = points[:, 0], points[:, 1]
@@ -461,6 +464,7 @@ def _ohif_measurements(sr: pydicom.Dataset) -> dict[str, list[pydicom.Dataset]]:
     return merged
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
 def test_every_merged_measurement_has_an_image_region_ohif_can_place(
     objects: str, request: pytest.FixtureRequest
@@ -476,6 +480,7 @@ def test_every_merged_measurement_has_an_image_region_ohif_can_place(
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("objects", ["ct_objects", "cr_objects"])
 def test_outlines_load_into_cornerstone_tools(
     objects: str, request: pytest.FixtureRequest
@@ -492,11 +497,12 @@ def test_outlines_load_into_cornerstone_tools(
             continue
         identifier = first.ContentSequence[0].TextValue
         kinds = [item.ValueType for item in first.ContentSequence]
-        if identifier == "AI result":
+        names = [i.ConceptNameCodeSequence[0].CodeMeaning for i in first.ContentSequence
+                 if i.ValueType == "NUM"]
+        if identifier in ("AI result", "Both lungs"):  # drawn, not listed; no area
             assert "SCOORD" in kinds
-            names = [i.ConceptNameCodeSequence[0].CodeMeaning for i in first.ContentSequence
-                     if i.ValueType == "NUM"]
-            assert names == ["COVID-19 probability", "COVID-19 decision threshold"]
+            assert names == (["COVID-19 probability", "COVID-19 decision threshold"]
+                             if identifier == "AI result" else ["Extent"])
             continue
         assert identifier.startswith("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:")
         num = next(i for i in first.ContentSequence if i.ValueType == "NUM")
@@ -507,14 +513,15 @@ def test_outlines_load_into_cornerstone_tools(
 
 
 @pytest.mark.data
-def test_an_empty_segment_is_reported_with_the_ai_result_region(ct_series: LoadedSeries) -> None:
-    """No consolidation anywhere: its volume (0 mL) is still reported, and OHIF can place it."""
+def test_an_empty_segment_is_reported_with_the_lungs_region(ct_series: LoadedSeries) -> None:
+    """No consolidation anywhere: its volume (0 mL) is still reported, and OHIF can place it,
+    with both lungs, not beside the verdict."""
     findings = ct_findings(ct_series)
     findings.masks[3].array = np.zeros_like(findings.masks[3].array)
     sr = next(o for o in write_all(findings, ct_series) if o.Modality == "SR")
     merged = _ohif_measurements(sr)
     summary = next(groups for groups in merged.values()
-                   if groups[0].ContentSequence[0].TextValue == "AI result")
+                   if groups[0].ContentSequence[0].TextValue == "Both lungs")
     assert "Consolidation" in [g.ContentSequence[0].TextValue for g in summary]
     for groups in merged.values():
         assert any(_regions(g) for g in groups)

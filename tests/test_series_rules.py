@@ -78,3 +78,10 @@ def test_unknown_body_part_follows_the_setting():
     assert rejection_reason(unknown, RULES) is None
     strict = SelectionSettings(accept_unknown_body_part=False)
     assert "body part unknown" in rejection_reason(unknown, strict)
+
+
+def test_a_body_part_elsewhere_is_not_overruled_by_a_chest_description():
+    head = series(body_part="HEAD", description="CT CHEST W/O")
+    assert rejection_reason(head, RULES) == (
+        "not a chest study (body part HEAD, though the descriptions mention the chest)")
+    assert rejection_reason(series(body_part="CHESTABDPELVIS"), RULES) is None

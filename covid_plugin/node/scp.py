@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (
 )
 
 from covid_plugin.config import Settings, TlsSettings
-from covid_plugin.instance import InvalidInstance, read_header
+from covid_plugin.instance import InvalidInstance, loggable_uid, read_header
 from covid_plugin.node.server import GuardedAssociationServer, serve
 from covid_plugin.observability import Metrics
 from covid_plugin.store.associations import Associations
@@ -241,7 +241,8 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling = event.assoc.requestor.ae_title
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        received_uid = str(event.request.AffectedSOPInstanceUID)
+        sop_uid = loggable_uid(received_uid)  # what log lines show
         sop_class = event.request.AffectedSOPClassUID
         if self.settings.allowed_callers and calling == self.settings.health_ae_title:
             log.warning("refused instance %s: %s is the health check's AE title, which may "
@@ -254,15 +255,15 @@ class StorageSCP:
             return 0x0000
         refusal = self._refuse_for_resources(event, sop_uid, calling)
         if refusal is not None:
-            self._held_for_resend(event, calling, sop_uid)
+            self._held_for_resend(event, calling, received_uid)
             return refusal
         data = _with_source_ae(event, calling)
         try:
-            header = read_header(data, sop_uid)
+            header = read_header(data, received_uid)
         except InvalidInstance as exc:
             self.metrics.rejected.labels(reason="invalid").inc()
             log.warning("refused instance %s from %s: %s", sop_uid, calling, exc.reason)
-            self.spool.reject(data, exc.reason, calling, sop_uid)
+            self.spool.reject(data, exc.reason, calling, received_uid)
             return _status(exc.status, exc.reason)
         try:
             self._delivering(event.assoc, header.series_uid)

@@ -11,6 +11,7 @@ import logging
 import ssl
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +24,8 @@ from covid_plugin.outage import Outage
 from covid_plugin.store.outbox import Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
+
+OnResult = Callable[[int, str | None], None]  # an outbox item's id, and None or the error
 
 
 def _context_of(path: Path) -> tuple[str, str]:
@@ -59,7 +62,9 @@ class DicomSender:
             return None
         return client_context(tls), tls.server_name or item.dest_host
 
-    def deliver(self, items: list[OutboxItem]) -> dict[int, str | None]:
+    def deliver(self, items: list[OutboxItem], on_result: OnResult | None = None
+                ) -> dict[int, str | None]:
+        """`on_result(item id, error)` hears of each C-STORE's answer as it comes."""
         first = items[0]
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
@@ -103,6 +108,8 @@ class DicomSender:
                 else:
                     comment = getattr(status, "ErrorComment", "")
                     results[item.id] = f"destination answered 0x{code:04X} {comment}".strip()
+                if on_result is not None:
+                    on_result(item.id, results[item.id])
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -110,7 +117,8 @@ class DicomSender:
 
 
 class Sender(Protocol):
-    def deliver(self, items: list[OutboxItem]) -> dict[int, str | None]: ...
+    def deliver(self, items: list[OutboxItem], on_result: OnResult | None = None
+                ) -> dict[int, str | None]: ...
 
 
 class OutboxSender:
@@ -147,27 +155,39 @@ class OutboxSender:
         return self._thread.is_alive()
 
     def send_due(self) -> int:
-        """One round; returns how many items were delivered."""
+        """One round; returns how many items were delivered. Each item is recorded as soon
+        as the destination answers for it, so that a sender killed mid-batch sends again
+        only what had not been acknowledged."""
         groups: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in self.outbox.claim(self.owner, lease_s=self.lease_s):
             groups[item.destination].append(item)
         delivered = 0
         for destination, items in groups.items():
-            for item_id, error in self._deliver(items).items():
-                if error is None:
-                    self.outbox.mark_sent(item_id, owner=self.owner)
-                    self.metrics.exported.inc()
-                    delivered += 1
-                    continue
-                self.metrics.export_failures.inc()
-                state = self.outbox.mark_failed(item_id, error, owner=self.owner)
-                log.warning("export of outbox item %d to %s failed (%s): %s",
-                            item_id, destination, state, error)
+            recorded: dict[int, str | None] = {}
+
+            def record(item_id: int, error: str | None, destination: str = destination,
+                       recorded: dict[int, str | None] = recorded) -> None:
+                recorded[item_id] = error
+                self._record(item_id, error, destination)
+            for item_id, error in self._deliver(items, record).items():
+                if item_id not in recorded:
+                    record(item_id, error)
+            delivered += sum(error is None for error in recorded.values())
         return delivered
 
-    def _deliver(self, items: list[OutboxItem]) -> dict[int, str | None]:
+    def _record(self, item_id: int, error: str | None, destination: str) -> None:
+        if error is None:
+            self.outbox.mark_sent(item_id, owner=self.owner)
+            self.metrics.exported.inc()
+            return
+        self.metrics.export_failures.inc()
+        state = self.outbox.mark_failed(item_id, error, owner=self.owner)
+        log.warning("export of outbox item %d to %s failed (%s): %s",
+                    item_id, destination, state, error)
+
+    def _deliver(self, items: list[OutboxItem], on_result: OnResult) -> dict[int, str | None]:
         if items[0].dest_url is None:
-            return self.sender.deliver(items)
+            return self.sender.deliver(items, on_result)
         if self.web_sender is None:
             return {item.id: "this node has no DICOMweb sender" for item in items}
         return self.web_sender.deliver(items)

@@ -4,7 +4,11 @@ pynetdicom's server does the TLS handshake in its accept loop, without a timeout
 that connects and sends nothing blocks every later connection. Here the accept loop only
 counts and hands over; the handshake runs on the connection's own thread under a timeout.
 A peer address may hold only `max_associations_per_peer` connections, so that one client
-cannot take every slot; connections past that are closed at once, before any handshake.
+cannot take every slot. A connection is held here, where it can be evicted, until it has
+finished TLS and sent the first bytes of its association request: when the address is at its
+limit, a new connection closes the oldest such one (a silent socket) rather than being turned
+away, so idle sockets cannot lock out a real caller from the same address. Only when every
+connection of the address is past that point are connections past the limit closed at once.
 When the node must not take data (disk below its watermark), an association request is
 answered with A-ASSOCIATE-RJ (transient, local limit exceeded): a PACS retries later.
 """
@@ -12,6 +16,7 @@ answered with A-ASSOCIATE-RJ (transient, local limit exceeded): a PACS retries l
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import socketserver
 import ssl
@@ -79,7 +84,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._guard = threading.Lock()
         # connections accepted and not yet handed to pynetdicom: address -> client ports
         self._pending: defaultdict[str, set[int]] = defaultdict(set)
+        # of those, the ones still in TLS or silent, oldest first: address -> port -> socket
+        self._evictable: defaultdict[str, dict[int, socket.socket]] = defaultdict(dict)
         super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers)
+
+    # socketserver's listen() backlog is 5: a burst of PACS connections beyond that waits
+    # for SYN retries (a second or more) while the accept loop is busy
+    request_queue_size = 128
 
     def server_bind(self) -> None:
         """With `reuse_port`, several listener processes on this machine bind the same port
@@ -99,13 +110,25 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         host, port = client_address[0], client_address[1]
+        evicted: socket.socket | None = None
         with self._guard:
             held = self.connections_from(host)
+            refused = False
             if held >= self.limits.max_associations_per_peer:
-                refused = True
-            else:
-                refused = False
+                evicted = self._take_oldest_evictable(host)
+                refused = evicted is None
+            if not refused:
                 self._pending[host].add(port)
+                self._evictable[host][port] = request
+        if evicted is not None:
+            log.warning("connection from %s closed to make room: it had not finished TLS and "
+                        "its association request (network.max_associations_per_peer)", host)
+            self.on_refused("evicted")
+            try:  # its own thread then closes it. The plain socket's shutdown even for a
+                # TLS one: SSLSocket.shutdown drops the SSL object another thread may be using
+                socket.socket.shutdown(evicted, socket.SHUT_RDWR)
+            except OSError:
+                pass  # it closed meanwhile
         if refused:
             log.warning("connection from %s closed: it already holds %d connections "
                         "(network.max_associations_per_peer)", host, held)
@@ -114,15 +137,32 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             return
         super().process_request(request, client_address)
 
+    def _take_oldest_evictable(self, host: str) -> socket.socket | None:
+        """Under the guard: forget and return the oldest connection of `host` that has not
+        finished TLS and begun its association request, if any."""
+        waiting = self._evictable.get(host)
+        if not waiting:
+            return None
+        port, sock = next(iter(waiting.items()))
+        del waiting[port]
+        self._pending[host].discard(port)
+        return sock
+
+    def _still_evictable(self, host: str, port: int) -> bool:
+        with self._guard:
+            return port in self._evictable.get(host, {})
+
     # --- the connection's own thread ---
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         host, port = client_address[0], client_address[1]
         try:
             if self.tls_context is not None:
-                request = self._handshake(request, host)
+                request = self._handshake(request, host, port)
                 if request is None:
                     return
+            if not self._association_requested(request, host, port):
+                return
             reason = self.refusal()
             if reason is not None:
                 self._reject(request, host, reason)
@@ -131,28 +171,61 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         finally:
             with self._guard:
                 self._pending[host].discard(port)
+                self._evictable[host].pop(port, None)
                 if not self._pending[host]:
                     del self._pending[host]
+                if not self._evictable[host]:
+                    del self._evictable[host]
 
-    def _handshake(self, request: socket.socket, host: str) -> ssl.SSLSocket | None:
+    def _association_requested(self, request: socket.socket, host: str, port: int) -> bool:
+        """Wait (up to acse_timeout_s) for the first bytes of the association request, then
+        the connection is no longer evictable; False (closed) when it sent nothing or was
+        evicted meanwhile."""
+        pending = isinstance(request, ssl.SSLSocket) and request.pending()
+        sent = pending or bool(select.select([request], [], [], self.limits.acse_timeout_s)[0])
+        with self._guard:
+            evicted = port not in self._evictable.get(host, {})
+            self._evictable[host].pop(port, None)
+        if sent and not evicted:
+            return True
+        if not evicted:
+            log.warning("connection from %s closed: no association request within %.0f s "
+                        "(network.acse_timeout_s)", host, self.limits.acse_timeout_s)
+            self.on_refused("acse_timeout")
+        request.close()
+        return False
+
+    def _handshake(self, request: socket.socket, host: str, port: int) -> ssl.SSLSocket | None:
         assert self.tls_context is not None
         request.settimeout(self.limits.tls_handshake_timeout_s)
+        with self._guard:  # from here eviction shuts the TLS socket down
+            if port not in self._evictable.get(host, {}):
+                request.close()
+                return None
+            wrapped = self.tls_context.wrap_socket(request, server_side=True,
+                                                   do_handshake_on_connect=False)
+            self._evictable[host][port] = wrapped
         try:
-            wrapped = self.tls_context.wrap_socket(request, server_side=True)
-        except TimeoutError:
+            wrapped.do_handshake()
+        except (OSError, ValueError) as exc:
+            if not self._still_evictable(host, port):
+                wrapped.close()  # evicted: said when it was
+                return None
+            self._handshake_failed(wrapped, host, exc)
+            return None
+        wrapped.settimeout(None)  # pynetdicom's socket layer expects a blocking socket
+        return wrapped
+
+    def _handshake_failed(self, request: socket.socket, host: str, exc: Exception) -> None:
+        if isinstance(exc, TimeoutError):
             log.warning("TLS handshake with %s timed out after %.0f s "
                         "(network.tls_handshake_timeout_s); connection closed", host,
                         self.limits.tls_handshake_timeout_s)
             self.on_refused("tls_timeout")
-            request.close()
-            return None
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        else:  # ssl.SSLError is an OSError
             log.warning("TLS handshake with %s failed: %s", host, exc)
             self.on_refused("tls_failed")
-            request.close()
-            return None
-        wrapped.settimeout(None)  # pynetdicom's socket layer expects a blocking socket
-        return wrapped
+        request.close()
 
     def _reject(self, request: socket.socket, host: str, reason: str) -> None:
         """Read the association request, answer A-ASSOCIATE-RJ, close."""

@@ -9,7 +9,7 @@ outbox already retries, durably and across restarts, without blocking the sender
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -69,7 +69,11 @@ class StowSender:
             self._clients[destination.url] = client
         return self._clients[destination.url]
 
-    def deliver(self, items: list[OutboxItem]) -> dict[int, str | None]:
+    def deliver(self, items: list[OutboxItem],
+                on_result: Callable[[int, str | None], None] | None = None
+                ) -> dict[int, str | None]:
+        """One STOW-RS request stores the batch: every item's answer comes with its reply,
+        in the result (`on_result` has nothing to hear before it)."""
         url = items[0].dest_url
         destination = self._destinations.get(url or "")
         if destination is None:

@@ -1,8 +1,9 @@
 """Findings -> one RGB Secondary Capture that any viewer shows without SR or SEG support.
 
 For a radiograph: the image with the lung and region outlines and, when the call is not
-"normal", the region where the called class's heatmap is high (a tinted area with a contour,
-not a wash over both lungs, which would look diagnostic and localise nothing). For a CT: the
+"normal", the region where the called class's heatmap is highest (the top 15 % of the lungs,
+tinted and outlined; not a wash over both lungs, which would look diagnostic and localise
+nothing). For a CT: the
 key slice (largest lesion area) in a lung window with lung and lesion outlines.
 "RESEARCH USE ONLY" is burned into the image itself, at its bottom edge, so that it stays in
 view when a viewer zooms or pans; nothing is written along the top, where viewers put their
@@ -38,10 +39,12 @@ from covid_plugin.outputs.text import CAVEAT, summary_lines
 from covid_plugin.volume import LoadedSeries
 
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width in HU
-# The heatmap (normalised to its peak by the pipeline) is drawn where it is at least this high:
-# the top region, tinted and outlined.
-HEAT_TOP = 0.6
-HEAT_COLOUR = (255, 64, 0)
+# The heatmap (normalised to its peak by the pipeline, zero outside the lungs) is drawn only
+# in its top region, tinted and outlined: the highest HEAT_TOP_SHARE of the lungs' area, and
+# nowhere below HEAT_FLOOR of the peak. A Grad-CAM is often broad; its top still localises.
+HEAT_TOP_SHARE = 0.15
+HEAT_FLOOR = 0.6
+HEAT_COLOUR = (0, 230, 255)  # cyan: apart from the lungs' green and the region's orange
 HEAT_ALPHA = 0.35
 BANNER_COLOUR = (255, 255, 0)
 NORMAL_KEY = "normal"  # the call whose heatmap would explain nothing the reader looks for
@@ -80,7 +83,7 @@ def build_secondary_capture(
             called = next(p.code.meaning for p in c.probabilities if p.key == c.predicted)
             rgb = _draw_heat_region(rgb, findings.heatmap[frame], size)
             legend.append(
-                (f"where the {called} heatmap (Grad-CAM) is >= {HEAT_TOP:.0%} of its peak",
+                (f"top {HEAT_TOP_SHARE:.0%} of the lungs by the {called} heatmap (Grad-CAM)",
                  HEAT_COLOUR)
             )
         else:  # a heatmap of "normal" would show nothing a reader looks for
@@ -164,10 +167,12 @@ def _display(series: LoadedSeries, frame: int) -> np.ndarray:
 
 
 def _draw_heat_region(rgb: np.ndarray, heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The heatmap's top region (>= HEAT_TOP of its peak) tinted and outlined; the rest of the
-    image untouched."""
+    """The heatmap's top region tinted and outlined; the rest of the image untouched."""
     small = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(size))
-    top = small >= HEAT_TOP
+    inside = small[small > 0]
+    if inside.size == 0:
+        return rgb
+    top = small >= max(HEAT_FLOOR, float(np.quantile(inside, 1 - HEAT_TOP_SHARE)))
     if not top.any():
         return rgb
     tinted = rgb.copy()

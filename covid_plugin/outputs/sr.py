@@ -4,10 +4,9 @@ Structure of the report (concepts coded, so a PACS or a registry can query them)
 for what OHIF 3.13 shows of an SR (it draws each measurement that has an image region with
 "<concept name>: <value> <unit>" lines, and lists Cornerstone freehand outlines, named by
 their finding type, in its measurement panel):
-- the verdict: a TID 1410 group whose finding type is the called class, outlining the
-  region the call is about (the lungs' convex hull on the key image), with that class's
-  probability and the decision threshold, in percent; no area, because the region is not a
-  measurement of disease;
+- the verdict: a TID 1410 group whose finding type is the called class, with that class's
+  probability and the decision threshold, in percent, and no area or volume; its region a
+  caption band across the key image's lower part (see `_verdict_group`);
 - one TID 1501 group per class not called: finding type = the class, its probability;
   the probabilities and the threshold are named by class ("COVID-19 probability"), concepts
   of the report's declared private scheme, as no standard code names them;
@@ -18,7 +17,9 @@ their finding type, in its measurement panel):
   outline SCOORD (TID 300; pixels where the film has no pixel size), followed by the
   segment's volume and percent involved;
 - CT: one TID 1411 group per SEG segment, referencing the segment;
-- one TID 1501 group for measurements that concern no segment;
+- "Both lungs": a TID 1410 group on the key image's frame with the measurements about both
+  lungs (percent involved); an empty segment's group shares its tracking UID (it has no
+  outline of its own);
 - a "Qualitative Evaluations" container with the intended-use caveat and the pipeline's notes
   as TEXT (TID 1500 rows 12-13).
 Every group references an image (an IMAGE item with a ReferencedSOPSequence) and shares its
@@ -42,7 +43,6 @@ from highdicom.sr import (
 )
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from skimage.morphology import convex_hull_image
 
 from covid_plugin.findings import Classification, ClassProbability, Findings, Mask, ModelInfo
 from covid_plugin.findings import Measurement as FindingsMeasurement
@@ -63,7 +63,6 @@ from covid_plugin.outputs.codes import (
 from covid_plugin.outputs.headers import creation_times, models_of, stamp
 from covid_plugin.outputs.regions import (
     Outline,
-    is_anatomy,
     key_image_of,
     mask_outlines,
     outlines,
@@ -113,9 +112,10 @@ def build_report(
     Viewers that list SR measurements (OHIF) merge the groups that share a tracking UID and
     need an image region in each merged measurement: a group with none leaves OHIF 3.13 with
     a blank viewport. So every group without a region of its own shares the tracking UID of
-    one with a region: a segment's volumetric group that of its outline, and the findings
-    about the whole study (the other classes' probabilities, loose measurements, empty
-    segments) that of the verdict's region around the lungs on the key image.
+    one with a region: a segment's volumetric group that of its outline, the other classes'
+    probabilities that of the verdict, and the measurements about both lungs (percent
+    involved, an empty segment's volume) that of a "Both lungs" region (the key image's
+    frame), so that no volume is printed beside the verdict.
     OHIF prints a merged measurement as "<concept name>: <value> <unit>" lines, prints a
     group's finding site as its raw code, and skips a NUM beside an outline that has any
     child but the outline: so the measurements of a mask sit in its outline's group (its
@@ -124,12 +124,14 @@ def build_report(
     """
     when = when or datetime.datetime.now()
     frame = key_image_of(findings, series) if frame is None else frame
-    summary = hd.UID()  # the tracking UID of everything about the whole study
+    summary = hd.UID()  # the tracking UID of the verdict and the class probabilities
+    both = hd.UID()  # the tracking UID of the measurements about both lungs
     groups: list[MeasurementGroup] = [_verdict_group(findings, series, frame, summary)]
     if findings.classification is not None:
         groups.extend(
             _class_groups(findings.classification, _key_image(series, frame), summary)
         )
+    about_both: list[MeasurementGroup] = []  # drawn with the "Both lungs" region
     segments = segments or {}
     for mask in findings.masks:
         found = drawn[mask.key] if drawn is not None else mask_outlines(mask, series, frame)
@@ -157,19 +159,19 @@ def build_report(
             )
         if segment is not None:  # after its outline: OHIF names a merged group by the first
             tracking = TrackingIdentifier(
-                uid=segment_uid if found else summary, identifier=mask.label
+                uid=segment_uid if found else both, identifier=mask.label
             )
-            groups.append(
-                _segment_group(mask, segment, series, tracking, [] if found else about)
-            )
+            segment_group = _segment_group(mask, segment, series, tracking,
+                                           [] if found else about)
+            (groups if found else about_both).append(segment_group)
         elif about and not found:  # measured but neither outlined nor segmented
-            groups.append(_loose_group(findings, about, series, frame, summary))
+            about_both.append(_loose_group(findings, about, series, frame, both))
     loose = [
         _measurement(m) for m in findings.measurements
         if m.mask_key is None or m.mask_key not in {mask.key for mask in findings.masks}
     ]
-    if loose:
-        groups.append(_loose_group(findings, loose, series, frame, summary))
+    if loose or about_both:  # the region first: OHIF names a merged group by the first
+        groups.extend([_lungs_group(findings, series, frame, both, loose), *about_both])
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(settings),
         procedure_reported=procedure_reported(findings.kind),
@@ -290,20 +292,31 @@ def _region(series: LoadedSeries, frame: int, outline: Outline) -> hd.sr.ImageRe
     )
 
 
+def _image_frame(series: LoadedSeries) -> Outline:
+    return outlines(np.ones(series.array.shape[1:], dtype=bool), 1)[0]
+
+
+CAPTION_ROWS = (0.84, 0.88)  # the verdict's band, as fractions of the image's height
+
+
+def _caption_band(series: LoadedSeries) -> Outline:
+    """A band across the lower part of the key image, from its left edge to its middle, high
+    enough for the verdict's lines below it (OHIF writes them from the band's middle down)."""
+    rows, columns = series.array.shape[1:]
+    band = np.zeros((rows, columns), dtype=bool)
+    top, bottom = (round(rows * f) for f in CAPTION_ROWS)
+    band[top: max(bottom, top + 1), : max(1, columns // 2)] = True
+    return outlines(band, 1)[0]
+
+
 def _verdict_group(
     findings: Findings, series: LoadedSeries, frame: int, tracking_uid: str
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The call, as the finding of a region around the lungs on the key image (the convex
-    hull of the lungs where they were found, else the whole image), with the called class's
-    probability and the decision threshold, and no area: the region says where the call is
-    about, it is not a measurement of disease."""
-    anatomy = np.zeros(series.array.shape[1:], dtype=bool)
-    for mask in findings.masks:
-        if is_anatomy(mask):
-            anatomy |= mask.array[frame].astype(bool)
-    hull = outlines(convex_hull_image(anatomy), 1) if anatomy.any() else []
-    # lungs too small to outline (a few pixels) say nothing about where: the whole image
-    region = hull[0] if hull else outlines(np.ones(series.array.shape[1:], dtype=bool), 1)[0]
+    """The call, with the called class's probability and the decision threshold, and no
+    area. It is about the whole key image; its region is a caption band across the image's
+    lower part, because a viewer writes a region's text at the region's right edge (OHIF,
+    without keeping it in view or apart from other text): there it stays clear of the lungs'
+    labels and inside the viewport, where on the lungs' hull it lay over the left lung's."""
     c = findings.classification
     model = c.model if c is not None else (findings.models[0] if findings.models else None)
     called, measurements = None, []
@@ -321,9 +334,29 @@ def _verdict_group(
             )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="AI result"),
-        referenced_region=_region(series, frame, region),
+        referenced_region=_region(series, frame, _caption_band(series)),
         finding_type=coded(called.code) if called is not None else None,
         algorithm_id=algorithm(model, c.threshold if c else None) if model else None,
+        measurements=measurements or None,
+    )
+
+
+def _lungs_group(
+    findings: Findings,
+    series: LoadedSeries,
+    frame: int,
+    tracking_uid: str,
+    measurements: list[Measurement],
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The measurements about both lungs (the percent involved) on the key image's frame:
+    a region of their own, apart from the verdict's and the lungs' outlines, whose text a
+    viewer writes at the image's right edge."""
+    model = findings.models[0] if findings.models else None
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="Both lungs"),
+        referenced_region=_region(series, frame, _image_frame(series)),
+        finding_type=codes.SCT.Lung,
+        algorithm_id=algorithm(model) if model else None,
         measurements=measurements or None,
     )
 

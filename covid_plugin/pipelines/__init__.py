@@ -1,4 +1,8 @@
-"""Pipelines: a loaded series -> Findings. The worker picks one by modality."""
+"""Pipelines: a loaded series -> Findings. The worker picks one by modality.
+
+interface.py says what a pipeline is and runs one over a series' files (`analyse`, for the
+worker and `covid-plugin run` alike); nothing here imports the worker, node/ or store/.
+"""
 
 from __future__ import annotations
 

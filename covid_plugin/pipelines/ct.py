@@ -21,7 +21,7 @@ from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.spec import load_spec
 from covid_plugin.pipelines import codes
 from covid_plugin.pipelines.interface import SeriesSkipped
-from covid_plugin.volume import LoadedSeries, spill_to_disk
+from covid_plugin.volume import LoadedSeries, irregular_grid, spill_to_disk
 
 RIGHT, LEFT = 1, 2  # ct_lung labels
 GGO, CONSOLIDATION = 1, 2  # ct_lesion labels
@@ -44,6 +44,8 @@ class CtPipeline:
         }
 
     def run(self, series: LoadedSeries, models: dict[str, Any]) -> Findings:
+        if (irregular := irregular_grid(series)) is not None:
+            raise SeriesSkipped(irregular)
         hu, spacing = series.array, series.spacing
         lung = segment_lungs(hu, spacing, series.orientation)
         lung_ml = float(np.prod(spacing)) / 1000.0 * np.count_nonzero(lung)

@@ -257,9 +257,11 @@ class JobQueue:
 
     def finish(self, job_id: int, deliveries: Iterable[Delivery], note: str | None = None,
                reports: Iterable[ReportRef] = (), supersedes: int | None = None,
-               owner: str | None = None) -> None:
+               owner: str | None = None, declined: bool = False) -> None:
         """Mark done, record its reports and queue its results for export, atomically.
 
+        `declined`: the pipeline declined the whole series; the job is 'rejected' with the
+        reason in `note`, and its results (the "not analysed" report) are sent all the same.
         With `owner`, only while that owner still holds the job's lease (an expired lease
         not yet taken by anyone still counts: nobody else ran the job); otherwise raises
         LeaseLost and creates no outbox row.
@@ -267,11 +269,12 @@ class JobQueue:
         t = now()
         kept = json.dumps([vars(r) for r in reports])
         held, args = _holding(owner)
+        state = JobState.REJECTED if declined else JobState.DONE
         with self.db.transaction() as conn:
             updated = conn.execute(
-                "UPDATE jobs SET state = 'done', reason = ?, updated_at = ?, supersedes = ?, "
+                "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, supersedes = ?, "
                 f"reports = ? WHERE id = ? AND state = 'running'{held}",
-                (note, t, supersedes, kept, job_id, *args),
+                (state, note, t, supersedes, kept, job_id, *args),
             ).rowcount
             if not updated:
                 if owner is not None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from covid_plugin.config import Settings
 from covid_plugin.store.db import Database, now
@@ -29,11 +31,15 @@ _ENDED = sql_values(ENDED_STATES)
 
 @dataclass
 class _Candidate:
+    """Files that may go: `forget(conn)` removes their rows in the caller's transaction and
+    says whether they may go after all; `unlink()` then removes the files."""
+
     kind: str  # "spool", "rejected" or "results"
     when: float
     files: int
     size: int
-    remove: Callable[[], None]
+    forget: Callable[[Any], bool]
+    unlink: Callable[[], None]
 
 
 @dataclass
@@ -91,19 +97,21 @@ def _spool_candidates(db: Database) -> list[_Candidate]:
         paths = [Path(r["path"]) for r in instances]
         files, size = _size(paths)
 
-        def remove(uid=row["series_uid"], instances=instances, paths=paths) -> None:
+        def forget(conn, uid=row["series_uid"], instances=instances) -> bool:
             uids = [r["sop_instance_uid"] for r in instances]
-            with db.transaction() as conn:
-                still_open = conn.execute(
-                    f"SELECT 1 FROM jobs WHERE series_uid = ? AND state IN {_OPEN}", (uid,)
-                ).fetchone()
-                if still_open:  # an instance arrived meanwhile: the series is in use again
-                    return
-                conn.executemany("DELETE FROM instances WHERE sop_instance_uid = ?",
-                                 [(u,) for u in uids])
-                conn.execute("UPDATE series SET n_instances = CASE WHEN n_instances > ? "
-                             "THEN n_instances - ? ELSE 0 END WHERE series_uid = ?",
-                             (len(uids), len(uids), uid))
+            still_open = conn.execute(
+                f"SELECT 1 FROM jobs WHERE series_uid = ? AND state IN {_OPEN}", (uid,)
+            ).fetchone()
+            if still_open:  # an instance arrived meanwhile: the series is in use again
+                return False
+            conn.executemany("DELETE FROM instances WHERE sop_instance_uid = ?",
+                             [(u,) for u in uids])
+            conn.execute("UPDATE series SET n_instances = CASE WHEN n_instances > ? "
+                         "THEN n_instances - ? ELSE 0 END WHERE series_uid = ?",
+                         (len(uids), len(uids), uid))
+            return True
+
+        def unlink(paths=paths) -> None:
             for path in paths:
                 path.unlink(missing_ok=True)
             for folder in {p.parent for p in paths}:
@@ -112,7 +120,7 @@ def _spool_candidates(db: Database) -> list[_Candidate]:
                     folder.parent.rmdir()
                 except OSError:
                     pass
-        out.append(_Candidate("spool", row["last_at"], files, size, remove))
+        out.append(_Candidate("spool", row["last_at"], files, size, forget, unlink))
     return out
 
 
@@ -124,11 +132,11 @@ def _rejected_candidates(db: Database, folder: Path) -> list[_Candidate]:
         except OSError:
             continue
 
-        def remove(path=path) -> None:
-            with db.transaction() as conn:
-                conn.execute("DELETE FROM rejected_instances WHERE path = ?", (str(path),))
-            path.unlink(missing_ok=True)
-        out.append(_Candidate("rejected", stat.st_mtime, 1, stat.st_size, remove))
+        def forget(conn, path=path) -> bool:
+            conn.execute("DELETE FROM rejected_instances WHERE path = ?", (str(path),))
+            return True
+        out.append(_Candidate("rejected", stat.st_mtime, 1, stat.st_size, forget,
+                              lambda path=path: path.unlink(missing_ok=True)))
     return out
 
 
@@ -144,35 +152,26 @@ def _results_candidates(db: Database, results_dir: Path) -> list[_Candidate]:
         if not folder.is_dir():
             continue
         files, size = _size([p for p in folder.rglob("*") if p.is_file()])  # <attempt>/
-        out.append(_Candidate("results", row["updated_at"], files, size,
+        out.append(_Candidate("results", row["updated_at"], files, size, lambda conn: True,
                               lambda folder=folder: shutil.rmtree(folder, ignore_errors=True)))
     return out
 
 
-def _purge_rows(db: Database, cutoff: float, dry_run: bool) -> dict[str, int]:
-    """Rows of jobs ended before `cutoff` with nothing pending, then series left empty."""
-    jobs_sql = (f"SELECT id FROM jobs j WHERE state IN {_ENDED} AND updated_at < ? AND NOT "
-                "EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending')")
-    counts: dict[str, int] = {}
-    try:
-        with db.transaction() as conn:
-            _delete_rows(conn, jobs_sql, cutoff, counts)
-            if dry_run:  # counted inside the transaction: undo it
-                raise _DryRun
-    except _DryRun:
-        pass
-    return counts
+# jobs ended before the cutoff with nothing pending: their rows may go
+_EXPIRED_JOBS = (f"SELECT id FROM jobs j WHERE state IN {_ENDED} AND updated_at < ? AND NOT "
+                 "EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending')")
 
 
 class _DryRun(Exception):
     """Rolls a dry run's transaction back."""
 
 
-def _delete_rows(conn, jobs_sql: str, cutoff: float, counts: dict[str, int]) -> None:
-    """The deletions of _purge_rows, counted per table into `counts`."""
+def _delete_rows(conn, cutoff: float, counts: dict[str, int]) -> None:
+    """Rows of jobs ended before `cutoff` with nothing pending, then series left empty,
+    counted per table into `counts`."""
     for table, sql in (
-        ("outbox", f"DELETE FROM outbox WHERE job_id IN ({jobs_sql})"),
-        ("jobs", f"DELETE FROM jobs WHERE id IN ({jobs_sql})"),
+        ("outbox", f"DELETE FROM outbox WHERE job_id IN ({_EXPIRED_JOBS})"),
+        ("jobs", f"DELETE FROM jobs WHERE id IN ({_EXPIRED_JOBS})"),
     ):
         counts[table] = conn.execute(sql, (cutoff,)).rowcount
     counts["series"] = conn.execute(
@@ -194,30 +193,57 @@ def purge(settings: Settings, db: Database, dry_run: bool = False,
 
 
 def _purge(settings: Settings, db: Database, dry_run: bool, at: float | None) -> PurgeReport:
-    policy, t = settings.retention, now() if at is None else at
+    """A dry run makes every row change of the real purge in one transaction and rolls it
+    back, so that it counts what the purge would: the series rows that the removal of
+    their instances leaves empty included."""
     report = PurgeReport(dry_run=dry_run)
-    days = {"spool": policy.spool_days, "rejected": policy.rejected_days,
-            "results": policy.results_days}
+    # files are looked at before any transaction: a long scan must not hold the store
     candidates = (_spool_candidates(db) + _rejected_candidates(db, settings.spool_dir / "rejected")
                   + _results_candidates(db, settings.results_dir))
     candidates.sort(key=lambda c: c.when)
-
     total = _tree_size(settings.spool_dir) + _tree_size(settings.results_dir)
+    try:
+        with db.transaction() if dry_run else nullcontext() as dry:
+            _apply(settings, db, candidates, total, report, dry, now() if at is None else at)
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        pass
+    return report
+
+
+def _apply(settings: Settings, db: Database, candidates: list[_Candidate], total: int,
+           report: PurgeReport, dry: Any, t: float) -> None:
+    """Remove (or, inside the dry run's transaction `dry`, only forget) what has expired."""
+    policy = settings.retention
+    days = {"spool": policy.spool_days, "rejected": policy.rejected_days,
+            "results": policy.results_days}
     cap = None if policy.max_total_gb is None else policy.max_total_gb * 1e9
     for candidate in candidates:
         limit = days[candidate.kind]
         expired = limit is not None and candidate.when < t - limit * _DAY
         if not expired and (cap is None or total <= cap):
             continue
-        if not dry_run:
-            candidate.remove()
+        if dry is not None:
+            gone = candidate.forget(dry)
+        else:
+            with db.transaction() as conn:
+                gone = candidate.forget(conn)
+            if gone:
+                candidate.unlink()
+        if not gone:
+            continue
         report.files[candidate.kind] += candidate.files
         report.bytes[candidate.kind] += candidate.size
         total -= candidate.size
     if policy.db_days is not None:
-        report.rows = _purge_rows(db, t - policy.db_days * _DAY, dry_run)
+        cutoff = t - policy.db_days * _DAY
+        if dry is not None:
+            _delete_rows(dry, cutoff, report.rows)
+        else:
+            with db.transaction() as conn:
+                _delete_rows(conn, cutoff, report.rows)
     report.kept_bytes = max(total, 0)
-    return report
 
 
 def _tree_size(root: Path) -> int:

@@ -26,9 +26,12 @@ OHIF_VERSION = "3.13.2"
 OHIF_DIST = REPO / "cache" / "ohif" / OHIF_VERSION / "dist"
 CHROMIUM = Path(os.environ.get("VIEWER_TEST_CHROMIUM", "/usr/bin/chromium"))
 SAMPLES = REPO / "dicom_samples"
-# the first COVID CT and chest X-ray samples (dicom_samples/README.md lists them)
+# the first COVID CT and chest X-ray samples (dicom_samples/README.md lists them), and the
+# NIH film, whose pixels are not square (ImagerPixelSpacing 1.3359 x 1.0944 mm)
 CT_SAMPLE = sorted(SAMPLES.glob("ct-covid_*"))[0]
 CXR_SAMPLE = sorted(SAMPLES.glob("cxr-covid_*"))[0]
+NIH_SAMPLE = SAMPLES / "cxr-normal_nih-cxr14-PA"
+SAMPLES_SHOWN = (CT_SAMPLE, CXR_SAMPLE, NIH_SAMPLE)
 # the machine has no network: keep Chromium from trying, and render with SwiftShader (no GPU)
 CHROMIUM_ARGS = [
     "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
@@ -69,6 +72,11 @@ class Study:
 
     study_uid: str
     results: dict[str, list[pydicom.Dataset]]  # modality -> result objects (headers)
+    sample: Path  # the dicom_samples/ folder it came from
+
+    def source(self) -> pydicom.Dataset:
+        """The header of the sample's first image."""
+        return pydicom.dcmread(next(self.sample.glob("*.dcm")), stop_before_pixels=True)
 
     def result(self, modality: str) -> pydicom.Dataset:
         return self.results[modality][0]
@@ -83,6 +91,7 @@ class Viewer:
     url: str
     ct: Study
     cxr: Study
+    nih: Study  # a film with non-square pixels
 
 
 def _run_pipeline(samples: list[Path], workdir: Path) -> dict[str, Study]:
@@ -108,7 +117,7 @@ def _run_pipeline(samples: list[Path], workdir: Path) -> dict[str, Study]:
             if ds.StudyInstanceUID == study_uid:
                 results.setdefault(str(ds.Modality), []).append(ds)
         assert results, f"no results for {sample.name}:\n{done.stdout}"
-        studies[sample.name] = Study(study_uid, results)
+        studies[sample.name] = Study(study_uid, results, sample)
     return studies
 
 
@@ -116,16 +125,17 @@ def _run_pipeline(samples: list[Path], workdir: Path) -> dict[str, Study]:
 def viewer(viewer_tools, tmp_path_factory) -> Iterator[Viewer]:
     """Orthanc holding the CT and chest X-ray samples and their results, OHIF in front."""
     workdir = tmp_path_factory.mktemp("viewer")
-    studies = _run_pipeline([CT_SAMPLE, CXR_SAMPLE], workdir)
+    studies = _run_pipeline(list(SAMPLES_SHOWN), workdir)
     orthanc = DicomwebOrthanc(workdir / "orthanc").start()
     server = None
     try:
-        for path in [*CT_SAMPLE.glob("*.dcm"), *CXR_SAMPLE.glob("*.dcm"),
-                     *(workdir / "out").rglob("*.dcm")]:
+        sources = [path for sample in SAMPLES_SHOWN for path in sample.glob("*.dcm")]
+        for path in [*sources, *(workdir / "out").rglob("*.dcm")]:
             orthanc.upload(path)
         server = viewer_server(OHIF_DIST, Path(__file__).with_name("app-config.js"),
                                orthanc.http_port).start()
-        yield Viewer(server.url, studies[CT_SAMPLE.name], studies[CXR_SAMPLE.name])
+        yield Viewer(server.url, studies[CT_SAMPLE.name], studies[CXR_SAMPLE.name],
+                     studies[NIH_SAMPLE.name])
     finally:
         if server is not None:
             server.stop()

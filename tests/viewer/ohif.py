@@ -150,3 +150,82 @@ def save_screenshot(page: Page, folder: Path | None, name: str) -> None:
     image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.LANCZOS)
     image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(
         folder / f"{name}.png", optimize=True)
+
+
+def svg_layer(page: Page) -> dict:
+    """What the first viewport's annotation layer (SVG) draws, in viewport pixels: each
+    polyline's points and each text box's lines. Read from the page, not the screenshot, so
+    that outlines and their labels can be told apart."""
+    return page.evaluate(
+        """(selector) => {
+            const pane = document.querySelector(selector);
+            const origin = pane.getBoundingClientRect();
+            const shift = (element) => {
+                const box = element.ownerSVGElement.getBoundingClientRect();
+                return [box.x - origin.x, box.y - origin.y];
+            };
+            return {
+                polylines: Array.from(pane.querySelectorAll('svg polyline')).map(p => ({
+                    shift: shift(p), points: p.getAttribute('points') || ''})),
+                texts: Array.from(pane.querySelectorAll('svg text')).map(t =>
+                    Array.from(t.querySelectorAll('tspan')).map(s => s.textContent)),
+                boxes: Array.from(pane.querySelectorAll('svg text')).map(t => {
+                    const box = t.getBoundingClientRect();
+                    return [box.left - origin.x, box.top - origin.y, box.right - origin.x,
+                            box.bottom - origin.y];
+                }),
+                size: [origin.width, origin.height],
+            };
+        }""",
+        VIEWPORT,
+    )
+
+
+def drawn_polylines(page: Page, minimum_points: int = 8) -> list[np.ndarray]:
+    """The outlines the viewport draws, as (n, 2) arrays of viewport pixels (x, y)."""
+    found = []
+    for line in svg_layer(page)["polylines"]:
+        values = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", line["points"])]
+        points = np.array(values).reshape(-1, 2) + np.array(line["shift"])
+        if len(points) >= minimum_points:
+            found.append(points)
+    return found
+
+
+def drawn_labels(page: Page) -> list[list[str]]:
+    """The text boxes the viewport draws next to annotations, each as its lines."""
+    return [lines for lines in svg_layer(page)["texts"] if lines]
+
+
+def label_box(page: Page, first_line: str) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in viewport pixels of the text box whose first line starts
+    with `first_line`."""
+    layer = svg_layer(page)
+    for lines, box in zip(layer["texts"], layer["boxes"], strict=True):
+        if lines and lines[0].startswith(first_line):
+            return tuple(box)
+    raise AssertionError(f"no text box starts with {first_line!r}")
+
+
+def viewport_size(page: Page) -> tuple[float, float]:
+    return tuple(svg_layer(page)["size"])
+
+
+def film_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a displayed greyscale image in a viewport screenshot: the
+    rows and columns that are mostly grey, not the viewport's black background nor its
+    coloured frame (corner texts are too small to count)."""
+    top_value, low_value = pixels.max(axis=2).astype(int), pixels.min(axis=2).astype(int)
+    lit = (top_value > 4) & (top_value - low_value < 30)
+    columns = np.flatnonzero(lit.mean(axis=0) > 0.5)
+    rows = np.flatnonzero(lit.mean(axis=1) > 0.5)
+    return int(columns[0]), int(rows[0]), int(columns[-1]) + 1, int(rows[-1]) + 1
+
+
+def wait_for_annotations(page: Page, timeout_s: float = 30.0) -> None:
+    """Until the viewport draws an SR's annotations (text boxes) and they have settled: OHIF
+    draws them some time after the image, which may already look rendered."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not drawn_labels(page):
+        page.wait_for_timeout(500)
+    wait_until_rendered(page)
