@@ -121,6 +121,7 @@ def write_lesion_card(out: Path, spec: ModelSpec, metrics: dict) -> None:
         "medseg_source": MEDSEG_SOURCE, "n_medseg": trained["medseg_slices"],
         "n_negative": trained["negative_slices"], "n_positive": trained["positive_slices"],
         "hu_sources": HU_SOURCES, "steps": data["steps"], "device": device_text(),
+        "schedule": data.get("schedule", {}).get("segments", "one"),
         "out_of_fold": "yes" if head["out_of_fold"] else "NO (fold models missing)",
         "margin": f"{spec.input['crop_margin']:.0%}",
         "lower_hu": f"{spec.intensity['lower_hu']:.0f}",

@@ -184,6 +184,7 @@ def train(args: argparse.Namespace) -> int:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, partial(warmup_cosine, total=total))
     outline_loss = DiceCELoss(to_onehot_y=True, softmax=True)
     step = 0
+    segments: list[list[int]] = []  # [from step, to step, schedule total] per run segment
     ckpt = cache / "last.ckpt"
     if args.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
@@ -191,8 +192,10 @@ def train(args: argparse.Namespace) -> int:
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         step = state["step"]
+        segments = state.get("segments", [[0, step, step]])
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed at step %d of %d", step, total)
+    segments.append([step, step, total])
     seed = args.seed + step
     outlined = augmentations(seed, opts.crop, "label")
     normal = augmentations(seed + 1, opts.crop, "lung")
@@ -225,6 +228,7 @@ def train(args: argparse.Namespace) -> int:
         step += 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        segments[-1][1] = step
         if step % opts.checkpoint_every == 0 or step == total:
             torch.save(
                 {
@@ -232,6 +236,7 @@ def train(args: argparse.Namespace) -> int:
                     "optimiser": optimiser.state_dict(),
                     "schedule": schedule.state_dict(),
                     "step": step,
+                    "segments": segments,
                     "torch_rng": torch.get_rng_state(),
                 },
                 ckpt,
@@ -239,11 +244,12 @@ def train(args: argparse.Namespace) -> int:
     progress.close()
     network.cpu()
     torch.save(network.state_dict(), out / WEIGHTS)
-    write_spec(out, window, pools.describe(), steps=total, fold=opts.fold)
+    write_spec(out, window, pools.describe(), steps=total, fold=opts.fold, segments=segments)
     return 0
 
 
-def write_spec(out: Path, window: dict, trained_on: dict, steps: int, fold: str) -> None:
+def write_spec(out: Path, window: dict, trained_on: dict, steps: int, fold: str,
+               segments: list[list[int]]) -> None:
     """spec.json from the weights, the HU window calibration and what the run trained on."""
     spec = {
         "name": "ct-lesion",
@@ -292,6 +298,8 @@ def write_spec(out: Path, window: dict, trained_on: dict, steps: int, fold: str)
             "fold": fold,
             "trained_on": trained_on,
             "steps": steps,
+            # a run cut short or extended by --resume follows each segment's own total
+            "schedule": {"segments": segments},
         },
     }
     (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
