@@ -248,6 +248,9 @@ class LesionSegmenter:
                                                    DEFAULT_LESION_PROBABILITY))
         self.min_lesion_ml = float(spec.thresholds.get("min_lesion_ml", DEFAULT_MIN_LESION_ML))
         self.min_mean_probability = float(spec.thresholds.get("min_mean_probability", 0.0))
+        # the attenuation bands that type a lesion voxel (spec output.ggo_band_hu)
+        band = (spec.model_extra or {}).get("output", {}).get("ggo_band_hu", GGO_BAND_HU)
+        self.band = (float(band[0]), float(band[1]))
 
     @classmethod
     def load(cls, model_dir: Path, device: str = "cpu", batch_size: int = 4) -> LesionSegmenter:
@@ -269,7 +272,7 @@ class LesionSegmenter:
         shape = (hu.shape[0], box[0].stop - box[0].start, box[1].stop - box[1].start)
         signed = np.zeros(shape, np.float16)
         for index, lesion, inside in self._batches(hu, lung, box):
-            kind = attenuation_kind(hu[index, box[0], box[1]], min(spacing[1:]))
+            kind = attenuation_kind(hu[index, box[0], box[1]], min(spacing[1:]), self.band)
             probability = lesion.half().numpy() * (inside & (kind != NONE))
             signed[index] = np.negative(probability, out=probability,
                                         where=kind == CONSOLIDATION)

@@ -78,7 +78,8 @@ def _cache_key(segmenter: LesionSegmenter, rel: str) -> str:
     # the node's code that turns a series into lesion probabilities: lungs, then the network's
     # pre- and post-processing (crop, window, resize, softmax, attenuation kinds)
     code = Path(ct_lung.__file__).read_bytes() + Path(ct_lesion.__file__).read_bytes()
-    digest = hashlib.sha256(code + segmenter.spec.weights_sha256.encode() + rel.encode())
+    digest = hashlib.sha256(code + segmenter.spec.weights_sha256.encode()
+                            + repr(segmenter.band).encode() + rel.encode())
     return digest.hexdigest()[:16]
 
 

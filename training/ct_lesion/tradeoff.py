@@ -79,7 +79,7 @@ def medseg_probabilities(segmenter: LesionSegmenter, slices: list[dict]
         lesion = torch.cat([lesion_probability(segmenter.network(x[i:i + 8]))
                             for i in range(0, len(x), 8)]).numpy()
     hu = unit_to_hu(x[:, 0].numpy(), *window_bounds(segmenter.spec.intensity))
-    kind = attenuation_kind(hu, MEDSEG_SPACING[1])
+    kind = attenuation_kind(hu, MEDSEG_SPACING[1], segmenter.band)
     lesion = lesion * valid * (kind != NONE)
     true = torch.stack([s["label"] for s in slices])[:, 0].long().numpy()
     return lesion, kind, true
