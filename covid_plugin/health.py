@@ -56,9 +56,8 @@ def attention(settings: Settings, jobs: JobQueue, outbox: Outbox,
                                       f"and was not resent: {_named(incomplete)}")
     if quarantined := jobs.in_state(JobState.QUARANTINED):
         found["quarantined_jobs"] = (
-            "job(s) quarantined: " + ", ".join(f"{j.id} (series {j.series_uid})"
-                                               for j in quarantined[:5])
-            + (f" and {len(quarantined) - 5} more" if len(quarantined) > 5 else "")
+            "job(s) quarantined: "
+            + _named([f"{j.id} (series {j.series_uid})" for j in quarantined])
             + "; `covid-plugin requeue ID` once the cause is fixed")
     return found
 

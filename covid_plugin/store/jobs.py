@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 INCOMPLETE = "incomplete"
 
 
-
 class JobState(StrEnum):
     """A job's state, as the diagram above draws it; the values are what the `state` column
     holds (the schema's CHECK lists the same words, and the SQL here writes them literally:

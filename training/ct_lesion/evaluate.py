@@ -39,7 +39,7 @@ from training.common.paths import REPO
 from training.ct_lesion import tradeoff as lesion_tradeoff
 from training.ct_lesion.card import write_lesion_card
 from training.ct_lesion.data import load_slices
-from training.ct_lesion.tradeoff import MEDSEG_SPACING, medseg_probabilities
+from training.ct_lesion.tradeoff import medseg_labels, medseg_probabilities
 
 SAMPLES = REPO / "dicom_samples"
 LEAKAGE_NOTE = ("MedSeg has no patient ids: test slices may come from patients also in the "
@@ -88,16 +88,14 @@ def slice_metrics(pred: torch.Tensor, true: torch.Tensor, seed: int) -> dict:
     return out
 
 
-def evaluate_test_slices(segmenter: LesionSegmenter, data: Path, limit: int | None, seed: int,
+def evaluate_test_slices(slices: list[dict], found: tuple[np.ndarray, ...], seed: int,
                          out: Path | None, setting: tuple[float, float, float]) -> dict:
-    """Dice/IoU of the MedSeg test slices at one measurement setting (probability, smallest
-    lesion, smallest mean probability), each slice filtered in 2D as `tradeoff.py`
-    does; the overlay picture when `out` is given."""
-    slices = load_slices(data, "test", limit)
-    probability, kind, reference = medseg_probabilities(segmenter, slices)
-    pred = torch.from_numpy(np.stack([
-        filter_lesions(probability[i:i + 1], kind[i:i + 1], MEDSEG_SPACING, *setting)[0]
-        for i in range(len(slices))]))[:, None].long()
+    """Dice/IoU of the MedSeg test `slices` at one measurement setting (probability, smallest
+    lesion, smallest mean probability) from their `found` (probability, kind, reference) of
+    `tradeoff.medseg_probabilities`, each slice filtered in 2D as `tradeoff.py` does; the
+    overlay picture when `out` is given."""
+    probability, kind, reference = found
+    pred = torch.from_numpy(medseg_labels(probability, kind, setting))[:, None].long()
     true = torch.from_numpy(reference)[:, None]
     metrics = slice_metrics(pred, true, seed)
     metrics["n_slices"] = len(slices)
@@ -255,7 +253,9 @@ def evaluate(args: argparse.Namespace) -> int:
     (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     segmenter = LesionSegmenter.load(out)  # the node's segmenter with the chosen setting
     per_patient = next(r for r in tradeoff["table"] if tuple(r["setting"]) == setting)
-    test = evaluate_test_slices(segmenter, data, args.limit, args.seed, out, setting)
+    slices = load_slices(data, "test", args.limit)
+    found = medseg_probabilities(segmenter, slices)  # one network pass for both settings
+    test = evaluate_test_slices(slices, found, args.seed, out, setting)
     samples = node_samples(segmenter) if args.limit is None else {}
     auc = slice_auc(maps, series_slice_labels(data), setting, args.seed)
     metrics = {
@@ -265,8 +265,8 @@ def evaluate(args: argparse.Namespace) -> int:
         "measurement_setting": dict(zip(lesion_tradeoff.SETTING_FIELDS, setting,
                                         strict=True)),
         "test_slices_8bit": test,
-        "test_slices_8bit_at_0.5": evaluate_test_slices(segmenter, data, args.limit,
-                                                        args.seed, None, (0.5, 0.0, 0.0)),
+        "test_slices_8bit_at_0.5": evaluate_test_slices(slices, found, args.seed, None,
+                                                        (0.5, 0.0, 0.0)),
         "tradeoff": tradeoff,
         "real_hu": {
             "normals_leave_one_normal_out": tradeoff["choice"]["leave_one_normal_out"],

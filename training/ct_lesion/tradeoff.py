@@ -97,12 +97,19 @@ def medseg_out_of_fold(judge: OutOfFold, slices: list[dict]
     return tuple(np.concatenate([p[k] for p in parts])[inverse] for k in range(3))
 
 
-def medseg_dice(probability: np.ndarray, kind: np.ndarray, true: np.ndarray,
-                setting: tuple[float, float, float]) -> dict[str, float | None]:
-    """Pooled Dice over slices, each slice filtered in 2D (no slice neighbours in MedSeg)."""
-    pred = np.stack([
+def medseg_labels(probability: np.ndarray, kind: np.ndarray,
+                  setting: tuple[float, float, float]) -> np.ndarray:
+    """Labels of MedSeg slices at one setting, each slice filtered in 2D (MedSeg slices have
+    no neighbours)."""
+    return np.stack([
         filter_lesions(probability[i:i + 1], kind[i:i + 1], MEDSEG_SPACING, *setting)[0]
         for i in range(len(probability))])
+
+
+def medseg_dice(probability: np.ndarray, kind: np.ndarray, true: np.ndarray,
+                setting: tuple[float, float, float]) -> dict[str, float | None]:
+    """Pooled Dice over slices at one setting (`medseg_labels`)."""
+    pred = medseg_labels(probability, kind, setting)
     return {"lesion": _dice(pred > 0, true > 0), "ggo": _dice(pred == GGO, true == GGO),
             "consolidation": _dice(pred == CONSOLIDATION, true == CONSOLIDATION)}
 
