@@ -19,8 +19,9 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from covid_plugin.config import Settings
 from covid_plugin.findings import Findings
 from covid_plugin.service import Node
-from covid_plugin.store.jobs import ENDED_STATES, Job, JobState
+from covid_plugin.store.jobs import Job
 from covid_plugin.store.outbox import OutboxState
+from covid_plugin.store.states import ENDED_STATES, JobState
 from covid_plugin.summary import ResultRow, format_table
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 from covid_plugin.config import SelectionSettings
-from covid_plugin.store.jobs import INCOMPLETE, SeriesRecord
+from covid_plugin.store.jobs import SeriesRecord
 
 _MULTIFRAME_CT = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 _SCOUT_WORDS = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW")
@@ -48,7 +48,7 @@ def delivered_cleanly(series: SeriesRecord) -> bool:
 
 
 def incomplete_reason(series: SeriesRecord, incomplete_timeout_s: float) -> str:
-    return (f"{INCOMPLETE}: the transfer broke off after {series.n_instances} instance(s) "
+    return (f"incomplete: the transfer broke off after {series.n_instances} instance(s) "
             f"(association aborted or node restarted) and was not resent within "
             f"{incomplete_timeout_s:g} s")
 

@@ -197,7 +197,7 @@ class Worker:
                 reason = rejection_reason(series, self.settings.selection)
             if reason is None and series.modality not in self._pipelines:
                 reason = f"no pipeline for modality {series.modality}"
-            if not self.jobs.close(series.job_id, reason):
+            if not self.jobs.close(series.job_id, reason, incomplete=state == "incomplete"):
                 continue  # another worker closed it a moment ago
             closed += 1
             if reason:

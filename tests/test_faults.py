@@ -179,8 +179,8 @@ def test_health_names_what_will_not_be_processed_or_delivered(tmp_path: Path, db
     add_series(db, "1.poison", last_at=old)
     add_jobs(db, "1.poison", "quarantined")
     with db.transaction() as conn:
-        conn.execute("UPDATE jobs SET reason = 'incomplete: the transfer broke off' "
-                     "WHERE series_uid = '1.broken'")
+        conn.execute("UPDATE jobs SET reason = 'incomplete: the transfer broke off', "
+                     "incomplete = ? WHERE series_uid = '1.broken'", (True,))
         conn.execute("UPDATE jobs SET reason = 'not a chest study' WHERE series_uid = '1.off'")
     report = found()
     assert report["incomplete_series"].endswith(": 1.broken")

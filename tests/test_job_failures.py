@@ -18,7 +18,7 @@ from covid_plugin.instance import read_header
 from covid_plugin.observability import Metrics, operations_health
 from covid_plugin.outputs import write_all
 from covid_plugin.store.associations import Associations
-from covid_plugin.store.db import MIGRATIONS, SQLiteDatabase
+from covid_plugin.store.db import SQLiteDatabase
 from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.spool import Spool
 from covid_plugin.worker import Worker
@@ -169,27 +169,3 @@ def test_health_reports_stuck_jobs_disk_and_outbox_backlog(node_factory):
     assert report["outbox_backlog"] == {"pending": 0, "oldest_pending_s": 0.0, "dead": 0}
     cli = json.loads(node.cli("health").stdout)
     assert cli["stuck_jobs"] == [1] and cli["ok"] is False
-
-
-def test_existing_database_is_migrated_without_losing_rows(tmp_path: Path):
-    path = tmp_path / "db.sqlite"
-    old = sqlite3.connect(path)
-    old.executescript(MIGRATIONS[0])
-    old.executescript(
-        "PRAGMA user_version=1;"
-        "INSERT INTO series VALUES ('1.1', '1', 'CT', '', '', '', '', 'A', 30, 5, 7);"
-        "INSERT INTO jobs (series_uid, state, attempts, created_at, updated_at) "
-        "VALUES ('1.1', 'done', 1, 0, 8);"
-        "INSERT INTO outbox (job_id, path, sop_instance_uid, dest_ae, dest_host, dest_port, "
-        "state, next_attempt_at, created_at, updated_at) "
-        "VALUES (1, 'r.dcm', '9.9', 'P', 'h', 104, 'pending', 0, 0, 0);")
-    old.close()
-    db = SQLiteDatabase(path)
-    conn = db.connection()
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    assert tuple(conn.execute("SELECT state, attempts FROM jobs").fetchone()) == ("done", 1)
-    assert conn.execute("SELECT released_at FROM series").fetchone()[0] == 7
-    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
-    with db.transaction() as c:  # the new states are allowed
-        c.execute("UPDATE jobs SET state = 'quarantined'")
-    assert JobQueue(db).all()[0].state == "quarantined"

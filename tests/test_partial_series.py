@@ -51,8 +51,9 @@ def test_series_from_a_killed_sender_waits_for_the_resend(node_factory, storescp
     assert db.execute("SELECT interrupted_at FROM series").fetchone()[0]  # connection lost
     # the sender does not come back: recorded as incomplete, nothing sent to the PACS
     wait_for(lambda: jobs(node)[0][0] == "rejected", timeout=10, what="incomplete recorded")
-    reason = db.execute("SELECT reason FROM jobs").fetchone()[0]
+    reason, incomplete = db.execute("SELECT reason, incomplete FROM jobs").fetchone()
     assert reason.startswith("incomplete: the transfer broke off after 25 instance(s)")
+    assert incomplete == 1  # the resend below opens a new job because of this column
     # the PACS sends the whole series again: it is processed once, complete
     assert storescu(node.port, rider_files(40)).returncode == 0
     wait_for(lambda: jobs(node) == [("rejected", 25), ("done", 40)], timeout=60,

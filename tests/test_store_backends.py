@@ -15,7 +15,7 @@ import pytest
 
 from covid_plugin.instance import read_header
 from covid_plugin.store.associations import Associations
-from covid_plugin.store.db import SCHEMA_VERSION, Database, open_database
+from covid_plugin.store.db import Database, head_revision, open_database
 from covid_plugin.store.jobs import Delivery, JobQueue, LeaseLost
 from covid_plugin.store.outbox import Outbox
 from covid_plugin.store.spool import Spool
@@ -48,9 +48,8 @@ def test_a_new_store_has_the_current_schema(db: Database):
         assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0
     conn.execute("SELECT lease_owner, lease_expires_at FROM jobs")
     conn.execute("SELECT lease_owner, lease_expires_at FROM outbox")
-    version = ("PRAGMA user_version" if db.dialect == "sqlite"
-               else "SELECT version FROM schema_version")
-    assert conn.execute(version).fetchone()[0] == SCHEMA_VERSION == 4
+    version = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+    assert version == head_revision()
 
 
 def test_times_keep_sub_second_precision(db: Database):
@@ -228,7 +227,8 @@ def test_a_full_resend_of_a_series_recorded_incomplete_opens_a_new_job(db: Datab
     files = [p.read_bytes() for p in rider_files(3)]
     for data in files:
         spool.store(read_header(data), data, "PACS")
-    JobQueue(db).close(1, "incomplete: the transfer broke off after 3 instance(s) ...")
+    JobQueue(db).close(1, "incomplete: the transfer broke off after 3 instance(s) ...",
+                       incomplete=True)
     for data in files + files:  # resent, twice
         spool.store(read_header(data), data, "PACS")
     assert [(j.state, j.id) for j in JobQueue(db).all()] == [("rejected", 1), ("received", 2)]

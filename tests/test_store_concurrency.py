@@ -9,7 +9,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from covid_plugin.store.db import PostgresDatabase, open_database
+from covid_plugin.store.db import PostgresDatabase, head_revision, open_database
 from covid_plugin.store.jobs import Delivery, JobQueue
 from covid_plugin.store.outbox import Outbox
 from tests.test_store_backends import add_jobs, add_series
@@ -137,8 +137,8 @@ def test_senders_claim_disjoint_outbox_items(postgres_url: str, tmp_path: Path):
 def test_processes_starting_together_migrate_once(postgres_url: str, tmp_path: Path):
     run_together(5, lambda i: open_database(postgres_url, tmp_path / "unused.sqlite").close())
     db = open_database(postgres_url, tmp_path / "unused.sqlite")
-    rows = db.connection().execute("SELECT version FROM schema_version").fetchall()
-    assert [r["version"] for r in rows] == [4]
+    rows = db.connection().execute("SELECT version_num FROM alembic_version").fetchall()
+    assert [r["version_num"] for r in rows] == [head_revision()]
 
 
 def test_one_process_purges_at_a_time(postgres_url: str, tmp_path: Path):

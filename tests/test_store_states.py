@@ -12,8 +12,9 @@ from enum import StrEnum
 
 import pytest
 
-from covid_plugin.store.jobs import ENDED_STATES, OPEN_STATES, JobQueue, JobState
+from covid_plugin.store.jobs import JobQueue
 from covid_plugin.store.outbox import OutboxState
+from covid_plugin.store.states import ENDED_STATES, OPEN_STATES, JobState
 from tests.conftest import REPO
 
 STATE_LITERALS = re.compile(r"state\s*(?:=|!=|<>)\s*'(\w+)'|state\s+IN\s*\(([^)]*)\)", re.I)

@@ -2,7 +2,8 @@
 
 SQLite (one file in WAL mode) is the embedded default: one node, one machine. PostgreSQL
 (`database_url = "postgresql://..."`) lets several listener and worker processes on several
-machines share one index, job queue and outbox. Both hold the same schema, and the SQL in
+machines share one index, job queue and outbox. Both hold the same schema, defined once in
+store/schema.py and brought there by the Alembic revisions in store/migrations/; the SQL in
 store/ is written once, with `?` placeholders and syntax both accept; this module is the only
 place that knows which engine it talks to. Each thread gets its own connection; writers
 serialise on SQLite's lock, or on PostgreSQL's row locks (claims use FOR UPDATE SKIP LOCKED,
@@ -24,224 +25,53 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from psycopg.pq import TransactionStatus
+from sqlalchemy.pool import NullPool
+
+from covid_plugin.store.schema import metadata
 
 # What a failing store raises, whichever engine: callers catch this, not sqlite3.Error.
 STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
 
-# SQLite: each entry upgrades the schema by one version (PRAGMA user_version); never edit an
-# entry once released.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE instances (
-        sop_instance_uid TEXT PRIMARY KEY,
-        sop_class_uid TEXT NOT NULL,
-        series_uid TEXT NOT NULL,
-        study_uid TEXT NOT NULL,
-        transfer_syntax TEXT NOT NULL,
-        path TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        calling_ae TEXT NOT NULL,
-        received_at REAL NOT NULL
-    );
-    CREATE INDEX instances_series ON instances(series_uid);
-    CREATE TABLE series (
-        series_uid TEXT PRIMARY KEY,
-        study_uid TEXT NOT NULL,
-        modality TEXT NOT NULL,
-        sop_class_uid TEXT NOT NULL,
-        body_part TEXT NOT NULL,
-        description TEXT NOT NULL,
-        image_type TEXT NOT NULL,
-        calling_ae TEXT NOT NULL,
-        n_instances INTEGER NOT NULL,
-        first_at REAL NOT NULL,
-        last_at REAL NOT NULL
-    );
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        series_uid TEXT NOT NULL REFERENCES series(series_uid),
-        state TEXT NOT NULL CHECK (state IN
-            ('received', 'queued', 'running', 'done', 'failed', 'rejected')),
-        reason TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        n_instances_at_queue INTEGER
-    );
-    CREATE INDEX jobs_state ON jobs(state, id);
-    CREATE UNIQUE INDEX jobs_open_series ON jobs(series_uid) WHERE state = 'received';
-    CREATE TABLE outbox (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_id INTEGER REFERENCES jobs(id),
-        path TEXT NOT NULL,
-        sop_instance_uid TEXT NOT NULL,
-        dest_ae TEXT NOT NULL,
-        dest_host TEXT NOT NULL,
-        dest_port INTEGER NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL,
-        last_error TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
-    CREATE TABLE rejected_instances (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        sop_instance_uid TEXT,
-        calling_ae TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        path TEXT,
-        received_at REAL NOT NULL
-    );
-    """,
-    # 2: quarantined and superseded jobs, a retry-later time, the reports a finished job sent
-    # (JSON, for a later re-run to name as predecessors) and the job it replaced, and how each
-    # series' associations ended. Rebuilding `jobs` is SQLite's way to change a CHECK
-    # constraint, done with foreign keys off (see _migrate). The schema stays small on
-    # purpose: 14 pages, which a node under a 64 KiB file-size limit can still create.
-    """
-    CREATE TABLE jobs_v2 (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        series_uid TEXT NOT NULL REFERENCES series(series_uid),
-        state TEXT NOT NULL CHECK (state IN ('received', 'queued', 'running', 'done', 'failed',
-            'rejected', 'quarantined', 'superseded')),
-        reason TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        n_instances_at_queue INTEGER,
-        not_before REAL NOT NULL DEFAULT 0,
-        supersedes INTEGER,
-        reports TEXT
-    );
-    INSERT INTO jobs_v2 (id, series_uid, state, reason, attempts, created_at, updated_at,
-        n_instances_at_queue)
-        SELECT id, series_uid, state, reason, attempts, created_at, updated_at,
-        n_instances_at_queue FROM jobs;
-    DROP TABLE jobs;
-    ALTER TABLE jobs_v2 RENAME TO jobs;
-    CREATE INDEX jobs_state ON jobs(state, id);
-    CREATE INDEX jobs_series ON jobs(series_uid, id);
-    CREATE UNIQUE INDEX jobs_open_series ON jobs(series_uid) WHERE state = 'received';
-    ALTER TABLE series ADD COLUMN released_at REAL;
-    ALTER TABLE series ADD COLUMN interrupted_at REAL;
-    UPDATE series SET released_at = last_at;
-    """,
-    # 3: DICOMweb destinations (STOW-RS) are named by their service URL; NULL for C-STORE peers
-    "ALTER TABLE outbox ADD COLUMN dest_url TEXT",
-    # 4: leases, so that several processes can share the queue and the outbox (a worker that
-    # dies mid-job loses its lease and another takes the job over), and the open associations
-    # of every listener, so that series completion is decided from the database rather than
-    # one listener's memory. WITHOUT ROWID keeps each new table to one page: the schema is
-    # now 16 pages, exactly 64 KiB, which a new database writes straight into its file
-    # (SQLiteDatabase._migrate) so that a node under a 64 KiB file-size limit still starts.
-    """
-    ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
-    ALTER TABLE jobs ADD COLUMN lease_expires_at REAL;
-    ALTER TABLE outbox ADD COLUMN lease_owner TEXT;
-    ALTER TABLE outbox ADD COLUMN lease_expires_at REAL;
-    CREATE TABLE listeners (listener TEXT PRIMARY KEY, heartbeat_at REAL NOT NULL)
-        WITHOUT ROWID;
-    CREATE TABLE open_associations (assoc TEXT, series_uid TEXT, listener TEXT,
-        opened_at REAL, PRIMARY KEY (assoc, series_uid)) WITHOUT ROWID
-    """,
-]
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
-# PostgreSQL: (version, script). Version 3 is the SQLite schema after migrations 1-3 in one
-# step (PostgreSQL support came with version 4); from there each version means the same
-# schema on both engines. Times are DOUBLE PRECISION: PostgreSQL's REAL is 4 bytes, which
-# would round epoch seconds to minutes. Never edit an entry once released.
-PG_MIGRATIONS: list[tuple[int, str]] = [
-    (3, """
-    CREATE TABLE instances (
-        sop_instance_uid TEXT PRIMARY KEY,
-        sop_class_uid TEXT NOT NULL,
-        series_uid TEXT NOT NULL,
-        study_uid TEXT NOT NULL,
-        transfer_syntax TEXT NOT NULL,
-        path TEXT NOT NULL,
-        size BIGINT NOT NULL,
-        calling_ae TEXT NOT NULL,
-        received_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX instances_series ON instances(series_uid);
-    CREATE TABLE series (
-        series_uid TEXT PRIMARY KEY,
-        study_uid TEXT NOT NULL,
-        modality TEXT NOT NULL,
-        sop_class_uid TEXT NOT NULL,
-        body_part TEXT NOT NULL,
-        description TEXT NOT NULL,
-        image_type TEXT NOT NULL,
-        calling_ae TEXT NOT NULL,
-        n_instances INTEGER NOT NULL,
-        first_at DOUBLE PRECISION NOT NULL,
-        last_at DOUBLE PRECISION NOT NULL,
-        released_at DOUBLE PRECISION,
-        interrupted_at DOUBLE PRECISION
-    );
-    CREATE TABLE jobs (
-        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-        series_uid TEXT NOT NULL REFERENCES series(series_uid),
-        state TEXT NOT NULL CHECK (state IN ('received', 'queued', 'running', 'done', 'failed',
-            'rejected', 'quarantined', 'superseded')),
-        reason TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL,
-        n_instances_at_queue INTEGER,
-        not_before DOUBLE PRECISION NOT NULL DEFAULT 0,
-        supersedes BIGINT,
-        reports TEXT
-    );
-    CREATE INDEX jobs_state ON jobs(state, id);
-    CREATE INDEX jobs_series ON jobs(series_uid, id);
-    CREATE UNIQUE INDEX jobs_open_series ON jobs(series_uid) WHERE state = 'received';
-    CREATE TABLE outbox (
-        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-        job_id BIGINT REFERENCES jobs(id),
-        path TEXT NOT NULL,
-        sop_instance_uid TEXT NOT NULL,
-        dest_ae TEXT NOT NULL,
-        dest_host TEXT NOT NULL,
-        dest_port INTEGER NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at DOUBLE PRECISION NOT NULL,
-        last_error TEXT,
-        created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL,
-        dest_url TEXT
-    );
-    CREATE INDEX outbox_due ON outbox(state, next_attempt_at);
-    CREATE TABLE rejected_instances (
-        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-        sop_instance_uid TEXT,
-        calling_ae TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        path TEXT,
-        received_at DOUBLE PRECISION NOT NULL
-    )
-    """),
-    (4, """
-    ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
-    ALTER TABLE jobs ADD COLUMN lease_expires_at DOUBLE PRECISION;
-    ALTER TABLE outbox ADD COLUMN lease_owner TEXT;
-    ALTER TABLE outbox ADD COLUMN lease_expires_at DOUBLE PRECISION;
-    CREATE TABLE listeners (listener TEXT PRIMARY KEY,
-        heartbeat_at DOUBLE PRECISION NOT NULL);
-    CREATE TABLE open_associations (assoc TEXT, series_uid TEXT, listener TEXT,
-        opened_at DOUBLE PRECISION, PRIMARY KEY (assoc, series_uid))
-    """),
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-assert PG_MIGRATIONS[-1][0] == SCHEMA_VERSION, "every schema version exists on both engines"
+# The revision a store made before the store used Alembic is at, by its old version number
+# (SQLite's PRAGMA user_version, PostgreSQL's schema_version table).
+LEGACY_REVISIONS = {1: "0001", 2: "0002", 3: "0003", 4: "0004"}
 
 
-def _statements(script: str) -> Iterator[str]:
-    return (s for s in script.split(";") if s.strip())
+def _alembic_config(conn: sa.Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = conn
+    return config
+
+
+def head_revision() -> str | None:
+    """The newest migration: where every store is brought at start."""
+    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+
+
+def migrate(conn: sa.Connection, legacy_version: int) -> None:
+    """Bring the store behind `conn` to the newest revision, in the caller's transaction.
+
+    A new store is created from schema.metadata, the one definition, and stamped with the
+    newest revision; a store from before Alembic (`legacy_version` > 0) is stamped with the
+    revision its old version number stands for; then the revisions it lacks run.
+    """
+    config = _alembic_config(conn)
+    if MigrationContext.configure(conn).get_current_revision() is None:
+        if legacy_version == 0:
+            metadata.create_all(conn)
+            command.stamp(config, "head")
+            return
+        command.stamp(config, LEGACY_REVISIONS[legacy_version])
+    command.upgrade(config, "head")
 
 
 def lock_key(name: str) -> int:
@@ -340,37 +170,35 @@ class SQLiteDatabase(Database):
             self._local.conn = None
 
     def _migrate(self) -> None:
-        """Apply the missing migrations in one transaction, on a connection with foreign keys
-        off: rebuilding a referenced table (SQLite's 12-step ALTER) needs it; the foreign keys
-        are checked before the commit instead.
+        """Bring the file to the newest revision in one BEGIN IMMEDIATE transaction, on a
+        connection with foreign keys off: rebuilding a referenced table (SQLite's 12-step
+        ALTER, revision 0002) needs it; the foreign keys are checked before the commit
+        instead.
 
-        A new database is created with a rollback journal and switched to WAL afterwards:
-        its schema then goes straight into the file (16 pages, 64 KiB) instead of into the
-        WAL first (16 frames with their headers: just over 64 KiB).
+        A new file gets 2 KiB pages and a rollback journal (`connection` switches it to WAL
+        afterwards): its whole schema, about 20 pages, then goes straight into the file, so
+        that a node under a 64 KiB file-size limit still starts and answers.
         """
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            if conn.execute("PRAGMA page_count").fetchone()[0] > 0:
-                conn.execute("PRAGMA journal_mode=WAL")
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                conn.execute("PRAGMA page_size=2048")
             conn.execute("PRAGMA foreign_keys=OFF")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                    for statement in _statements(script):
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={number}")
-                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            return conn
+
+        engine = sa.create_engine("sqlite://", creator=connect, poolclass=NullPool)
+        # the driver is in autocommit mode: SQLAlchemy's transaction is this BEGIN (the
+        # recipe in SQLAlchemy's pysqlite notes), so that DDL is transactional too
+        sa.event.listen(engine, "begin",
+                        lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        try:
+            with engine.begin() as conn:
+                migrate(conn, conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                 if broken:
                     raise sqlite3.IntegrityError(f"migration broke foreign keys: {broken[:3]}")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("PRAGMA journal_mode=WAL")
         finally:
-            conn.close()
+            engine.dispose()
 
 
 class Row:
@@ -508,25 +336,22 @@ class PostgresDatabase(Database):
             self._local.conn = None
 
     def _migrate(self) -> None:
-        """Bring the schema to SCHEMA_VERSION in one transaction, under an advisory lock, so
-        that processes starting together migrate once and the others wait, then see it."""
-        conn = self._connect()
+        """Bring the schema to the newest revision in one transaction, under an advisory
+        lock, so that processes starting together migrate once and the others wait, then
+        see it."""
+        engine = sa.create_engine("postgresql+psycopg://", poolclass=NullPool,
+                                  creator=lambda: psycopg.connect(self.url))
         try:
-            with conn.raw.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(?)", (lock_key("covid_plugin.schema"),))
-                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                row = conn.execute("SELECT version FROM schema_version").fetchone()
-                if row is None:
-                    conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-                version = 0 if row is None else row[0]
-                for number, script in PG_MIGRATIONS:
-                    if number <= version:
-                        continue
-                    for statement in _statements(script):
-                        conn.execute(statement)
-                    conn.execute("UPDATE schema_version SET version = ?", (number,))
+            with engine.begin() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                             {"key": lock_key("covid_plugin.schema")})
+                legacy = 0
+                if sa.inspect(conn).has_table("schema_version"):
+                    legacy = conn.execute(sa.text("SELECT version FROM schema_version")
+                                          ).scalar_one_or_none() or 0
+                migrate(conn, legacy)
         finally:
-            conn.raw.close()
+            engine.dispose()
 
 
 def open_database(url: str | None, sqlite_path: Path) -> Database:

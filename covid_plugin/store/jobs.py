@@ -25,42 +25,12 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from covid_plugin.store.db import Database, now
+from covid_plugin.store.states import JobState
 
 log = logging.getLogger(__name__)
-
-# how a 'rejected' job's reason starts when its sender broke off (series.incomplete_reason):
-# a resend of that series opens a new job even when every instance was already held
-INCOMPLETE = "incomplete"
-
-
-class JobState(StrEnum):
-    """A job's state, as the diagram above draws it; the values are what the `state` column
-    holds (the schema's CHECK lists the same words, and the SQL here writes them literally:
-    a partial index is only used for a query that names its state as a literal)."""
-
-    RECEIVED = "received"
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    REJECTED = "rejected"
-    QUARANTINED = "quarantined"
-    SUPERSEDED = "superseded"
-
-
-# a job in one of these may still change; one in any other state has ended for good
-OPEN_STATES = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING)
-ENDED_STATES = tuple(state for state in JobState if state not in OPEN_STATES)
-
-
-def sql_values(states: Iterable[JobState]) -> str:
-    """An SQL list of state literals, `('done', 'failed')`, for `state IN ...`."""
-    return "(" + ", ".join(f"'{state}'" for state in states) + ")"
-
 
 class LeaseLost(RuntimeError):
     """The job's lease expired and the job went back to the queue (or to another worker):
@@ -175,9 +145,12 @@ class JobQueue:
             for r in rows
         ]
 
-    def close(self, job_id: int, reason: str | None) -> bool:
+    def close(self, job_id: int, reason: str | None, incomplete: bool = False) -> bool:
         """End collection: queue the job, or reject it with `reason`. False when another
         worker closed it first (every worker decides completion from the same rows).
+
+        `incomplete`: rejected because the sender broke off and did not resend; a resend of
+        the series then opens a new job even when every instance was already held (Spool).
 
         Queuing a newer run of a series supersedes an older run that is still waiting in the
         queue: it would only process fewer instances of the same series.
@@ -186,10 +159,11 @@ class JobQueue:
         t = now()
         with self.db.transaction() as conn:
             closed = conn.execute(
-                "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, n_instances_at_queue = "
+                "UPDATE jobs SET state = ?, reason = ?, incomplete = ?, updated_at = ?, "
+                "n_instances_at_queue = "
                 "(SELECT n_instances FROM series WHERE series_uid = jobs.series_uid) "
                 "WHERE id = ? AND state = 'received'",
-                (state, reason, t, job_id),
+                (state, reason, incomplete, t, job_id),
             ).rowcount
             if closed and state == JobState.QUEUED:
                 conn.execute(
@@ -431,9 +405,9 @@ class JobQueue:
         """Series recorded incomplete (the sender broke off and did not resend) whose latest
         run is that rejection: nothing of them was processed."""
         rows = self.db.connection().execute(
-            "SELECT j.series_uid FROM jobs j WHERE j.state = 'rejected' AND j.reason LIKE ? "
+            "SELECT j.series_uid FROM jobs j WHERE j.state = 'rejected' AND j.incomplete "
             "AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_uid = j.series_uid "
-            "AND o.id > j.id) ORDER BY j.id", (INCOMPLETE + "%",)
+            "AND o.id > j.id) ORDER BY j.id"
         ).fetchall()
         return [r["series_uid"] for r in rows]
 

@@ -16,22 +16,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 from covid_plugin.config import OutboxSettings
 from covid_plugin.store.db import Database, now
+from covid_plugin.store.states import OutboxState
 
 log = logging.getLogger(__name__)
-
-
-class OutboxState(StrEnum):
-    """An outbox item's state; the values are what the `state` column holds (the schema's
-    CHECK and the SQL here name the same words)."""
-
-    PENDING = "pending"  # due now or after its backoff
-    SENT = "sent"
-    DEAD = "dead"  # out of tries or too old: waits for `covid-plugin retry`
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 from covid_plugin.config import Settings
 from covid_plugin.store.db import Database, now
-from covid_plugin.store.jobs import ENDED_STATES, OPEN_STATES, sql_values
+from covid_plugin.store.states import ENDED_STATES, OPEN_STATES, sql_values
 
 _DAY = 86400.0
 _OPEN = sql_values(OPEN_STATES)

@@ -19,7 +19,7 @@ from pathlib import Path
 from covid_plugin.config import StorageLimits
 from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
 from covid_plugin.store.db import Database, now
-from covid_plugin.store.jobs import INCOMPLETE, JobState
+from covid_plugin.store.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,10 @@ class Spool:
         only instances already held, and without a new job the complete series would never
         be processed. The quiet period counts from the resend."""
         latest = self.db.connection().execute(
-            "SELECT state, reason FROM jobs WHERE series_uid = ? ORDER BY id DESC LIMIT 1",
+            "SELECT state, incomplete FROM jobs WHERE series_uid = ? ORDER BY id DESC LIMIT 1",
             (series_uid,),
         ).fetchone()
-        if latest is None or latest["state"] != JobState.REJECTED or \
-                not (latest["reason"] or "").startswith(INCOMPLETE):
+        if latest is None or latest["state"] != JobState.REJECTED or not latest["incomplete"]:
             return
         t = now()
         with self.db.transaction() as conn:
