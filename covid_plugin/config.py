@@ -1,13 +1,15 @@
 """One typed configuration: embedded defaults, then a TOML/JSON file, then COVID_PLUGIN_*
 environment variables, then command-line flags; validated once at start so that a bad value
 stops the node with a message naming the key, not a traceback an hour later on the first study.
+
+pydantic-settings reads the file and the environment and merges them (`load_settings`);
+`Settings(...)` built in code holds only what it is given.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tomllib
+from collections.abc import Mapping
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,11 +25,24 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 ENV_PREFIX = "COVID_PLUGIN_"
+ENV_NESTED_DELIMITER = "__"  # COVID_PLUGIN_TLS__ENABLED=true sets tls.enabled
 # COVID_PLUGIN_* variables that are not settings: the config file's path, and where the tests
 # and training find the shared data set
-NOT_SETTINGS = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "DATA"}
+CONFIG_VARIABLE = ENV_PREFIX + "CONFIG"
+NOT_SETTINGS = {CONFIG_VARIABLE, ENV_PREFIX + "DATA"}
 
 
 class _Strict(BaseModel):
@@ -263,8 +278,15 @@ class CxrPopulationSettings(_Strict):
     unknown_age: Literal["analyse", "decline"] = "analyse"
 
 
-class Settings(_Strict):
+class Settings(BaseSettings):
     """Everything the node reads at start."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        env_parse_none_str="null",  # COVID_PLUGIN_METRICS_PORT=null: back to None
+    )
 
     ae_title: str = Field(default="COVID_PLUGIN", min_length=1, max_length=16)
     host: str = "127.0.0.1"  # this machine only; "0.0.0.0" (all interfaces) is a choice
@@ -353,6 +375,20 @@ class Settings(_Strict):
                 "accept_any_caller = true to accept any calling AE title")
         return self
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the arguments: `Settings(...)` in the demo and the tests must not pick up a
+        COVID_PLUGIN_DATABASE_URL or port from the shell; `load_settings` adds the environment
+        and the file, for the processes an administrator starts."""
+        return (init_settings,)
+
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
@@ -379,60 +415,64 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    text = path.read_text()
-    if path.suffix == ".json":
-        return json.loads(text)
-    return tomllib.loads(text)
+class EnvironmentVariables(EnvSettingsSource):
+    """COVID_PLUGIN_* variables from a given mapping (the tests pass one), where a name under
+    the prefix that is no setting is an error, as an unknown key in the file is: a misspelt
+    COVID_PLUGIN_AE_TITEL must stop the node, not leave the default in place unnoticed."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env_vars = parse_env_vars(environ, self.case_sensitive, self.env_ignore_empty,
+                                       self.env_parse_none_str)
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        prefix = self.env_prefix.lower()
+        not_settings = {name.lower() for name in NOT_SETTINGS}
+        for name, value in self.env_vars.items():
+            if not name.startswith(prefix) or name in not_settings:
+                continue
+            key = name[len(prefix):]
+            if key.partition(ENV_NESTED_DELIMITER)[0] not in data:
+                data[key] = value  # validation rejects it as an extra input, by name
+        return data
 
 
-def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
-    """COVID_PLUGIN_PORT=104, COVID_PLUGIN_TLS__ENABLED=true; values may be JSON (lists, dicts)."""
-    out: dict[str, Any] = {}
-    for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key in NOT_SETTINGS:
-            continue
-        path = key[len(ENV_PREFIX):].lower().split("__")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return out
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def _file_source(path: Path) -> PydanticBaseSettingsSource:
+    """The config file, TOML or (by its suffix) JSON; a missing file is an error here, where
+    pydantic-settings would skip it: the node must not start on defaults by a typo."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not a readable file")
+    try:
+        if path.suffix == ".json":
+            return JsonConfigSettingsSource(Settings, json_file=path)
+        return TomlConfigSettingsSource(Settings, toml_file=path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
 
 
 def load_settings(
     config_file: Path | None = None,
     overrides: dict[str, Any] | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Build Settings from file, environment and flags (later ones win)."""
-    environ = dict(os.environ) if environ is None else environ
-    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
-        config_file = Path(environ[ENV_PREFIX + "CONFIG"])
-    data: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            data = _read_file(config_file)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"config file {config_file}: {exc}") from exc
-    data = _merge(data, _from_environment(environ))
-    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    """Build Settings from file, environment and flags (later ones win; nested keys merge).
+
+    `environ` defaults to this process's environment; the file is `config_file`, else the one
+    COVID_PLUGIN_CONFIG names. Flags left at None (not given) do not count.
+    """
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get(CONFIG_VARIABLE):
+        config_file = Path(environ[CONFIG_VARIABLE])
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    file = () if config_file is None else (_file_source(config_file),)
+    # the first source that holds a key wins; tables merge key by key; then the defaults
+    sources = (InitSettingsSource(Settings, flags), EnvironmentVariables(Settings, environ), *file)
     try:
-        return Settings.model_validate(data)
+        return Settings(_build_sources=(sources, flags))
+    except SettingsError as exc:  # a list or table in the environment that is not JSON
+        raise ConfigError(f"invalid configuration: {exc} (lists and tables are written as "
+                          "JSON)") from exc
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
