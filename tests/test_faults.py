@@ -600,7 +600,7 @@ def test_each_result_is_marked_sent_as_the_destination_acknowledges_it(tmp_path:
     from pynetdicom.sop_class import CTImageStorage
 
     from covid_plugin.node.scu import DicomSender, OutboxSender
-    from covid_plugin.store.jobs import Delivery
+    from covid_plugin.store.outbox import Delivery
 
     db = SQLiteDatabase(tmp_path / "db.sqlite")
     outbox = Outbox(db, None, 1.0, 1.0)

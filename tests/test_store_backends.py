@@ -16,8 +16,8 @@ import pytest
 from covid_plugin.instance import read_header
 from covid_plugin.store.associations import Associations
 from covid_plugin.store.db import Database, head_revision, open_database
-from covid_plugin.store.jobs import Delivery, JobQueue, LeaseLost
-from covid_plugin.store.outbox import Outbox
+from covid_plugin.store.jobs import JobQueue, LeaseLost
+from covid_plugin.store.outbox import Delivery, Outbox
 from covid_plugin.store.spool import Spool
 from tests.conftest import rider_files
 

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from covid_plugin.store.db import PostgresDatabase, head_revision, open_database
-from covid_plugin.store.jobs import Delivery, JobQueue
-from covid_plugin.store.outbox import Outbox
+from covid_plugin.store.jobs import JobQueue
+from covid_plugin.store.outbox import Delivery, Outbox
 from tests.test_store_backends import add_jobs, add_series
 
 

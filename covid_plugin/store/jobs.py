@@ -25,10 +25,12 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
+from covid_plugin.store import outbox
 from covid_plugin.store.db import Database, now
-from covid_plugin.store.states import JobState
+from covid_plugin.store.outbox import Delivery
+from covid_plugin.store.states import ENDED_STATES, JobState, sql_values
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +77,6 @@ class Job:
 
 
 @dataclass(frozen=True)
-class Delivery:
-    """One result file for one destination, created with the job's completion."""
-
-    path: Path
-    sop_instance_uid: str
-    dest_ae: str
-    dest_host: str
-    dest_port: int
-    dest_url: str | None = None  # a DICOMweb (STOW-RS) destination instead of a DICOM peer
-
-
-@dataclass(frozen=True)
 class ReportRef:
     """An SR a job sent; kept with the job so that a later run can name it as predecessor."""
 
@@ -117,6 +107,46 @@ def _busy(job: str) -> str:
     return (f"EXISTS (SELECT 1 FROM jobs o WHERE o.series_uid = {job}.series_uid "
             f"AND o.id != {job}.id AND (o.state = 'running' "
             f"OR (o.id > {job}.id AND o.state IN ('received', 'queued'))))")
+
+
+def open_run(conn: Any, series_uid: str, at: float) -> None:
+    """Open a run ('received' job) of a series that has none, in the caller's transaction:
+    the spool opens it with the instance it indexes.
+
+    One open run per series; instances arriving after a series was queued open a new run,
+    so late slices are not silently ignored. On PostgreSQL the spool's upsert of the series
+    row holds that row until the commit, so two listeners storing to one series get here one
+    after the other and open one run.
+    """
+    conn.execute(
+        "INSERT INTO jobs (series_uid, state, created_at, updated_at) "
+        "SELECT ?, 'received', ?, ? WHERE NOT EXISTS "
+        "(SELECT 1 FROM jobs WHERE series_uid = ? AND state = 'received')",
+        (series_uid, at, at, series_uid),
+    )
+
+
+def reopen_if_incomplete(conn: Any, series_uid: str, at: float) -> bool:
+    """Open a new run of a series whose latest run was rejected as incomplete (its sender
+    broke off), in the caller's transaction; False when its latest run is anything else."""
+    latest = conn.execute(
+        "SELECT state, incomplete FROM jobs WHERE series_uid = ? ORDER BY id DESC LIMIT 1",
+        (series_uid,),
+    ).fetchone()
+    if latest is None or latest["state"] != JobState.REJECTED or not latest["incomplete"]:
+        return False
+    open_run(conn, series_uid, at)
+    return True
+
+
+def forget_ended(conn: Any, cutoff: float) -> dict[str, int]:
+    """Delete the jobs that ended before `cutoff` with no result pending, and their outbox
+    rows, in the caller's transaction (retention); returns the rows deleted per table."""
+    expired = (f"SELECT id FROM jobs j WHERE state IN {sql_values(ENDED_STATES)} "
+               "AND updated_at < ? AND NOT EXISTS (SELECT 1 FROM outbox o "
+               "WHERE o.job_id = j.id AND o.state = 'pending')")
+    return {"outbox": outbox.forget_jobs(conn, expired, (cutoff,)),
+            "jobs": conn.execute(f"DELETE FROM jobs WHERE id IN ({expired})", (cutoff,)).rowcount}
 
 
 class JobQueue:
@@ -254,13 +284,7 @@ class JobQueue:
                     raise LeaseLost(f"job {job_id}: {owner} no longer holds its lease; "
                                     "its results are not sent")
                 raise RuntimeError(f"job {job_id} is not running; refusing to finish it twice")
-            conn.executemany(
-                "INSERT INTO outbox (job_id, path, sop_instance_uid, dest_ae, dest_host, "
-                "dest_port, dest_url, state, next_attempt_at, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-                [(job_id, str(d.path), d.sop_instance_uid, d.dest_ae, d.dest_host, d.dest_port,
-                  d.dest_url, t, t, t) for d in deliveries],
-            )
+            outbox.add(conn, job_id, deliveries, t)
 
     def fail(self, job_id: int, reason: str, owner: str | None = None) -> bool:
         """Returns False (and changes nothing) when `owner` no longer holds the lease."""

@@ -15,14 +15,28 @@ SOP Instance UID, which a PACS stores once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from covid_plugin.config import OutboxSettings
 from covid_plugin.store.db import Database, now
 from covid_plugin.store.states import OutboxState
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One result file for one destination, created with the job's completion."""
+
+    path: Path
+    sop_instance_uid: str
+    dest_ae: str
+    dest_host: str
+    dest_port: int
+    dest_url: str | None = None  # a DICOMweb (STOW-RS) destination instead of a DICOM peer
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,24 @@ def _item(row) -> OutboxItem:
         attempts=row["attempts"], next_attempt_at=row["next_attempt_at"],
         last_error=row["last_error"], dest_url=row["dest_url"],
     )
+
+
+def add(conn: Any, job_id: int, deliveries: Iterable[Delivery], at: float) -> None:
+    """Queue a finished job's results, on the connection of the transaction that finishes
+    it (JobQueue.finish): the job is done if and only if its results are queued."""
+    conn.executemany(
+        "INSERT INTO outbox (job_id, path, sop_instance_uid, dest_ae, dest_host, "
+        "dest_port, dest_url, state, next_attempt_at, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+        [(job_id, str(d.path), d.sop_instance_uid, d.dest_ae, d.dest_host, d.dest_port,
+          d.dest_url, at, at, at) for d in deliveries],
+    )
+
+
+def forget_jobs(conn: Any, job_ids: str, args: tuple[Any, ...]) -> int:
+    """Delete the rows of the jobs that the SQL query `job_ids` selects, in the caller's
+    transaction (retention removes a job and its results together); returns how many."""
+    return conn.execute(f"DELETE FROM outbox WHERE job_id IN ({job_ids})", args).rowcount
 
 
 class Outbox:

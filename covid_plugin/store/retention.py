@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_plugin.config import Settings
+from covid_plugin.store import jobs
 from covid_plugin.store.db import Database, now
 from covid_plugin.store.states import ENDED_STATES, OPEN_STATES, sql_values
 
@@ -157,11 +158,6 @@ def _results_candidates(db: Database, results_dir: Path) -> list[_Candidate]:
     return out
 
 
-# jobs ended before the cutoff with nothing pending: their rows may go
-_EXPIRED_JOBS = (f"SELECT id FROM jobs j WHERE state IN {_ENDED} AND updated_at < ? AND NOT "
-                 "EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = 'pending')")
-
-
 class _DryRun(Exception):
     """Rolls a dry run's transaction back."""
 
@@ -169,11 +165,7 @@ class _DryRun(Exception):
 def _delete_rows(conn, cutoff: float, counts: dict[str, int]) -> None:
     """Rows of jobs ended before `cutoff` with nothing pending, then series left empty,
     counted per table into `counts`."""
-    for table, sql in (
-        ("outbox", f"DELETE FROM outbox WHERE job_id IN ({_EXPIRED_JOBS})"),
-        ("jobs", f"DELETE FROM jobs WHERE id IN ({_EXPIRED_JOBS})"),
-    ):
-        counts[table] = conn.execute(sql, (cutoff,)).rowcount
+    counts.update(jobs.forget_ended(conn, cutoff))
     counts["series"] = conn.execute(
         "DELETE FROM series WHERE n_instances = 0 AND NOT EXISTS "
         "(SELECT 1 FROM jobs j WHERE j.series_uid = series.series_uid) AND NOT EXISTS "

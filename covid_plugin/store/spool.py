@@ -18,8 +18,8 @@ from pathlib import Path
 
 from covid_plugin.config import StorageLimits
 from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
+from covid_plugin.store import jobs
 from covid_plugin.store.db import Database, now
-from covid_plugin.store.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +146,7 @@ class Spool:
                  header.body_part,
                  header.description, header.image_type, calling_ae, t, t),
             )
-            # one open ('received') job per series; instances arriving after a series was
-            # queued open a new job, so late slices are not silently ignored. On PostgreSQL
-            # the upsert above holds the series row until the commit, so two listeners
-            # storing to one series get here one after the other and open one job.
-            conn.execute(
-                "INSERT INTO jobs (series_uid, state, created_at, updated_at) "
-                "SELECT ?, 'received', ?, ? WHERE NOT EXISTS "
-                "(SELECT 1 FROM jobs WHERE series_uid = ? AND state = 'received')",
-                (header.series_uid, t, t, header.series_uid),
-            )
+            jobs.open_run(conn, header.series_uid, t)
         return True
 
     def _reopen_if_broken_off(self, series_uid: str) -> None:
@@ -163,21 +154,11 @@ class Spool:
         again: when the first transfer had in fact stored every instance, the resend brings
         only instances already held, and without a new job the complete series would never
         be processed. The quiet period counts from the resend."""
-        latest = self.db.connection().execute(
-            "SELECT state, incomplete FROM jobs WHERE series_uid = ? ORDER BY id DESC LIMIT 1",
-            (series_uid,),
-        ).fetchone()
-        if latest is None or latest["state"] != JobState.REJECTED or not latest["incomplete"]:
-            return
         t = now()
         with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO jobs (series_uid, state, created_at, updated_at) "
-                "SELECT ?, 'received', ?, ? WHERE NOT EXISTS "
-                "(SELECT 1 FROM jobs WHERE series_uid = ? AND state = 'received')",
-                (series_uid, t, t, series_uid),
-            )
-            conn.execute("UPDATE series SET last_at = ? WHERE series_uid = ?", (t, series_uid))
+            if jobs.reopen_if_incomplete(conn, series_uid, t):
+                conn.execute("UPDATE series SET last_at = ? WHERE series_uid = ?",
+                             (t, series_uid))
 
     def reject(self, data: bytes, reason: str, calling_ae: str, sop_uid: str | None) -> Path | None:
         """Keep a refused dataset for inspection and record why; never raises."""
