@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from covid_plugin.ml.ct_cls import CtClassifier, lesion_features, rule_score
-from covid_plugin.ml.spec import ModelSpec
 from training.common.ct_rule import THRESHOLDS
 from training.ct_cls.spec import spec
 
@@ -49,9 +48,9 @@ def test_typical_pattern_scores_above_atypical_and_the_decision_threshold():
     atypical = np.zeros_like(lung)
     atypical[:, 40:56, 32:48] = 2  # one central consolidation in the right lung
     atypical[:, 40:52, 36:44] = 2
-    clf = CtClassifier(ModelSpec.model_validate(spec()))
+    clf = CtClassifier(spec())
     p_typical = clf.predict(lung, typical, SPACING)
     p_atypical = clf.predict(lung, atypical, SPACING)
-    assert p_typical["covid"] >= THRESHOLDS["decision"] > p_atypical["covid"]
+    assert p_typical["covid"] >= THRESHOLDS.decision > p_atypical["covid"]
     assert p_typical["covid"] + p_typical["non_covid"] == pytest.approx(1.0)
     assert clf.predict(lung, np.zeros_like(lung), SPACING)["covid"] == 0.0

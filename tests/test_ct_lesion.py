@@ -7,18 +7,19 @@ import pytest
 import torch
 from PIL import Image
 
-from covid_plugin.ml.ct_lesion import hu_to_network_input, thorax_box, to_network_input
+from covid_plugin.ml.ct_lesion import FEATURES, hu_to_network_input, thorax_box, to_network_input
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit, unit_to_hu, window_bounds
-from covid_plugin.ml.spec import ModelSpec
+from covid_plugin.ml.spec import CtLesionSpec
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.common.data import read_grey
 
-SPEC = ModelSpec(
-    name="ct-lesion", version="test", task="segmentation", labels=[],
-    input={"size": 256, "crop_margin": 0.08},
-    intensity={"kind": "hu_window", "center": -460.0, "width": 1440.0},
-)
+SPEC = CtLesionSpec.model_validate({
+    "version": "test", "task": "segmentation", "labels": [],
+    "input": {"size": 256, "features": FEATURES, "crop_margin": 0.08},
+    "intensity": {"kind": "hu_window", "center": -460.0, "width": 1440.0},
+    "output": {"0": "none", "1": "ggo", "2": "consolidation"},
+})
 MEDSEG = DATA / "ct" / "images" / "medseg_infnet" / "test_006.png"
 
 

@@ -13,7 +13,7 @@ import torch
 from covid_plugin.ml.ct_cls import CtClassifier
 from covid_plugin.ml.ct_lesion import LesionSegmenter
 from covid_plugin.ml.ct_lung import segment_lungs
-from covid_plugin.ml.spec import ModelIntegrityError, load_spec
+from covid_plugin.ml.spec import CtLesionSpec, ModelIntegrityError, load_spec
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.__main__ import main
 
@@ -33,11 +33,11 @@ def lesion_model(tmp_path_factory) -> Path:
 
 
 def test_lesion_training_writes_a_loadable_model(lesion_model):
-    spec = load_spec(lesion_model)
+    spec = load_spec(lesion_model, CtLesionSpec)
     assert spec.weights_sha256 and (lesion_model / spec.weights).stat().st_size < 25e6
-    trained_on = spec.model_extra["data"]["trained_on"]
+    trained_on = spec.data["trained_on"]
     assert trained_on["negative_slices"] > 0 and trained_on["positive_slices"] > 0
-    assert spec.intensity["lower_hu"] < -700 < 0 < spec.intensity["upper_hu"]
+    assert spec.intensity.lower_hu < -700 < 0 < spec.intensity.upper_hu
     assert {lbl.key: lbl.value for lbl in spec.labels}["consolidation"] == "95436008"
     assert (lesion_model / "window_calibration.json").is_file()
 

@@ -133,7 +133,7 @@ def test_classifier_refuses_weights_that_do_not_match_the_spec(tmp_path: Path) -
 
 
 def lung_block(margin: float = 0.05) -> dict:
-    return LungCrop.load(LUNG_DIR, margin).describe()
+    return LungCrop.load(LUNG_DIR, margin).describe().model_dump()
 
 
 @pytest.mark.data

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from covid_plugin.ml.cxr import MODELS_DIR, CxrClassifier, preprocess
-from covid_plugin.ml.spec import load_spec
+from covid_plugin.ml.spec import CxrClassifierSpec, load_spec
 from tests.conftest import DATA  # COVID_PLUGIN_DATA, default ../shared/data
 from training.__main__ import main
 from training.common.data import Item, leakage_groups, make_split, read_grey
@@ -134,11 +134,11 @@ def test_train_a_few_steps_then_resume_and_load(tmp_path: Path) -> None:
     ckpt = checkpoint_path(cache, out)
     assert ckpt.is_file() and not list(out.glob("*.ckpt"))
     assert main(["train", "cxr", *common, "--epochs", "2", "--resume"]) == 0
-    spec = load_spec(out)  # checks the sha256 of the weights it names
-    history = spec.model_extra["training"]["history"]
+    spec = load_spec(out, CxrClassifierSpec)  # checks the sha256 of the weights it names
+    history = spec.training["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert (out / spec.weights).stat().st_size < 25 * 2**20
-    assert spec.model_extra["temperature"] > 0
+    assert spec.temperature > 0
     assert json.loads((out / "spec.json").read_text())["labels"][2]["value"] == "840539006"
     pred = CxrClassifier.load(out).predict(np.full((50, 40), 0.5, dtype=np.float32))
     assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)

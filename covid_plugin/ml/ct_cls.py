@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from covid_plugin.ml.ct_lung import LEFT_LUNG, RIGHT_LUNG
-from covid_plugin.ml.spec import ModelSpec, load_spec
+from covid_plugin.ml.spec import CtClassifierSpec, CtRuleThresholds, load_spec
 
 
 def _ramp(value: float, low: float, high: float) -> float:
@@ -69,29 +69,28 @@ def lesion_features(
     }
 
 
-def rule_score(features: dict[str, float], t: dict[str, float]) -> float:
+def rule_score(features: dict[str, float], t: CtRuleThresholds) -> float:
     """The COVID-19 score in [0, 1] from the features and the spec's thresholds."""
-    burden = _ramp(features["involvement_percent"], t["burden_low_pct"], t["burden_high_pct"])
+    burden = _ramp(features["involvement_percent"], t.burden_low_pct, t.burden_high_pct)
     bilateral = _ramp(
         min(features["right_percent"], features["left_percent"]),
-        t["side_low_pct"], t["side_high_pct"],
+        t.side_low_pct, t.side_high_pct,
     )
-    peripheral = _ramp(features["peripheral_fraction"], t["peripheral_low"], t["peripheral_high"])
-    ggo = _ramp(features["ggo_fraction"], t["ggo_low"], t["ggo_high"])
-    pattern = (t["w_base"] + t["w_bilateral"] * bilateral + t["w_peripheral"] * peripheral
-               + t["w_ggo"] * ggo)
+    peripheral = _ramp(features["peripheral_fraction"], t.peripheral_low, t.peripheral_high)
+    ggo = _ramp(features["ggo_fraction"], t.ggo_low, t.ggo_high)
+    pattern = t.w_base + t.w_bilateral * bilateral + t.w_peripheral * peripheral + t.w_ggo * ggo
     return float(burden * pattern)
 
 
 class CtClassifier:
     """COVID-19 vs not for one CT series, from the lung and lesion label maps."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: CtClassifierSpec):
         self.spec = spec
 
     @classmethod
     def load(cls, model_dir: Path) -> CtClassifier:
-        return cls(load_spec(model_dir))
+        return cls(load_spec(model_dir, CtClassifierSpec))
 
     @property
     def lesion_setting(self) -> tuple[float, float] | None:
@@ -99,14 +98,14 @@ class CtClassifier:
         on: the decision's own setting, chosen leave-one-patient-out for the call, apart from
         ct-lesion's measurement setting (the mask a radiologist reads). None: use that mask."""
         t = self.spec.thresholds
-        if "lesion_probability" not in t:
+        if t.lesion_probability is None:
             return None
-        return float(t["lesion_probability"]), float(t.get("min_lesion_ml", 0.0))
+        return t.lesion_probability, t.min_lesion_ml
 
     def features(self, lung: np.ndarray, lesion: np.ndarray, spacing) -> dict[str, float]:
-        return lesion_features(lung, lesion, tuple(spacing), self.spec.thresholds["peripheral_mm"])
+        return lesion_features(lung, lesion, tuple(spacing), self.spec.thresholds.peripheral_mm)
 
     def predict(self, lung: np.ndarray, lesion: np.ndarray, spacing) -> dict[str, float]:
-        """{"covid": score, "non_covid": 1 - score}; spec.thresholds["decision"] decides."""
+        """{"covid": score, "non_covid": 1 - score}; spec.thresholds.decision decides."""
         score = rule_score(self.features(lung, lesion, spacing), self.spec.thresholds)
         return {"covid": score, "non_covid": 1.0 - score}

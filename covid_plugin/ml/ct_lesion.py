@@ -37,20 +37,16 @@ from scipy import ndimage as ndi
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit, window_bounds
 from covid_plugin.ml.device import resolve_device
-from covid_plugin.ml.spec import ModelSpec, load_spec
+from covid_plugin.ml.spec import GGO_BAND_HU, CtLesionSpec, load_spec
 
 NONE, GGO, CONSOLIDATION = 0, 1, 2
 LESION_CHANNEL = 1  # the network's classes: 0 background, 1 lesion
 TYPICAL_SPACING = (2.0, 0.7, 0.7)
 FEATURES = (16, 16, 32, 64, 128, 16)
-# poorly aerated lung (ground glass) from the first to the second HU, non-aerated above
-GGO_BAND_HU = (-700.0, -300.0)
 KIND_SMOOTHING_PX = 1.0  # Gaussian sigma: one noisy pixel does not flip a lesion's kind
 # dense structures thinner than this in-plane are vessels (or their cross-sections), not
 # consolidation: a peripheral vessel is 1-3 mm across, a consolidation spans centimetres
 VESSEL_MAX_MM = 4.0
-DEFAULT_LESION_PROBABILITY = 0.5
-DEFAULT_MIN_LESION_ML = 0.0
 
 
 def build_network(features: tuple[int, ...] = FEATURES) -> BasicUNet:
@@ -108,12 +104,12 @@ def thorax_box(lung: np.ndarray, margin: float) -> tuple[slice, slice]:
 
 
 def hu_to_network_input(
-    hu: np.ndarray, box: tuple[slice, slice], spec: ModelSpec
+    hu: np.ndarray, box: tuple[slice, slice], spec: CtLesionSpec
 ) -> tuple[torch.Tensor, Placement]:
     """The node's path from HU slices (B, rows, cols) to the tensor the network sees."""
     lower, upper = window_bounds(spec.intensity)
     unit = hu_to_unit(hu[:, box[0], box[1]], lower, upper)
-    return to_network_input(torch.from_numpy(unit)[:, None], int(spec.input["size"]))
+    return to_network_input(torch.from_numpy(unit)[:, None], spec.input.size)
 
 
 def lesion_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -237,25 +233,23 @@ class LesionProbabilities:
 class LesionSegmenter:
     """Loads the lesion UNet from its model folder and labels every slice of a HU volume."""
 
-    def __init__(self, spec: ModelSpec, network: torch.nn.Module, batch_size: int = 4,
+    def __init__(self, spec: CtLesionSpec, network: torch.nn.Module, batch_size: int = 4,
                  device: str | torch.device = "cpu"):
         self.spec = spec
         self.device = resolve_device(device)  # the one rule, as the CXR models
         self.network = network.eval().to(self.device)
         self.batch_size = batch_size
         # the measurement setting: the mask the node writes and measures (SEG, SR volumes)
-        self.threshold = float(spec.thresholds.get("lesion_probability",
-                                                   DEFAULT_LESION_PROBABILITY))
-        self.min_lesion_ml = float(spec.thresholds.get("min_lesion_ml", DEFAULT_MIN_LESION_ML))
-        self.min_mean_probability = float(spec.thresholds.get("min_mean_probability", 0.0))
+        self.threshold = spec.thresholds.lesion_probability
+        self.min_lesion_ml = spec.thresholds.min_lesion_ml
+        self.min_mean_probability = spec.thresholds.min_mean_probability
         # the attenuation bands that type a lesion voxel (spec output.ggo_band_hu)
-        band = (spec.model_extra or {}).get("output", {}).get("ggo_band_hu", GGO_BAND_HU)
-        self.band = (float(band[0]), float(band[1]))
+        self.band = spec.output.ggo_band_hu
 
     @classmethod
     def load(cls, model_dir: Path, device: str = "cpu", batch_size: int = 4) -> LesionSegmenter:
-        spec = load_spec(model_dir)  # refuses weights whose sha256 differs from spec.json
-        network = build_network(tuple(spec.input["features"]))
+        spec = load_spec(model_dir, CtLesionSpec)  # refuses weights whose sha256 differs
+        network = build_network(spec.input.features)
         state = torch.load(model_dir / spec.weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
         return cls(spec, network, batch_size, device)
@@ -268,7 +262,7 @@ class LesionSegmenter:
         Outside that box the output is 0 (a full 600-slice float16 volume would be 315 MB);
         the node frees the HU volume after this, before `masks` builds the label volumes.
         """
-        box = thorax_box(lung, float(self.spec.input.get("crop_margin", 0.08)))
+        box = thorax_box(lung, self.spec.input.crop_margin)
         shape = (hu.shape[0], box[0].stop - box[0].start, box[1].stop - box[1].start)
         signed = np.zeros(shape, np.float16)
         for index, lesion, inside in self._batches(hu, lung, box):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from covid_plugin.ml.spec import HuWindow
 
-def window_bounds(intensity: dict) -> tuple[float, float]:
-    """(lower, upper) HU of a spec's `intensity` block ({"center": c, "width": w})."""
-    center, width = float(intensity["center"]), float(intensity["width"])
-    return center - width / 2.0, center + width / 2.0
+
+def window_bounds(intensity: HuWindow) -> tuple[float, float]:
+    """(lower, upper) HU of a spec's `intensity` block (center and width)."""
+    return intensity.center - intensity.width / 2.0, intensity.center + intensity.width / 2.0
 
 
 def hu_to_unit(hu: np.ndarray, lower: float, upper: float) -> np.ndarray:

@@ -30,7 +30,7 @@ from torch import nn
 
 from covid_plugin.ml.cxr_lungs import CxrLungSegmenter, lung_bbox
 from covid_plugin.ml.device import resolve_device
-from covid_plugin.ml.spec import ModelIntegrityError, ModelSpec, load_spec
+from covid_plugin.ml.spec import CxrClassifierSpec, LungCropSpec, ModelIntegrityError, load_spec
 
 INPUT_SIZE = 224
 PERCENTILES = (0.5, 99.5)
@@ -91,17 +91,16 @@ class LungCrop:
         return cls(segmenter, float(margin))
 
     @classmethod
-    def from_spec(cls, block: dict, model_dir: Path, device: str | torch.device = "cpu"
+    def from_spec(cls, block: LungCropSpec, model_dir: Path, device: str | torch.device = "cpu"
                   ) -> LungCrop:
         """The crop a classifier's spec.json names.
 
         The lung model is sought beside the classifier first (models/<name>), then in the
         repository's models/ (so a classifier trained into runs/ still finds it).
         """
-        name = str(block["model"])
-        candidates = [Path(model_dir).resolve().parent / name, MODELS_DIR / name]
+        candidates = [Path(model_dir).resolve().parent / block.model, MODELS_DIR / block.model]
         folder = next((c for c in candidates if (c / "spec.json").is_file()), candidates[-1])
-        return cls.load(folder, float(block["margin"]), block.get("weights_sha256"), device)
+        return cls.load(folder, block.margin, block.weights_sha256, device)
 
     def box(self, image: np.ndarray) -> Box:
         """Lung bounding box grown by the margin; the whole film if the mask is implausible."""
@@ -111,12 +110,12 @@ class LungCrop:
             return 0, rows, 0, cols
         return r0, r1, c0, c1
 
-    def describe(self) -> dict:
+    def describe(self) -> LungCropSpec:
         """The spec.json block that pins this crop (model name, version, weights, margin)."""
         spec = self.segmenter.spec
-        return {"model": spec.name, "version": spec.version,
-                "weights_sha256": spec.weights_sha256, "margin": self.margin,
-                "min_crop_fraction": MIN_CROP_FRACTION}
+        return LungCropSpec(model=spec.name, version=spec.version,
+                            weights_sha256=spec.weights_sha256, margin=self.margin,
+                            min_crop_fraction=MIN_CROP_FRACTION)
 
 
 def preprocess(image: np.ndarray, size: int = INPUT_SIZE, crop: LungCrop | None = None
@@ -226,16 +225,16 @@ class CxrPrediction:
 class CxrClassifier:
     """Loads a model folder (hash-checked spec + weights) and classifies one radiograph."""
 
-    def __init__(self, spec: ModelSpec, network: CxrNet, crop: LungCrop | None = None,
+    def __init__(self, spec: CxrClassifierSpec, network: CxrNet, crop: LungCrop | None = None,
                  device: str | torch.device = "cpu") -> None:
         self.spec = spec
         self.device = resolve_device(device)
         self.network = network.eval().to(self.device)
         self.crop = crop
-        self.size = int(spec.input.get("size", INPUT_SIZE))
-        self.temperature = float(getattr(spec, "temperature", 1.0))
-        self.covid_threshold = float(spec.thresholds["covid"])
-        self.view_threshold = float(spec.thresholds.get("lateral", 0.5))
+        self.size = spec.input.size
+        self.temperature = spec.temperature
+        self.covid_threshold = spec.thresholds.covid
+        self.view_threshold = spec.thresholds.lateral
         self.cam = GradCAM(nn_module=self.network, target_layers=CAM_LAYER,
                            postprocessing=unit_range)
 
@@ -243,12 +242,12 @@ class CxrClassifier:
     def load(cls, model_dir: Path, device: str | torch.device = "cpu") -> CxrClassifier:
         """The model folder's network on `device` ("auto": CUDA when available); the lung
         crop's model, if the spec names one, on the same device."""
-        spec = load_spec(Path(model_dir))
-        network = build_network(int(spec.input.get("size", INPUT_SIZE)))
+        spec = load_spec(Path(model_dir), CxrClassifierSpec)
+        network = build_network(spec.input.size)
         state = torch.load(Path(model_dir) / spec.weights, map_location="cpu", weights_only=True)
         network.load_state_dict({k: v.float() for k, v in state.items()})
-        block = (spec.model_extra or {}).get("lung_crop")
-        crop = LungCrop.from_spec(block, Path(model_dir), device) if block else None
+        crop = (LungCrop.from_spec(spec.lung_crop, Path(model_dir), device)
+                if spec.lung_crop is not None else None)
         return cls(spec, network, crop, device)
 
     def predict(self, image: np.ndarray) -> CxrPrediction:

@@ -8,7 +8,6 @@ the node and the trainer cannot drift apart on architecture or intensity handlin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,26 +18,32 @@ from scipy import ndimage
 from skimage import measure
 
 from covid_plugin.ml.device import resolve_device
-from covid_plugin.ml.spec import ModelSpec, load_spec
+from covid_plugin.ml.spec import (
+    CxrLungInput,
+    CxrLungIntensity,
+    CxrLungSpec,
+    UNetSpec,
+    load_spec,
+)
 
 # The grid the small components are sought on: big enough to keep edges of a 320 px film exact,
 # small enough that a 3000 px CR stays well under 0.1 s; the mask is then scaled up nearest.
 _POSTPROCESS_MAX_SIDE = 512
 
 
-def build_network(network: dict[str, Any]) -> UNet:
+def build_network(network: UNetSpec) -> UNet:
     """The student UNet from the spec's `network` block (channels, strides, num_res_units)."""
     return UNet(
         spatial_dims=2,
         in_channels=1,
         out_channels=1,
-        channels=tuple(network["channels"]),
-        strides=tuple(network["strides"]),
-        num_res_units=network["num_res_units"],
+        channels=network.channels,
+        strides=network.strides,
+        num_res_units=network.num_res_units,
     )
 
 
-def input_transform(spec_input: dict[str, Any], spec_intensity: dict[str, Any]) -> Compose:
+def input_transform(spec_input: CxrLungInput, spec_intensity: CxrLungIntensity) -> Compose:
     """(1, rows, cols) float image in [0, 1] -> (1, size, size) network input.
 
     The film is squashed to a square (as the teacher saw it) and rescaled between two
@@ -46,10 +51,10 @@ def input_transform(spec_input: dict[str, Any], spec_intensity: dict[str, Any]) 
     """
     return Compose(
         [
-            Resize(spatial_size=tuple(spec_input["size"]), mode="area"),
+            Resize(spatial_size=spec_input.size, mode="area"),
             ScaleIntensityRangePercentiles(
-                lower=spec_intensity["lower_percentile"],
-                upper=spec_intensity["upper_percentile"],
+                lower=spec_intensity.lower_percentile,
+                upper=spec_intensity.upper_percentile,
                 b_min=0.0,
                 b_max=1.0,
                 clip=True,
@@ -97,7 +102,7 @@ def lung_bbox(mask: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, in
 class CxrLungSegmenter:
     """Loaded `cxr-lung` model: image in [0, 1] (bones white) -> boolean lung mask."""
 
-    def __init__(self, spec: ModelSpec, network: UNet, device: str | torch.device = "cpu"
+    def __init__(self, spec: CxrLungSpec, network: UNet, device: str | torch.device = "cpu"
                  ) -> None:
         self.spec = spec
         self.device = resolve_device(device)
@@ -107,7 +112,7 @@ class CxrLungSegmenter:
     @classmethod
     def load(cls, model_dir: Path, device: str | torch.device = "cpu") -> CxrLungSegmenter:
         """The model folder's network on `device` ("auto": CUDA when available)."""
-        spec = load_spec(Path(model_dir))  # refuses weights whose sha256 differs
+        spec = load_spec(Path(model_dir), CxrLungSpec)  # refuses weights whose sha256 differs
         network = build_network(spec.network)
         state = torch.load(Path(model_dir) / spec.weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
@@ -129,7 +134,7 @@ class CxrLungSegmenter:
         grid = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
         prob = F.interpolate(prob, size=grid, mode="bilinear")[0, 0].numpy()
         thresholds = self.spec.thresholds
-        mask = keep_lungs(prob >= thresholds["lung"], thresholds["min_second_lung_fraction"])
+        mask = keep_lungs(prob >= thresholds.lung, thresholds.min_second_lung_fraction)
         if grid == image.shape:
             return mask
         up = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=image.shape)

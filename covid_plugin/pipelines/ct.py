@@ -18,7 +18,7 @@ from covid_plugin.findings import (
 from covid_plugin.ml.ct_cls import CtClassifier
 from covid_plugin.ml.ct_lesion import LesionSegmenter
 from covid_plugin.ml.ct_lung import segment_lungs
-from covid_plugin.ml.spec import load_spec
+from covid_plugin.ml.spec import CtLungSpec, load_spec
 from covid_plugin.pipelines import codes
 from covid_plugin.pipelines.interface import SeriesSkipped
 from covid_plugin.volume import LoadedSeries, irregular_grid, spill_to_disk
@@ -38,7 +38,7 @@ class CtPipeline:
     def load_models(self, models_dir: Path, device: str) -> dict[str, Any]:
         """`device` "auto" runs the lesion network on CUDA when torch sees a GPU."""
         return {
-            "lung_spec": load_spec(models_dir / "ct-lung"),
+            "lung_spec": load_spec(models_dir / "ct-lung", CtLungSpec),
             "lesions": LesionSegmenter.load(models_dir / "ct-lesion", device, self.batch_size),
             "classifier": CtClassifier.load(models_dir / "ct-classifier"),
         }
@@ -67,7 +67,7 @@ class CtPipeline:
         lung_model = models["lung_spec"].info()
         lesion_model = models["lesions"].spec.info()
         cls_model = classifier.spec.info()
-        threshold = classifier.spec.thresholds["decision"]
+        threshold = classifier.spec.thresholds.decision
         probabilities = [ClassProbability(k, classifier.spec.label(k).code(), p)
                          for k, p in scores.items()]
         predicted = "covid" if scores["covid"] >= threshold else "non_covid"

@@ -27,6 +27,7 @@ import numpy as np
 from covid_plugin.ml import ct_lesion, ct_lung
 from covid_plugin.ml.ct_cls import lesion_features, peripheral_zone, rule_score
 from covid_plugin.ml.ct_lesion import LesionSegmenter, filter_lesions
+from covid_plugin.ml.spec import CtRuleThresholds
 from training.common.ct_series import FULL_SERIES, HuSeries, read_series
 from training.common.paths import REPO
 
@@ -100,17 +101,17 @@ def lesion_maps(data: Path, rel: str, segmenter: LesionSegmenter
 
 
 def analyse(data: Path, rel: str, label: str, segmenter: LesionSegmenter,
-            rule: dict[str, float]) -> Patient:
+            rule: CtRuleThresholds) -> Patient:
     """A patient's features and rule score at every (lesion_probability, min_lesion_ml)."""
     series, lung, probability, kind = lesion_maps(data, rel, segmenter)
     voxel_ml = float(np.prod(series.spacing)) / 1000.0
     patient = Patient(series.name, label, int(series.hu.shape[0]),
                       float((lung > 0).sum() * voxel_ml))
-    peripheral = np.stack([peripheral_zone(s, series.spacing, rule["peripheral_mm"])
+    peripheral = np.stack([peripheral_zone(s, series.spacing, rule.peripheral_mm)
                            for s in lung])
     for threshold, min_ml in itertools.product(LESION_PROBABILITIES, MIN_LESION_ML):
         lesion = filter_lesions(probability, kind, series.spacing, threshold, min_ml)
-        features = lesion_features(lung, lesion, series.spacing, rule["peripheral_mm"],
+        features = lesion_features(lung, lesion, series.spacing, rule.peripheral_mm,
                                    peripheral)
         patient.settings[(threshold, min_ml)] = {
             **features,
@@ -217,7 +218,7 @@ def load_maps(data: Path, judge: Judge, limit: int | None = None,
     return maps
 
 
-def load_patients(data: Path, judge: Judge, rule: dict[str, float],
+def load_patients(data: Path, judge: Judge, rule: CtRuleThresholds,
                   which: dict[str, str] | None = None, limit: int | None = None
                   ) -> list[Patient]:
     """Every patient through `judge(name)`'s segmenter (training/common/ct_folds.py: the

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covid_plugin.ml.spec import ModelSpec
+from covid_plugin.ml.spec import CtClassifierSpec
 from training.common.card_text import HU_SOURCES, INTENDED_USE, device_text, fmt, row
 
 
-def write_cls_card(out: Path, spec: ModelSpec, metrics: dict) -> None:
+def write_cls_card(out: Path, spec: CtClassifierSpec, metrics: dict) -> None:
     rows = "\n".join(
         f"| {name} | {r['label']} | {r['slices']} | {r['chosen_without_it']['lesion_probability']}"
         f" / {r['chosen_without_it']['min_lesion_ml']} / {r['chosen_without_it']['decision']:.3f}"
@@ -29,7 +29,7 @@ def write_cls_card(out: Path, spec: ModelSpec, metrics: dict) -> None:
         low, high = block[f"{name}_ci95"]
         return f"{hits}/{n} = {block[name]:.2f} (Wilson 95% CI {low:.2f}-{high:.2f})"
 
-    t = spec.thresholds
+    t = spec.thresholds.model_dump()
     chosen = metrics["chosen_on_all_patients"]
     sample = metrics["normal_sample"]
     held, shipped = sample["thresholds_chosen_without_normal002"], sample["shipped_thresholds"]

@@ -23,6 +23,7 @@ import torch
 from covid_plugin.ml.ct_cls import CtClassifier, lesion_features, rule_score
 from covid_plugin.ml.ct_lesion import LesionSegmenter
 from covid_plugin.ml.ct_lung import segment_lungs
+from covid_plugin.ml.spec import CtRuleThresholds, save_spec
 from training.common import ct_lopo
 from training.common.ct_folds import FOLD_ROOT, OutOfFold
 from training.common.ct_series import read_series
@@ -42,13 +43,13 @@ def options(extra: list[str]) -> argparse.Namespace:
     return parser.parse_args(list(extra))
 
 
-def call_sample(segmenter: LesionSegmenter, rule: dict[str, float], chosen: dict) -> dict:
+def call_sample(segmenter: LesionSegmenter, rule: CtRuleThresholds, chosen: dict) -> dict:
     """The normal sample series (dicom_samples) through the node's path with given thresholds."""
     hu, spacing, _ = read_series(NORMAL_SAMPLE)
     lung = segment_lungs(hu, spacing)
     _, lesion = segmenter.predict_with_decision(
         hu, lung, spacing, (chosen["lesion_probability"], chosen["min_lesion_ml"]))
-    features = lesion_features(lung, lesion, spacing, rule["peripheral_mm"])
+    features = lesion_features(lung, lesion, spacing, rule.peripheral_mm)
     score = rule_score(features, rule)
     return {"thresholds": chosen, "score": score, "called_covid": score >= chosen["decision"],
             "lesion_ml": float((lesion > 0).sum() * np.prod(spacing) / 1000.0),
@@ -60,13 +61,14 @@ def evaluate(args: argparse.Namespace) -> int:
     opts = options(args.extra)
     data, out = Path(args.data), Path(args.out or REPO / "models" / "ct-classifier")
     classifier = CtClassifier.load(out)
-    rule = dict(classifier.spec.thresholds)
+    rule = classifier.spec.thresholds
     judge = OutOfFold(opts.lesion_model, opts.lesion_folds)
     segmenter = judge.for_fold("all")
     patients = ct_lopo.load_patients(data, judge.for_series, rule, limit=args.limit)
     lopo = ct_lopo.leave_one_patient_out(patients)
     chosen = ct_lopo.choose(patients)
-    burden_rule = dict(rule, w_base=1.0, w_bilateral=0.0, w_peripheral=0.0, w_ggo=0.0)
+    burden_rule = rule.model_copy(
+        update={"w_base": 1.0, "w_bilateral": 0.0, "w_peripheral": 0.0, "w_ggo": 0.0})
     rows = {}
     for patient, row in zip(patients, lopo, strict=True):
         fold = row["chosen"]
@@ -109,24 +111,27 @@ def evaluate(args: argparse.Namespace) -> int:
     plot_roc([("rule (LOPO)", y, score), ("burden only", y, burden)],
              f"CT COVID-19 rule, leave-one-patient-out (n={len(y)})", out / "roc_per_patient.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    spec_json = json.loads((out / "spec.json").read_text())
-    spec_json["thresholds"]["decision"] = chosen["decision"]
-    # the decision's own lesion mask (burden features), apart from ct-lesion's measurement mask
-    spec_json["thresholds"]["lesion_probability"] = chosen["lesion_probability"]
-    spec_json["thresholds"]["min_lesion_ml"] = chosen["min_lesion_ml"]
-    spec_json["thresholds_use"] = (
-        "decision: lesion_probability and min_lesion_ml build the lesion mask the rule's "
-        "features are computed on (not the mask the node writes and measures, which is "
-        "ct-lesion's measurement setting); decision is the score threshold; all three chosen "
-        "leave-one-patient-out (training/common/ct_lopo.py), shipped as chosen on all patients")
-    spec_json["data"]["split"] = spec()["data"]["split"]
-    spec_json["metrics"] = {
-        "auc_lopo": metrics["lopo"]["auc"]["auc"],
-        "sensitivity_lopo": metrics["lopo"]["sensitivity"],
-        "specificity_lopo": metrics["lopo"]["specificity"],
-        "on": f"{len(y)} patients ({int(y.sum())} COVID), leave-one-patient-out; details in "
-              "metrics.json",
-    }
-    (out / "spec.json").write_text(json.dumps(spec_json, indent=2) + "\n")
+    # the decision, and the decision's own lesion mask (burden features), apart from
+    # ct-lesion's measurement mask
+    thresholds = CtRuleThresholds.model_validate({
+        **rule.model_dump(), **{k: chosen[k] for k in ("decision", "lesion_probability",
+                                                        "min_lesion_ml")}})
+    save_spec(out, classifier.spec.model_copy(update={
+        "thresholds": thresholds,
+        "thresholds_use": (
+            "decision: lesion_probability and min_lesion_ml build the lesion mask the rule's "
+            "features are computed on (not the mask the node writes and measures, which is "
+            "ct-lesion's measurement setting); decision is the score threshold; all three "
+            "chosen leave-one-patient-out (training/common/ct_lopo.py), shipped as chosen on "
+            "all patients"),
+        "data": {**(classifier.spec.data or {}), "split": spec().data["split"]},
+        "metrics": {
+            "auc_lopo": metrics["lopo"]["auc"]["auc"],
+            "sensitivity_lopo": metrics["lopo"]["sensitivity"],
+            "specificity_lopo": metrics["lopo"]["specificity"],
+            "on": f"{len(y)} patients ({int(y.sum())} COVID), leave-one-patient-out; details "
+                  "in metrics.json",
+        },
+    }))
     write_cls_card(out, CtClassifier.load(out).spec, metrics)
     return 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from covid_plugin.ml.spec import save_spec
 from training.common.paths import REPO
 from training.ct_cls.spec import spec
 
@@ -13,5 +13,5 @@ from training.ct_cls.spec import spec
 def train(args: argparse.Namespace) -> int:
     out = Path(args.out or REPO / "models" / "ct-classifier")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.json").write_text(json.dumps(spec(), indent=2) + "\n")
+    save_spec(out, spec())
     return 0

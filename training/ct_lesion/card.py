@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from string import Template
 
-from covid_plugin.ml.spec import ModelSpec
+from covid_plugin.ml.spec import CtLesionSpec
 from training.common.card_text import HU_SOURCES, INTENDED_USE, device_text, fmt, row
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
@@ -98,9 +98,9 @@ def test_table(test: dict) -> str:
     return "\n".join(lines)
 
 
-def write_lesion_card(out: Path, spec: ModelSpec, metrics: dict) -> None:
+def write_lesion_card(out: Path, spec: CtLesionSpec, metrics: dict) -> None:
     head, test, hu = metrics["headline"], metrics["test_slices_8bit"], metrics["real_hu"]
-    data = spec.model_extra["data"]
+    data = spec.data or {}
     trained = data["trained_on"]
     setting = metrics["tradeoff"]["choice"]["shipped"] or list(
         metrics["measurement_setting"].values())
@@ -114,7 +114,7 @@ def write_lesion_card(out: Path, spec: ModelSpec, metrics: dict) -> None:
         for n, r in hu["normals_leave_one_normal_out"].items())
     fields = {
         "intended_use": INTENDED_USE,
-        "features": spec.input["features"], "size": spec.input["size"],
+        "features": list(spec.input.features), "size": spec.input.size,
         "weights": spec.weights, "sha256": spec.weights_sha256,
         "weights_mb": f"{(out / spec.weights).stat().st_size / 1e6:.1f}",
         "goal_rows": goals, "not_reached": not_reached,
@@ -123,11 +123,11 @@ def write_lesion_card(out: Path, spec: ModelSpec, metrics: dict) -> None:
         "hu_sources": HU_SOURCES, "steps": data["steps"], "device": device_text(),
         "schedule": data.get("schedule", {}).get("segments", "one"),
         "out_of_fold": "yes" if head["out_of_fold"] else "NO (fold models missing)",
-        "margin": f"{spec.input['crop_margin']:.0%}",
-        "lower_hu": f"{spec.intensity['lower_hu']:.0f}",
-        "upper_hu": f"{spec.intensity['upper_hu']:.0f}",
-        "p": spec.thresholds["lesion_probability"], "min_ml": spec.thresholds["min_lesion_ml"],
-        "min_mean": spec.thresholds.get("min_mean_probability", 0.0),
+        "margin": f"{spec.input.crop_margin:.0%}",
+        "lower_hu": f"{spec.intensity.lower_hu:.0f}",
+        "upper_hu": f"{spec.intensity.upper_hu:.0f}",
+        "p": spec.thresholds.lesion_probability, "min_ml": spec.thresholds.min_lesion_ml,
+        "min_mean": spec.thresholds.min_mean_probability,
         "n_test": test["n_slices"], "setting": setting, "test_table": test_table(test),
         "dice_ci": _ci(test["dice_pooled"]["lesion_ci95_slice_bootstrap"]),
         "dice_half": fmt(metrics["test_slices_8bit_at_0.5"]["dice_pooled"]["lesion"]),

@@ -28,6 +28,7 @@ from monai.networks.utils import one_hot
 from covid_plugin.ml.ct_lesion import CONSOLIDATION, GGO, LesionSegmenter, filter_lesions
 from covid_plugin.ml.ct_lung import segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit, window_bounds
+from covid_plugin.ml.spec import CtLesionSpec, CtLesionThresholds, load_spec, save_spec
 from covid_plugin.volume import load_series_files
 from training.common import ct_lopo
 from training.common.ct_folds import FOLD_ROOT, OutOfFold
@@ -242,15 +243,16 @@ def evaluate(args: argparse.Namespace) -> int:
     maps = ct_lopo.load_maps(data, judge.for_series, limit=args.limit)
     tradeoff = lesion_tradeoff.tradeoff(judge, data, maps, args.limit)
     setting = measurement_setting(tradeoff)
-    spec = json.loads((out / "spec.json").read_text())
-    spec["thresholds"] = dict(zip(lesion_tradeoff.SETTING_FIELDS, setting, strict=True))
-    spec["thresholds_use"] = (
-        "measurement: the lesion mask the node writes (SEG) and measures (SR volumes, percent "
-        "of each lung), chosen out of fold for segmentation quality under the normals' "
-        "false-positive goal (training/ct_lesion/tradeoff.py). The COVID call builds its own "
-        "mask with ct-classifier's lesion_probability / min_lesion_ml (chosen "
-        "leave-one-patient-out).")
-    (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    save_spec(out, load_spec(out, CtLesionSpec).model_copy(update={
+        "thresholds": CtLesionThresholds.model_validate(
+            dict(zip(lesion_tradeoff.SETTING_FIELDS, setting, strict=True))),
+        "thresholds_use": (
+            "measurement: the lesion mask the node writes (SEG) and measures (SR volumes, "
+            "percent of each lung), chosen out of fold for segmentation quality under the "
+            "normals' false-positive goal (training/ct_lesion/tradeoff.py). The COVID call "
+            "builds its own mask with ct-classifier's lesion_probability / min_lesion_ml "
+            "(chosen leave-one-patient-out)."),
+    }))
     segmenter = LesionSegmenter.load(out)  # the node's segmenter with the chosen setting
     per_patient = next(r for r in tradeoff["table"] if tuple(r["setting"]) == setting)
     slices = load_slices(data, "test", args.limit)
@@ -276,14 +278,12 @@ def evaluate(args: argparse.Namespace) -> int:
         },
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    spec = json.loads((out / "spec.json").read_text())
-    spec["metrics"] = {
+    save_spec(out, segmenter.spec.model_copy(update={"metrics": {
         "lesion_dice_pooled": test["dice_pooled"]["lesion"],
         "ggo_dice_pooled": test["dice_pooled"]["ggo"],
         "consolidation_dice_pooled": test["dice_pooled"]["consolidation"],
         "on": f"{test['n_slices']} Inf-Net test slices at the measurement setting; {LEAKAGE_NOTE}",
         "details": "metrics.json",
-    }
-    (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    }}))
     write_lesion_card(out, segmenter.spec, metrics)
     return 0

@@ -27,7 +27,7 @@ import torch
 
 from covid_plugin.ml import ct_lung
 from covid_plugin.ml.ct_lesion import hu_to_network_input, thorax_box, to_network_input
-from covid_plugin.ml.spec import ModelSpec
+from covid_plugin.ml.spec import CtLesionSpec
 from training.common.ct_folds import held_out_by
 from training.common.ct_series import FULL_SERIES, read_series, series_slice_labels
 from training.common.paths import REPO
@@ -46,14 +46,14 @@ class PatientSlices:
     infected: torch.Tensor  # (N,) bool, the radiologists' slice label (normals: all False)
 
 
-def _key(spec: ModelSpec, rel: str) -> str:
-    code = Path(ct_lung.__file__).read_bytes() + repr(sorted(spec.intensity.items())).encode()
-    return hashlib.sha256(code + repr(spec.input.get("size")).encode()
-                          + repr(spec.input.get("crop_margin")).encode()
+def _key(spec: CtLesionSpec, rel: str) -> str:
+    code = Path(ct_lung.__file__).read_bytes() + spec.intensity.model_dump_json().encode()
+    return hashlib.sha256(code + repr(spec.input.size).encode()
+                          + repr(spec.input.crop_margin).encode()
                           + rel.encode()).hexdigest()[:16]
 
 
-def patient_slices(data: Path, name: str, spec: ModelSpec) -> PatientSlices:
+def patient_slices(data: Path, name: str, spec: CtLesionSpec) -> PatientSlices:
     """A patient's slices that hold lung, through the node's own input path (cached)."""
     rel = PATIENT_SERIES[name]
     path = CACHE / f"{name}-{_key(spec, rel)}.pt"
@@ -63,8 +63,8 @@ def patient_slices(data: Path, name: str, spec: ModelSpec) -> PatientSlices:
     lung = ct_lung.segment_lungs(hu, spacing)
     labels = series_slice_labels(data).get(name, {})
     keep = np.flatnonzero(lung.any(axis=(1, 2)))
-    box = thorax_box(lung, float(spec.input["crop_margin"]))
-    size = int(spec.input["size"])
+    box = thorax_box(lung, spec.input.crop_margin)
+    size = spec.input.size
     image, _ = hu_to_network_input(hu[keep], box, spec)
     lung_in, _ = to_network_input(
         torch.from_numpy((lung[keep][:, box[0], box[1]] > 0).astype(np.float32))[:, None],
@@ -76,7 +76,8 @@ def patient_slices(data: Path, name: str, spec: ModelSpec) -> PatientSlices:
     return PatientSlices(name, **found)
 
 
-def load_patients(data: Path, names: tuple[str, ...], spec: ModelSpec) -> list[PatientSlices]:
+def load_patients(data: Path, names: tuple[str, ...], spec: CtLesionSpec
+                  ) -> list[PatientSlices]:
     return [patient_slices(data, name, spec) for name in names]
 
 

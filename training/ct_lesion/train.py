@@ -20,7 +20,6 @@ in the cache, which `--resume` continues from.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -47,7 +46,16 @@ from tqdm import tqdm
 
 from covid_plugin.ml.ct_lesion import FEATURES, GGO_BAND_HU, build_network, lesion_probability
 from covid_plugin.ml.device import resolve_device
-from covid_plugin.ml.spec import ModelSpec, sha256_of
+from covid_plugin.ml.spec import (
+    CtLesionInput,
+    CtLesionOutput,
+    CtLesionSpec,
+    CtLesionThresholds,
+    HuWindow,
+    LabelSpec,
+    save_spec,
+    sha256_of,
+)
 from training.common.ct_folds import fold_dir, medseg_held_out
 from training.common.paths import REPO
 from training.ct_lesion import hu_slices
@@ -116,7 +124,7 @@ def augmentations(seed: int, crop: int | None, centre_on: str) -> Compose:
 class Pools:
     """What one fold trains on: outlined MedSeg slices, negative and positive HU slices."""
 
-    def __init__(self, data: Path, spec: ModelSpec, fold: str, limit: int | None):
+    def __init__(self, data: Path, spec: CtLesionSpec, fold: str, limit: int | None):
         medseg = load_slices(data, "train", limit)
         self.medseg = [
             {"image": s["image"], "label": (s["label"] > 0).float(), "lung": s["valid"].float()}
@@ -174,8 +182,7 @@ def train(args: argparse.Namespace) -> int:
     cache.mkdir(parents=True, exist_ok=True)
 
     window = estimate_window(data, out, args.limit)
-    spec = ModelSpec(name="ct-lesion", version="2.0.0", task="segmentation", labels=[],
-                     intensity=window, input={"size": INPUT_SIZE, "crop_margin": CROP_MARGIN})
+    spec = lesion_spec(window)
     pools = Pools(data, spec, opts.fold, args.limit)
     log.info("fold %s: %s", opts.fold, pools.describe())
     total = args.max_steps or opts.steps
@@ -244,48 +251,55 @@ def train(args: argparse.Namespace) -> int:
     progress.close()
     network.cpu()
     torch.save(network.state_dict(), out / WEIGHTS)
-    write_spec(out, window, pools.describe(), steps=total, fold=opts.fold, segments=segments)
+    write_spec(out, spec, pools.describe(), steps=total, fold=opts.fold, segments=segments)
     return 0
 
 
-def write_spec(out: Path, window: dict, trained_on: dict, steps: int, fold: str,
-               segments: list[list[int]]) -> None:
-    """spec.json from the weights, the HU window calibration and what the run trained on."""
-    spec = {
-        "name": "ct-lesion",
-        "version": "2.0.0",
-        "task": "segmentation",
-        "weights": WEIGHTS,
-        "weights_sha256": sha256_of(out / WEIGHTS),
-        "labels": [
+def lesion_spec(window: HuWindow) -> CtLesionSpec:
+    """The spec before any weights: the training HU slices go through its input path, and
+    `write_spec` adds the weights and what the run trained on."""
+    return CtLesionSpec(
+        version="2.0.0",
+        task="segmentation",
+        labels=[
             # DICOM CID 6102/6104 code; no SNOMED CT concept could be verified offline
-            {"key": "ggo", "value": "112120", "scheme": "DCM", "meaning": "Ground glass opacity"},
-            {"key": "consolidation", "value": "95436008", "scheme": "SCT",
-             "meaning": "Lung consolidation"},
+            LabelSpec(key="ggo", value="112120", scheme="DCM", meaning="Ground glass opacity"),
+            LabelSpec(key="consolidation", value="95436008", scheme="SCT",
+                      meaning="Lung consolidation"),
         ],
-        "input": {
-            "size": INPUT_SIZE,
-            "features": list(FEATURES),
-            "network": "monai.networks.nets.BasicUNet 2D, background/lesion, "
-                       "upsample=nontrainable (bilinear)",
-            "crop": "thorax: bounding box of the lung mask (ct-lung) + crop_margin on each side",
-            "crop_margin": CROP_MARGIN,
-            "resize": "longer side to size (bilinear, antialias), shorter side zero-padded",
-            "slices": "2D, every axial slice, batched",
-        },
-        "intensity": window,
-        "spacing": None,
+        input=CtLesionInput(
+            size=INPUT_SIZE,
+            features=FEATURES,
+            network="monai.networks.nets.BasicUNet 2D, background/lesion, "
+                    "upsample=nontrainable (bilinear)",
+            crop="thorax: bounding box of the lung mask (ct-lung) + crop_margin on each side",
+            crop_margin=CROP_MARGIN,
+            resize="longer side to size (bilinear, antialias), shorter side zero-padded",
+            slices="2D, every axial slice, batched",
+        ),
+        intensity=window,
+        spacing=None,
         # the network's own operating point until `evaluate ct-lesion` chooses the measurement
         # setting out of fold (training/ct_lesion/tradeoff.py)
-        "thresholds": {"lesion_probability": 0.5, "min_lesion_ml": 0.0,
-                       "min_mean_probability": 0.0},
-        "output": {"0": "none", "1": "ggo", "2": "consolidation", "restricted_to": "ct-lung",
-                   "ggo_band_hu": list(GGO_BAND_HU),
-                   "postprocess": "softmax, bilinear resize, lesion where P(lesion) >= "
-                                  "lesion_probability and Gaussian-smoothed (1 px) HU >= "
-                                  f"{GGO_BAND_HU[0]:.0f}; GGO below {GGO_BAND_HU[1]:.0f} HU, "
-                                  "consolidation from there; 3D lesions < min_lesion_ml or "
-                                  "with mean probability < min_mean_probability dropped"},
+        thresholds=CtLesionThresholds(lesion_probability=0.5, min_lesion_ml=0.0,
+                                      min_mean_probability=0.0),
+        output=CtLesionOutput.model_validate({
+            "0": "none", "1": "ggo", "2": "consolidation", "restricted_to": "ct-lung",
+            "ggo_band_hu": GGO_BAND_HU,
+            "postprocess": "softmax, bilinear resize, lesion where P(lesion) >= "
+                           "lesion_probability and Gaussian-smoothed (1 px) HU >= "
+                           f"{GGO_BAND_HU[0]:.0f}; GGO below {GGO_BAND_HU[1]:.0f} HU, "
+                           "consolidation from there; 3D lesions < min_lesion_ml or "
+                           "with mean probability < min_mean_probability dropped"}),
+    )
+
+
+def write_spec(out: Path, spec: CtLesionSpec, trained_on: dict, steps: int, fold: str,
+               segments: list[list[int]]) -> None:
+    """spec.json from the weights, the HU window calibration and what the run trained on."""
+    save_spec(out, spec.model_copy(update={
+        "weights": WEIGHTS,
+        "weights_sha256": sha256_of(out / WEIGHTS),
         "data": {
             "sources": [
                 {"name": "MedSeg COVID-19 CT segmentation (SIRM images), Inf-Net export",
@@ -301,5 +315,4 @@ def write_spec(out: Path, window: dict, trained_on: dict, steps: int, fold: str,
             # a run cut short or extended by --resume follows each segment's own total
             "schedule": {"segments": segments},
         },
-    }
-    (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    }))

@@ -25,6 +25,7 @@ from scipy import ndimage as ndi  # noqa: E402
 
 from covid_plugin.ml.ct_lesion import thorax_box  # noqa: E402
 from covid_plugin.ml.ct_lung import segment_lungs  # noqa: E402
+from covid_plugin.ml.spec import HuWindow  # noqa: E402
 from training.common.ct_series import load_hu_series  # noqa: E402
 
 CROP_MARGIN = 0.08
@@ -83,7 +84,7 @@ def match_window(hu: np.ndarray, target: np.ndarray) -> tuple[float, float, floa
     return best[1], best[2], best[0]
 
 
-def estimate_window(data: Path, out: Path, limit: int | None = None) -> dict:
+def estimate_window(data: Path, out: Path, limit: int | None = None) -> HuWindow:
     """The `intensity` block of the lesion spec, plus calibration evidence written beside it.
 
     `limit` caps the number of HU series (tests); the shipped spec uses all of them.
@@ -120,17 +121,17 @@ def estimate_window(data: Path, out: Path, limit: int | None = None) -> dict:
     }
     (out / "window_calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
     _plot(target, hu, lower, upper, out / "window_calibration.png")
-    return {
-        "kind": "hu_window",
-        "center": (lower + upper) / 2.0,
-        "width": upper - lower,
-        "lower_hu": lower,
-        "upper_hu": upper,
-        "scale": "unit = clip((HU - lower_hu) / (upper_hu - lower_hu), 0, 1) == 8-bit / 255",
-        "estimated_by": f"histogram matching of thorax crops of {len(per_series)} real HU series "
-                        "to the 98 MedSeg slices; peak fit (lung, soft tissue) gives "
-                        f"[{peak_lower:.0f}, {peak_upper:.0f}] HU (window_calibration.json)",
-    }
+    return HuWindow(
+        kind="hu_window",
+        center=(lower + upper) / 2.0,
+        width=upper - lower,
+        lower_hu=lower,
+        upper_hu=upper,
+        scale="unit = clip((HU - lower_hu) / (upper_hu - lower_hu), 0, 1) == 8-bit / 255",
+        estimated_by=f"histogram matching of thorax crops of {len(per_series)} real HU series "
+                     "to the 98 MedSeg slices; peak fit (lung, soft tissue) gives "
+                     f"[{peak_lower:.0f}, {peak_upper:.0f}] HU (window_calibration.json)",
+    )
 
 
 def _plot(target: np.ndarray, hu: np.ndarray, lower: float, upper: float, path: Path) -> None:

@@ -19,6 +19,7 @@ from scipy import ndimage as ndi
 
 from covid_plugin.ml.ct_lung import lung_volumes_ml, segment_lungs
 from covid_plugin.ml.ct_window import hu_to_unit
+from covid_plugin.ml.spec import CtLungSpec, load_spec, save_spec
 from training.common.ct_plots import LUNG_COLOURS, overlay, save_grid, tile
 from training.common.ct_series import FULL_SERIES, HU_SERIES, load_hu_series
 from training.common.paths import REPO
@@ -126,13 +127,12 @@ def evaluate(args: argparse.Namespace) -> int:
                                            for v in r.get("storage", {}).values()),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    spec_json = json.loads((out / "spec.json").read_text())
-    spec_json["metrics"] = {
-        key: metrics[key] for key in ("all_plausible", "all_two_lungs", "all_right_on_image_left",
-                                      "max_airway_labelled_lung_ml",
-                                      "storage_variants_same_sides")
-    }
-    spec_json["metrics"]["on"] = f"{len(results)} real HU series; details in metrics.json"
-    (out / "spec.json").write_text(json.dumps(spec_json, indent=2) + "\n")
+    summary = {key: metrics[key] for key in ("all_plausible", "all_two_lungs",
+                                             "all_right_on_image_left",
+                                             "max_airway_labelled_lung_ml",
+                                             "storage_variants_same_sides")}
+    summary["on"] = f"{len(results)} real HU series; details in metrics.json"
+    spec = load_spec(out, CtLungSpec)
+    save_spec(out, spec.model_copy(update={"metrics": summary}))
     write_lung_card(out, metrics)
     return 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from covid_plugin.ml.spec import save_spec
 from training.common.paths import REPO
 from training.ct_lung.evaluate import evaluate
 from training.ct_lung.spec import spec
@@ -14,6 +14,6 @@ from training.ct_lung.spec import spec
 def train(args: argparse.Namespace) -> int:
     out = Path(args.out or REPO / "models" / "ct-lung")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.json").write_text(json.dumps(spec(), indent=2) + "\n")
+    save_spec(out, spec())
     return evaluate(args)
 

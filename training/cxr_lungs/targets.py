@@ -20,12 +20,12 @@ PLAUSIBLE_FRACTION = (0.15, 0.65)  # of the film, for a teacher mask to be taugh
 
 
 def read_teacher_mask(item: Item) -> np.ndarray:
-    return np.asarray(Image.open(mask_path(item)), dtype=np.float32) / 255.0 >= THRESHOLDS["lung"]
+    return np.asarray(Image.open(mask_path(item)), dtype=np.float32) / 255.0 >= THRESHOLDS.lung
 
 
 def clean_teacher_mask(item: Item) -> np.ndarray:
     """The teacher's mask without its specks (markers, bowel gas), as the node cleans its own."""
-    return keep_lungs(read_teacher_mask(item), THRESHOLDS["min_second_lung_fraction"])
+    return keep_lungs(read_teacher_mask(item), THRESHOLDS.min_second_lung_fraction)
 
 
 def plausible(mask: np.ndarray) -> bool:
