@@ -24,6 +24,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +50,48 @@ log = logging.getLogger(__name__)
 
 # the disk, not the series, is at fault: the job is tried again later
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class Ending(StrEnum):
+    """How a job ended, as the worker logs and counts it: the `outcome` label of
+    covid_plugin_jobs_total, whose values dashboards read (keep the strings)."""
+
+    DONE = "done"
+    SKIPPED = "skipped"  # the pipeline declined the series (its "not analysed" report is sent)
+    RETRY = "retry"  # the node, not the series, was at fault (a full disk): queued again
+    FAILED = "failed"
+    DROPPED = "dropped"  # found on recording: another worker took the job, its run stands
+
+
+@dataclass(frozen=True)
+class Results:
+    """What a run made, recorded with its job in one transaction and then announced."""
+
+    deliveries: tuple[Delivery, ...]  # an outbox row per saved file and destination
+    reports: tuple[ReportRef, ...]  # the SRs, which a later run of the series names
+    paths: tuple[Path, ...]  # the saved files
+    findings: tuple[Findings, ...]
+    n_instances: int
+    supersedes: int | None  # the job of the earlier run whose results these replace
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run decided, as a value rather than a closure that writes it: it can be kept
+    while the store takes no writes and written on a later round, by the one method that
+    turns outcomes into JobQueue calls."""
+
+    ending: Ending
+    reason: str | None = None  # the job's recorded reason (a note beside results)
+    results: Results | None = None
+
+    def __post_init__(self) -> None:
+        if self.ending is Ending.DROPPED:
+            raise ValueError("'dropped' is found when recording, never decided by a run")
+        if self.ending is Ending.DONE and self.results is None:
+            raise ValueError("a 'done' outcome carries its results")
+        if self.results is not None and self.ending not in (Ending.DONE, Ending.SKIPPED):
+            raise ValueError(f"a '{self.ending}' outcome sends no results")
 
 
 def system_error(exc: BaseException) -> OSError | None:
@@ -130,8 +174,7 @@ class Worker:
         self._pipelines = {m: p for p in pipelines for m in p.modalities}
         self._models: dict[str, Any] = {}
         self._held_until = 0.0  # no series is closed before one quiet period after start
-        # outcomes not yet written: the job, how to record it, what it will count as
-        self._unrecorded: list[tuple[Job, Callable[[], None], str]] = []
+        self._unrecorded: list[tuple[Job, Outcome]] = []  # not written yet: kept to retry
         self._next_purge = 0.0
         self._next_housekeeping = 0.0
         self._current: Job | None = None  # the job running now, whose lease the heartbeat renews
@@ -159,7 +202,7 @@ class Worker:
 
     def unrecorded(self) -> list[int]:
         """Jobs whose outcome could not be written yet (health reports them)."""
-        return [job.id for job, _, _ in self._unrecorded]
+        return [job.id for job, _ in self._unrecorded]
 
     def renew_lease(self) -> None:
         """Called by the heartbeat thread while the worker thread is busy with a job."""
@@ -221,52 +264,86 @@ class Worker:
         if job is None:
             return False
         started = time.monotonic()
+        outcome = self._attempt(job)
+        ended = self._record(job, outcome)
+        log.info("job %d (series %s) %s in %.2f s", job.id, job.series_uid,
+                 ended or f"{outcome.ending}, not recorded yet,", time.monotonic() - started)
+        return True
+
+    def _attempt(self, job: Job) -> Outcome:
+        """Run the claimed job under its lease; every way it can end is an outcome."""
         self._current = job
         try:
-            outcome, record = self._process(job)
+            return self._process(job)
         except OSError as exc:
-            outcome, record = self._io_failure(job, exc)
+            return self._io_failure(job, exc)
         except Exception as exc:  # one bad job must not stop the others
             # no exception text in the reason or at INFO: it can quote header values
             log.error("job %d (series %s) failed: %s", job.id, job.series_uid,
                       type(exc).__name__)
             log.debug("job %d failure details", job.id, exc_info=exc)
-            reason = f"internal error ({type(exc).__name__}); details at DEBUG"
-            outcome, record = "failed", lambda: self._end(job, self.jobs.fail, reason)
+            return Outcome(Ending.FAILED, f"internal error ({type(exc).__name__}); "
+                                          "details at DEBUG")
         finally:
             self._current = None
-        ended = self._record(job, record, outcome)
-        log.info("job %d (series %s) %s in %.2f s", job.id, job.series_uid,
-                 ended or f"{outcome}, not recorded yet,", time.monotonic() - started)
-        return True
 
     def record_pending(self) -> bool:
         """Write outcomes that could not be written before; True when none is left."""
         pending, self._unrecorded = self._unrecorded, []
-        for job, record, outcome in pending:
-            self._record(job, record, outcome)
+        for job, outcome in pending:
+            self._record(job, outcome)
         return not self._unrecorded
 
-    def _record(self, job: Job, record: Callable[[], None], outcome: str) -> str | None:
-        """Write the outcome and count it; returns the outcome that stands ('dropped' when
-        the lease was lost), or None while it could not be written (it is kept to retry)."""
+    def _record(self, job: Job, outcome: Outcome) -> Ending | None:
+        """Write the outcome and count it; returns the ending that stands (DROPPED when the
+        lease was lost), or None while it could not be written (it is kept to retry)."""
+        ending = outcome.ending
         try:
-            record()
+            self._write(job, outcome)
         except LeaseLost:
             # another worker took the job after this one's lease expired: its run stands
             log.error("job %d (series %s): lease lost before the outcome was recorded; this "
                       "run's results are dropped", job.id, job.series_uid)
             shutil.rmtree(self._folder(job), ignore_errors=True)
-            outcome = "dropped"
+            ending = Ending.DROPPED
         except (*STORE_ERRORS, OSError) as exc:
             log.error("job %d (series %s): outcome not recorded (%s); will retry", job.id,
                       job.series_uid, exc)
-            self._unrecorded.append((job, record, outcome))
+            self._unrecorded.append((job, outcome))
             return None
-        self.metrics.jobs.labels(outcome=outcome).inc()
-        return outcome
+        self.metrics.jobs.labels(outcome=ending.value).inc()
+        return ending
 
-    def _end(self, job: Job, end: Callable[..., Any], reason: str) -> Any:
+    def _write(self, job: Job, outcome: Outcome) -> None:
+        """The one place an outcome becomes JobQueue calls, under this worker's lease."""
+        if outcome.results is not None:
+            self._finish(job, outcome.reason, outcome.results,
+                         declined=outcome.ending is Ending.SKIPPED)
+        elif outcome.ending is Ending.RETRY:
+            if self._end(job, self.jobs.retry_later, outcome.reason) == JobState.QUARANTINED:
+                log.error("job %d (series %s) quarantined after %d attempts", job.id,
+                          job.series_uid, job.attempts)
+        elif outcome.ending is Ending.SKIPPED:
+            self._end(job, self.jobs.skip, outcome.reason)
+        else:
+            self._end(job, self.jobs.fail, outcome.reason)
+
+    def _finish(self, job: Job, note: str | None, results: Results, declined: bool) -> None:
+        """Record the results and queue them for their destinations; then the run mark and
+        on_result, which hear only of results that stand."""
+        self.jobs.finish(job.id, results.deliveries, note, results.reports,
+                         supersedes=results.supersedes, owner=self.owner, declined=declined)
+        try:  # a hint for a node that loses its database; never a reason to retry
+            self.marks.record(job.series_uid, datetime.datetime.now(), results.n_instances,
+                              list(results.reports))
+        except OSError as error:
+            log.warning("job %d: no run mark written for series %s: %s", job.id,
+                        job.series_uid, type(error).__name__)
+        if self.on_result is not None:
+            for findings in results.findings:
+                self.on_result(job, findings, list(results.paths))
+
+    def _end(self, job: Job, end: Callable[..., Any], reason: str | None) -> Any:
         """Record an ending other than 'done' while this worker holds the lease: the queue
         changes nothing (False, None) once another worker has taken the job."""
         result = end(job.id, reason, owner=self.owner)
@@ -274,7 +351,7 @@ class Worker:
             raise LeaseLost(f"job {job.id}: {self.owner} no longer holds its lease")
         return result
 
-    def _io_failure(self, job: Job, exc: OSError) -> tuple[str, Callable[[], None]]:
+    def _io_failure(self, job: Job, exc: OSError) -> Outcome:
         """A file operation failed: for lack of space the job is tried later (the disk, not
         the series, is at fault), anything else fails it."""
         shutil.rmtree(self._folder(job), ignore_errors=True)  # give back what it had taken
@@ -282,18 +359,10 @@ class Worker:
         detail = (cause.strerror or str(cause)) if cause is not None else type(exc).__name__
         if cause is None or cause.errno not in _NO_SPACE:
             log.error("job %d (series %s) failed: %s", job.id, job.series_uid, detail)
-            reason = f"a file could not be read or written: {detail}"
-            return "failed", lambda: self._end(job, self.jobs.fail, reason)
+            return Outcome(Ending.FAILED, f"a file could not be read or written: {detail}")
         log.error("job %d (series %s): no space for results (%s); will retry", job.id,
                   job.series_uid, detail)
-
-        def record() -> None:
-            state = self._end(job, self.jobs.retry_later,
-                              f"no space to write results ({detail})")
-            if state == JobState.QUARANTINED:
-                log.error("job %d (series %s) quarantined after %d attempts", job.id,
-                          job.series_uid, job.attempts)
-        return "retry", record
+        return Outcome(Ending.RETRY, f"no space to write results ({detail})")
 
     def _folder(self, job: Job) -> Path:
         """results/<job>/<attempt>: each claim counts an attempt, so no two runs share it."""
@@ -305,8 +374,8 @@ class Worker:
                 self.settings.models_dir, self.settings.device)
         return self._models[pipeline.name]
 
-    def _process(self, job: Job) -> tuple[str, Callable[[], None]]:
-        """Run the job; returns its outcome and how to record it."""
+    def _process(self, job: Job) -> Outcome:
+        """Run the job through its pipeline and save what it made."""
         pipeline = self._pipelines[job.modality]
         paths = self.spool.instance_paths(job.series_uid)
         earlier, n_before, previous = self.jobs.previous_run(job)
@@ -321,13 +390,13 @@ class Worker:
                      job.id, job.series_uid, mark.run_at.isoformat(timespec="seconds"))
             writer = _superseding(self.writer, mark.reports, mark.n_instances, len(paths),
                                   mark.run_at)
-        outcome = analyse(pipeline, self._models_for(pipeline), paths, writer,
-                          write_declined if self.settings.declined_reports else None)
-        results, note = outcome.results, outcome.note
+        analysis = analyse(pipeline, self._models_for(pipeline), paths, writer,
+                           write_declined if self.settings.declined_reports else None)
+        results, note = analysis.results, analysis.note
         if not results:
-            if outcome.skipped == len(outcome.problems):
-                return "skipped", lambda: self._end(job, self.jobs.skip, note or "skipped")
-            return "failed", lambda: self._end(job, self.jobs.fail, note or "no result")
+            if analysis.skipped == len(analysis.problems):
+                return Outcome(Ending.SKIPPED, note or "skipped")
+            return Outcome(Ending.FAILED, note or "no result")
         folder = self._folder(job)
         # earlier attempts' files were never recorded as results (or this attempt would not
         # exist): a killed run's leftovers, or a stalled worker's dropped ones. A later
@@ -338,14 +407,14 @@ class Worker:
                 shutil.rmtree(earlier_attempt, ignore_errors=True)
         datasets = [ds for _, objects in results for ds in objects]
         saved = save_durably(datasets, folder)
-        reports = [ReportRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                             str(ds.SOPClassUID), str(ds.SOPInstanceUID))
-                   for ds in datasets if ds.Modality == "SR"]
-        deliveries = [
+        reports = tuple(ReportRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                  str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+                        for ds in datasets if ds.Modality == "SR")
+        deliveries = tuple(
             delivery(destination, path, uid)
             for destination in destinations_for(self.settings, job.calling_ae)
             for path, uid in saved
-        ]
+        )
         if not deliveries:
             log.warning("job %d: no destination configured for %s; results kept in %s",
                         job.id, job.calling_ae, folder)
@@ -353,19 +422,9 @@ class Worker:
         # every film or series declined: only "not analysed" reports, which are sent, and the
         # job is rejected with the reason, as a series the pipeline declines is
         declined = all(findings.classification is None for findings, _ in results)
-
-        def record() -> None:
-            self.jobs.finish(job.id, deliveries, note, reports, supersedes=earlier,
-                             owner=self.owner, declined=declined)
-            try:  # a hint for a node that loses its database; never a reason to retry
-                self.marks.record(job.series_uid, datetime.datetime.now(), len(paths), reports)
-            except OSError as error:
-                log.warning("job %d: no run mark written for series %s: %s", job.id,
-                            job.series_uid, type(error).__name__)
-            if self.on_result is not None:  # told only of results that stand
-                for findings, _ in results:
-                    self.on_result(job, findings, [path for path, _ in saved])
-        return "skipped" if declined else "done", record
+        made = Results(deliveries, reports, tuple(path for path, _ in saved),
+                       tuple(findings for findings, _ in results), len(paths), earlier)
+        return Outcome(Ending.SKIPPED if declined else Ending.DONE, note, made)
 
     def purge_if_due(self) -> None:
         """Apply the retention policy every `retention.interval_s`."""
