@@ -19,7 +19,7 @@ from covid_plugin.series import rejection_reason
 from covid_plugin.service import load_object
 from covid_plugin.store.jobs import SeriesRecord
 from covid_plugin.summary import ResultRow
-from covid_plugin.worker import save_durably
+from covid_plugin.worker.results import save_durably
 
 log = logging.getLogger(__name__)
 

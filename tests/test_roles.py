@@ -61,7 +61,7 @@ def test_the_worker_loads_its_models_on_the_pinned_device(tmp_path: Path):
 
     pipeline = Recording()
     settings = Settings(data_dir=tmp_path, device="cuda:1")
-    Worker(settings, None, None, None, [pipeline], None, set)._models_for(pipeline)
+    Worker(settings, None, None, None, [pipeline], None, set).runner.load_models()
     assert pipeline.devices == ["cuda:1"]
 
 
