@@ -304,7 +304,8 @@ class Settings(BaseSettings):
     quiet_period_s: float = Field(default=10.0, ge=0)
     selection: SelectionSettings = SelectionSettings()
     # calling AE title -> where its results go back ("return address"); used when no
-    # destination is configured for all results
+    # destination is configured for all results. Matched without regard to case
+    # (`return_address`): an environment variable's name cannot keep it
     return_addresses: dict[str, Peer] = {}
     destinations: list[Destination] = []
     outbox: OutboxSettings = OutboxSettings()
@@ -344,6 +345,16 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_callers(cls, value: list[str]) -> list[str]:
         return [v.strip() for v in value]
+
+    @field_validator("return_addresses")
+    @classmethod
+    def _one_address_per_caller(cls, value: dict[str, Peer]) -> dict[str, Peer]:
+        callers = [ae.strip().casefold() for ae in value]
+        twice = sorted({ae for ae in callers if callers.count(ae) > 1})
+        if twice:
+            raise ValueError(f"more than one return address for {', '.join(twice)} "
+                             "(calling AE titles are matched without regard to case)")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -388,6 +399,12 @@ class Settings(BaseSettings):
         COVID_PLUGIN_DATABASE_URL or port from the shell; `load_settings` adds the environment
         and the file, for the processes an administrator starts."""
         return (init_settings,)
+
+    def return_address(self, calling_ae: str) -> Peer | None:
+        """Where the results of `calling_ae`'s studies go back, if it has a return address."""
+        wanted = calling_ae.strip().casefold()
+        return next((peer for ae, peer in self.return_addresses.items()
+                     if ae.strip().casefold() == wanted), None)
 
     @property
     def spool_dir(self) -> Path:

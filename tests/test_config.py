@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from covid_plugin.config import ConfigError, Settings, load_settings
+from covid_plugin.worker.results import destinations_for
 
 
 def test_a_nested_key_takes_file_then_environment_then_flags_and_keeps_its_siblings(
@@ -53,7 +54,13 @@ def test_values_from_the_environment_are_read_as_before():
     assert (settings.check_called_ae, settings.quiet_period_s) == (False, 2.5)
     assert settings.metrics_port is None and settings.retention.spool_days is None
     assert settings.outbox.max_attempts == 4
-    assert settings.return_addresses["pacs1"].port == 104
+    # the variable's name lost the case of PACS1; its studies still find their way back
+    assert [peer.port for peer in destinations_for(settings, "PACS1")] == [104]
+    assert destinations_for(settings, "PACS2") == []
+    with pytest.raises(ConfigError, match="more than one return address for pacs1"):
+        load_settings(overrides={"return_addresses": {
+            "PACS1": {"ae_title": "A", "host": "h", "port": 104},
+            "pacs1": {"ae_title": "B", "host": "h", "port": 105}}})
     with pytest.raises(ConfigError, match='"allowed_callers".* JSON'):
         load_settings(environ={"COVID_PLUGIN_ALLOWED_CALLERS": "PACS1"})
 

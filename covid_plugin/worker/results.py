@@ -32,7 +32,7 @@ def destinations_for(settings: Settings, calling_ae: str) -> list[Peer | Dicomwe
     """Configured destinations, else the calling PACS's return address."""
     if settings.destinations:
         return list(settings.destinations)
-    peer = settings.return_addresses.get(calling_ae)
+    peer = settings.return_address(calling_ae)
     return [peer] if peer else []
 
 
