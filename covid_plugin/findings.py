@@ -21,6 +21,12 @@ class Code:
     meaning: str
 
 
+# The sides of the chest, which the pipelines name their masks by and the writers label
+# outlines with (outputs/regions.sided): here, because both layers read findings.
+RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
+LEFT_LUNG = Code("44029006", "SCT", "Left lung")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Identifies the model that produced a result; goes into every output object."""

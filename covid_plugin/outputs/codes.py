@@ -33,8 +33,6 @@ RULE_BASED_FAMILY = codes.cid7162.MorphologicalOperations
 RULE_BASED_SHA256 = "rule-based"  # what ModelSpec.info() reports for a model without weights
 
 # A radiograph's lung outlines by side (the same concepts the CT pipeline's lung masks carry).
-RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
-LEFT_LUNG = Code("44029006", "SCT", "Left lung")
 
 # Anatomy segments (lungs) are drawn as contours, not as lesions, and do not pick the key slice.
 ANATOMY_CATEGORIES = frozenset({"123037004", "91723000"})  # Anatomical Structure (old and new)

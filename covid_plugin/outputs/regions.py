@@ -15,8 +15,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import approximate_polygon, find_contours
 
-from covid_plugin.findings import Code, Findings, Mask
-from covid_plugin.outputs.codes import ANATOMY_CATEGORIES, LEFT_LUNG, RIGHT_LUNG
+from covid_plugin.findings import LEFT_LUNG, RIGHT_LUNG, Code, Findings, Mask
+from covid_plugin.outputs.codes import ANATOMY_CATEGORIES
 from covid_plugin.volume import LoadedSeries
 
 OUTLINE_TOLERANCE_PX = 0.5  # polygon simplification; keeps SR and GSPS objects small

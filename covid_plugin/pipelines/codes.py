@@ -26,8 +26,6 @@ def _listed(concept: DicomCode) -> Code:
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 MORPHOLOGICALLY_ABNORMAL = _listed(dictionary.SCT.MorphologicallyAbnormalStructure)
 LUNG = _listed(dictionary.SCT.Lung)
-RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
-LEFT_LUNG = Code("44029006", "SCT", "Left lung")
 LESION = _listed(dictionary.SCT.Lesion)
 GROUND_GLASS = _listed(dictionary.DCM.GroundGlassOpacity)
 CONSOLIDATION = Code("95436008", "SCT", "Lung consolidation")

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 from covid_plugin.findings import (
+    LEFT_LUNG,
+    RIGHT_LUNG,
     Classification,
     ClassProbability,
     Code,
@@ -88,9 +90,9 @@ class CtPipeline:
             np.equal(lesion[i], CONSOLIDATION, out=consolidation[i])
         del lesion
         masks = [
-            Mask("lung_right", "Right lung", codes.ANATOMICAL_STRUCTURE, codes.RIGHT_LUNG,
+            Mask("lung_right", "Right lung", codes.ANATOMICAL_STRUCTURE, RIGHT_LUNG,
                  lung_right, lung_model),
-            Mask("lung_left", "Left lung", codes.ANATOMICAL_STRUCTURE, codes.LEFT_LUNG,
+            Mask("lung_left", "Left lung", codes.ANATOMICAL_STRUCTURE, LEFT_LUNG,
                  lung_left, lung_model),
             Mask("ggo", "Ground glass opacity", codes.MORPHOLOGICALLY_ABNORMAL,
                  codes.GROUND_GLASS, ggo, lesion_model, anatomic_region=codes.LUNG),
@@ -120,15 +122,15 @@ def measurements(lung: np.ndarray, lesion: np.ndarray,
     ml = codes.MILLILITER
     out = [
         Measurement(codes.VOLUME, voxel_ml * counts["lung_right"], ml, "lung_right",
-                    codes.RIGHT_LUNG),
+                    RIGHT_LUNG),
         Measurement(codes.VOLUME, voxel_ml * counts["lung_left"], ml, "lung_left",
-                    codes.LEFT_LUNG),
+                    LEFT_LUNG),
         Measurement(codes.VOLUME, voxel_ml * counts["ggo"], ml, "ggo", codes.LUNG),
         Measurement(codes.VOLUME, voxel_ml * counts["consolidation"], ml, "consolidation",
                     codes.LUNG),
     ]
-    sides: list[tuple[str, Code]] = [("lung_right", codes.RIGHT_LUNG),
-                                     ("lung_left", codes.LEFT_LUNG)]
+    sides: list[tuple[str, Code]] = [("lung_right", RIGHT_LUNG),
+                                     ("lung_left", LEFT_LUNG)]
     for key, site in sides:
         total = counts[key]
         percent = 100.0 * counts[f"{key}_involved"] / total if total else 0.0
