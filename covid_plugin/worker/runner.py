@@ -66,6 +66,7 @@ class JobRunner:
         self.owner = owner  # holds the leases of the jobs this runner claims
         self._models: dict[str, Any] = {}
         self._current: Job | None = None  # the job running now, whose lease the heartbeat renews
+        self._lost: int | None = None  # the running job whose lease is gone: said once
 
     def load_models(self) -> None:
         """Load every pipeline's models: a model that cannot load (hash mismatch, missing
@@ -83,7 +84,10 @@ class JobRunner:
     def renew_lease(self) -> None:
         """Called by the heartbeat thread while the worker thread is busy with a job."""
         job = self._current
-        if job is not None and not self.jobs.renew(job.id, self.owner):
+        if job is None or job.id == self._lost:
+            return  # a lost lease does not come back: the run ends 'dropped'
+        if not self.jobs.renew(job.id, self.owner):
+            self._lost = job.id
             log.error("job %d (series %s): lease lost; another worker may run it, and this "
                       "run's results will be dropped", job.id, job.series_uid)
 
