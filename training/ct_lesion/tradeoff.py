@@ -167,10 +167,10 @@ def choose_measurement(table: list[dict], normals: list[str]) -> dict:
 
 
 def tradeoff(judge: OutOfFold, data: Path, patients: dict[str, SeriesMaps],
-             limit: int | None = None) -> dict:
-    """The whole table; `patients` judged out of fold (ct_lopo.load_maps with `judge`)."""
+             test: tuple[np.ndarray, np.ndarray, np.ndarray], limit: int | None = None) -> dict:
+    """The whole table; `patients` judged out of fold (ct_lopo.load_maps with `judge`), `test`
+    the shipped model's `medseg_probabilities` of the test slices (reported, never chosen on)."""
     selection = medseg_out_of_fold(judge, load_slices(data, "train", limit))
-    test = medseg_probabilities(judge.for_fold("all"), load_slices(data, "test", limit))
     table = []
     for setting in settings():
         table.append({
