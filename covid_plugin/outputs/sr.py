@@ -199,6 +199,18 @@ def build_report(
     return stamp(sr, models_of(findings), settings, when)
 
 
+def _first_model(findings: Findings) -> ModelInfo | None:
+    """The model credited with what no single model made (the percent of both lungs
+    involved, the verdict band of a film without a verdict): the findings' first, in every
+    group of the report alike."""
+    return findings.models[0] if findings.models else None
+
+
+def _first_algorithm(findings: Findings) -> AlgorithmIdentification | None:
+    model = _first_model(findings)
+    return algorithm(model) if model else None
+
+
 def _loose_group(
     findings: Findings,
     measurements: list[Measurement],
@@ -207,10 +219,9 @@ def _loose_group(
     tracking_uid: str,
 ) -> MeasurementsAndQualitativeEvaluations:
     """Measurements about no outlined region (e.g. the percent of both lungs involved)."""
-    model = findings.models[0] if findings.models else None
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="measurements"),
-        algorithm_id=algorithm(model) if model else None,
+        algorithm_id=_first_algorithm(findings),
         measurements=measurements,
         source_images=[_key_image(series, frame)],
     )
@@ -318,7 +329,7 @@ def _verdict_group(
     without keeping it in view or apart from other text): there it stays clear of the lungs'
     labels and inside the viewport, where on the lungs' hull it lay over the left lung's."""
     c = findings.classification
-    model = c.model if c is not None else (findings.models[0] if findings.models else None)
+    model = c.model if c is not None else _first_model(findings)
     called, measurements = None, []
     if c is not None:
         called = next(p for p in c.probabilities if p.key == c.predicted)
@@ -351,12 +362,11 @@ def _lungs_group(
     """The measurements about both lungs (the percent involved) on the key image's frame:
     a region of their own, apart from the verdict's and the lungs' outlines, whose text a
     viewer writes at the image's right edge."""
-    model = findings.models[0] if findings.models else None
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier="Both lungs"),
         referenced_region=_region(series, frame, _image_frame(series)),
         finding_type=codes.SCT.Lung,
-        algorithm_id=algorithm(model) if model else None,
+        algorithm_id=_first_algorithm(findings),
         measurements=measurements or None,
     )
 
