@@ -259,7 +259,7 @@ def lesion_spec(window: HuWindow) -> CtLesionSpec:
     """The spec before any weights: the training HU slices go through its input path, and
     `write_spec` adds the weights and what the run trained on."""
     return CtLesionSpec(
-        version="2.0.0",
+        version="2.1.0",
         task="segmentation",
         labels=[
             # DICOM CID 6102/6104 code; no SNOMED CT concept could be verified offline
