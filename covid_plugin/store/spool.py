@@ -154,8 +154,10 @@ class Spool:
         again: when the first transfer had in fact stored every instance, the resend brings
         only instances already held, and without a new job the complete series would never
         be processed. The quiet period counts from the resend."""
+        if not jobs.latest_run_incomplete(self.db.connection(), series_uid):
+            return  # the usual resend: no write lock taken per instance already held
         t = now()
-        with self.db.transaction() as conn:
+        with self.db.transaction() as conn:  # checked again under the lock
             if jobs.reopen_if_incomplete(conn, series_uid, t):
                 conn.execute("UPDATE series SET last_at = ? WHERE series_uid = ?",
                              (t, series_uid))
