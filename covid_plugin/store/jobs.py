@@ -126,14 +126,20 @@ def open_run(conn: Any, series_uid: str, at: float) -> None:
     )
 
 
-def reopen_if_incomplete(conn: Any, series_uid: str, at: float) -> bool:
-    """Open a new run of a series whose latest run was rejected as incomplete (its sender
-    broke off), in the caller's transaction; False when its latest run is anything else."""
+def latest_run_incomplete(conn: Any, series_uid: str) -> bool:
+    """The series' latest run was rejected as incomplete (its sender broke off)."""
     latest = conn.execute(
         "SELECT state, incomplete FROM jobs WHERE series_uid = ? ORDER BY id DESC LIMIT 1",
         (series_uid,),
     ).fetchone()
-    if latest is None or latest["state"] != JobState.REJECTED or not latest["incomplete"]:
+    return latest is not None and latest["state"] == JobState.REJECTED \
+        and bool(latest["incomplete"])
+
+
+def reopen_if_incomplete(conn: Any, series_uid: str, at: float) -> bool:
+    """Open a new run of a series whose latest run was rejected as incomplete, in the
+    caller's transaction; False when its latest run is anything else."""
+    if not latest_run_incomplete(conn, series_uid):
         return False
     open_run(conn, series_uid, at)
     return True

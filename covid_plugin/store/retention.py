@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_plugin.config import Settings
-from covid_plugin.store import jobs
+from covid_plugin.store import jobs, spool
 from covid_plugin.store.db import Database, now
 from covid_plugin.store.states import ENDED_STATES, OPEN_STATES, sql_values
 
@@ -105,11 +105,7 @@ def _spool_candidates(db: Database) -> list[_Candidate]:
             ).fetchone()
             if still_open:  # an instance arrived meanwhile: the series is in use again
                 return False
-            conn.executemany("DELETE FROM instances WHERE sop_instance_uid = ?",
-                             [(u,) for u in uids])
-            conn.execute("UPDATE series SET n_instances = CASE WHEN n_instances > ? "
-                         "THEN n_instances - ? ELSE 0 END WHERE series_uid = ?",
-                         (len(uids), len(uids), uid))
+            spool.forget_instances(conn, uid, uids)
             return True
 
         def unlink(paths=paths) -> None:
@@ -134,7 +130,7 @@ def _rejected_candidates(db: Database, folder: Path) -> list[_Candidate]:
             continue
 
         def forget(conn, path=path) -> bool:
-            conn.execute("DELETE FROM rejected_instances WHERE path = ?", (str(path),))
+            spool.forget_rejected(conn, path)
             return True
         out.append(_Candidate("rejected", stat.st_mtime, 1, stat.st_size, forget,
                               lambda path=path: path.unlink(missing_ok=True)))
@@ -166,14 +162,7 @@ def _delete_rows(conn, cutoff: float, counts: dict[str, int]) -> None:
     """Rows of jobs ended before `cutoff` with nothing pending, then series left empty,
     counted per table into `counts`."""
     counts.update(jobs.forget_ended(conn, cutoff))
-    counts["series"] = conn.execute(
-        "DELETE FROM series WHERE n_instances = 0 AND NOT EXISTS "
-        "(SELECT 1 FROM jobs j WHERE j.series_uid = series.series_uid) AND NOT EXISTS "
-        "(SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)"
-    ).rowcount
-    counts["rejected_instances"] = conn.execute(
-        "DELETE FROM rejected_instances WHERE received_at < ? AND path IS NULL", (cutoff,)
-    ).rowcount
+    counts.update(spool.forget_emptied(conn, cutoff))
 
 
 def purge(settings: Settings, db: Database, dry_run: bool = False,

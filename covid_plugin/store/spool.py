@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from covid_plugin.config import StorageLimits
 from covid_plugin.instance import InstanceHeader, InvalidInstance, read_header
@@ -24,6 +25,35 @@ from covid_plugin.store.db import Database, now
 log = logging.getLogger(__name__)
 
 UNKNOWN_SENDER = "RECOVERED"  # a file spooled before the sender's AE title was kept with it
+
+
+def forget_instances(conn: Any, series_uid: str, uids: list[str]) -> None:
+    """Drop the index rows of a series' instances whose files retention removes, in its
+    transaction; the series row stays (with its count lowered) while runs refer to it."""
+    conn.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", [(u,) for u in uids])
+    conn.execute("UPDATE series SET n_instances = CASE WHEN n_instances > ? "
+                 "THEN n_instances - ? ELSE 0 END WHERE series_uid = ?",
+                 (len(uids), len(uids), series_uid))
+
+
+def forget_rejected(conn: Any, path: Path) -> None:
+    """Drop the record of a refused dataset whose kept file retention removes."""
+    conn.execute("DELETE FROM rejected_instances WHERE path = ?", (str(path),))
+
+
+def forget_emptied(conn: Any, cutoff: float) -> dict[str, int]:
+    """Drop the series rows left with no instance and no run, and the records of refusals
+    before `cutoff` that kept no file, in retention's transaction; the rows deleted."""
+    return {
+        "series": conn.execute(
+            "DELETE FROM series WHERE n_instances = 0 AND NOT EXISTS "
+            "(SELECT 1 FROM jobs j WHERE j.series_uid = series.series_uid) AND NOT EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)"
+        ).rowcount,
+        "rejected_instances": conn.execute(
+            "DELETE FROM rejected_instances WHERE received_at < ? AND path IS NULL", (cutoff,)
+        ).rowcount,
+    }
 
 
 @dataclass(frozen=True)
@@ -154,8 +184,10 @@ class Spool:
         again: when the first transfer had in fact stored every instance, the resend brings
         only instances already held, and without a new job the complete series would never
         be processed. The quiet period counts from the resend."""
+        if not jobs.latest_run_incomplete(self.db.connection(), series_uid):
+            return  # the usual resend: no write lock taken per instance already held
         t = now()
-        with self.db.transaction() as conn:
+        with self.db.transaction() as conn:  # checked again under the lock
             if jobs.reopen_if_incomplete(conn, series_uid, t):
                 conn.execute("UPDATE series SET last_at = ? WHERE series_uid = ?",
                              (t, series_uid))
