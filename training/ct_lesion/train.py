@@ -44,9 +44,10 @@ from monai.transforms import (
 from monai.utils import set_determinism
 from tqdm import tqdm
 
-from covid_plugin.ml.ct_lesion import FEATURES, GGO_BAND_HU, build_network, lesion_probability
+from covid_plugin.ml.ct_lesion import FEATURES, build_network, lesion_probability
 from covid_plugin.ml.device import resolve_device
 from covid_plugin.ml.spec import (
+    GGO_BAND_HU,
     CtLesionInput,
     CtLesionOutput,
     CtLesionSpec,
